@@ -1,0 +1,134 @@
+// CPU kernel of splice::fused_steer: residual add + steering + RMSNorm in one pass per token.
+// The math is stated in python/splice/ops/steer_reference.py; this file must match it.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <cmath>
+#include <vector>
+
+#include "steer_layout.h"
+
+namespace splice {
+namespace {
+
+inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
+  return acc;
+}
+
+inline void axpy(float g, const float* __restrict v, float* __restrict u, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) u[i] += g * v[i];
+}
+
+template <typename T>
+inline void load_row(const T* __restrict src, float* __restrict dst, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+inline bool entry_active(const float* p, int64_t pos, bool gen) {
+  const float posf = static_cast<float>(pos);
+  if (!(p[kStart] <= posf && posf < p[kEnd])) return false;
+  const float phase = p[kPhase];
+  return phase == kPhaseAll || (phase == kPhasePrompt && !gen) || (phase == kPhaseGenerated && gen);
+}
+
+// Applies the active entries of one slot to u (length h), in order.
+inline void steer_row(float* __restrict u, const float* vecs, const float* params, int64_t k_entries,
+                      int64_t h, int64_t pos, bool gen) {
+  for (int64_t k = 0; k < k_entries; ++k) {
+    const float* p = params + k * kNumParams;
+    if ((p[kAlpha] == 0.f && p[kBeta] == 0.f) || !entry_active(p, pos, gen)) continue;
+    const float* v = vecs + k * h;
+    float gain = p[kAlpha];
+    if (p[kBeta] != 0.f) {
+      const float proj = dot(u, v, h);
+      gain += p[kBeta] * (std::fmin(std::fmax(proj, p[kLo]), p[kHi]) - proj);
+    }
+    axpy(gain, v, u, h);
+  }
+}
+
+template <typename T>
+void fused_steer_rows(const at::Tensor& x, const c10::optional<at::Tensor>& delta,
+                      const c10::optional<at::Tensor>& vecs, const c10::optional<at::Tensor>& params,
+                      const at::Tensor& slot, const at::Tensor& pos, const at::Tensor& gen,
+                      const c10::optional<at::Tensor>& weight, double eps, double weight_offset,
+                      at::Tensor& resid, at::Tensor& out) {
+  const int64_t t_count = x.size(0), h = x.size(1);
+  const T* xp = x.data_ptr<T>();
+  const T* dp = delta.has_value() ? delta->data_ptr<T>() : nullptr;
+  const bool steered = vecs.has_value() && vecs->size(1) > 0;
+  const int64_t k_entries = steered ? vecs->size(1) : 0;
+  const float* vp = steered ? vecs->data_ptr<float>() : nullptr;
+  const float* pp = steered ? params->data_ptr<float>() : nullptr;
+  const int32_t* sp = slot.data_ptr<int32_t>();
+  const int64_t* posp = pos.data_ptr<int64_t>();
+  const bool* gp = gen.data_ptr<bool>();
+  std::vector<float> w;
+  if (weight.has_value()) {
+    const at::Tensor wf = weight->to(at::kFloat).contiguous();
+    w.assign(wf.data_ptr<float>(), wf.data_ptr<float>() + h);
+    for (float& wi : w) wi += static_cast<float>(weight_offset);
+  }
+  T* rp = resid.data_ptr<T>();
+  T* op = weight.has_value() ? out.data_ptr<T>() : nullptr;
+  const float epsf = static_cast<float>(eps);
+
+  at::parallel_for(0, t_count, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> xbuf(h), ubuf(h);
+    float* xr = xbuf.data();
+    float* u = ubuf.data();
+    for (int64_t t = begin; t < end; ++t) {
+      load_row(xp + t * h, xr, h);
+      if (dp) load_row(dp + t * h, u, h);
+      else std::copy(xr, xr + h, u);
+      const int32_t s = sp[t];
+      if (steered && s != 0)
+        steer_row(u, vp + s * k_entries * h, pp + s * k_entries * kNumParams, k_entries, h, posp[t], gp[t]);
+      T* rrow = rp + t * h;
+      float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+      for (int64_t i = 0; i < h; ++i) {
+        const T rounded = static_cast<T>(dp ? xr[i] + u[i] : u[i]);
+        rrow[i] = rounded;
+        const float rf = static_cast<float>(rounded);
+        u[i] = rf;
+        ss += rf * rf;
+      }
+      if (!op) continue;
+      const float inv = 1.f / std::sqrt(ss / static_cast<float>(h) + epsf);
+      T* orow = op + t * h;
+#pragma omp simd
+      for (int64_t i = 0; i < h; ++i) orow[i] = static_cast<T>(u[i] * inv * w[i]);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> fused_steer_cpu(
+    const at::Tensor& x, const c10::optional<at::Tensor>& delta, const c10::optional<at::Tensor>& vecs,
+    const c10::optional<at::Tensor>& params, const at::Tensor& slot, const at::Tensor& pos,
+    const at::Tensor& gen, const c10::optional<at::Tensor>& weight, double eps, double weight_offset) {
+  check_fused_steer_args(x, delta, vecs, params, slot, pos, gen, weight);
+  const at::Tensor xc = x.contiguous();
+  const c10::optional<at::Tensor> dc = delta.has_value() ? c10::optional<at::Tensor>(delta->contiguous()) : delta;
+  const c10::optional<at::Tensor> vc = vecs.has_value() ? c10::optional<at::Tensor>(vecs->contiguous()) : vecs;
+  const c10::optional<at::Tensor> pc = params.has_value() ? c10::optional<at::Tensor>(params->contiguous()) : params;
+  const at::Tensor sc = slot.contiguous(), posc = pos.contiguous(), gc = gen.contiguous();
+  at::Tensor resid = at::empty_like(xc);
+  at::Tensor out = weight.has_value() ? at::empty_like(xc) : xc.new_empty({0});
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fused_steer_cpu", [&] {
+    fused_steer_rows<scalar_t>(xc, dc, vc, pc, sc, posc, gc, weight, eps, weight_offset, resid, out);
+  });
+  return {resid, out};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(splice, CPU, m) { m.impl("fused_steer", &fused_steer_cpu); }
+
+}  // namespace splice

@@ -1,0 +1,41 @@
+// Steering-table layout and argument checks shared by the CPU and CUDA kernels of
+// splice::fused_steer. Mirrors python/splice/ops/steer_layout.py.
+#pragma once
+
+#include <torch/types.h>
+
+namespace splice {
+
+enum Param : int64_t { kAlpha = 0, kBeta, kLo, kHi, kStart, kEnd, kPhase, kNumParams };
+constexpr float kPhaseAll = 0.f, kPhasePrompt = 1.f, kPhaseGenerated = 2.f;
+
+inline void check_fused_steer_args(const at::Tensor& x, const c10::optional<at::Tensor>& delta,
+                                   const c10::optional<at::Tensor>& vecs,
+                                   const c10::optional<at::Tensor>& params, const at::Tensor& slot,
+                                   const at::Tensor& pos, const at::Tensor& gen,
+                                   const c10::optional<at::Tensor>& weight) {
+  TORCH_CHECK(x.dim() == 2, "fused_steer: x must be [tokens, hidden], got ", x.sizes());
+  const int64_t t = x.size(0), h = x.size(1);
+  if (delta.has_value())
+    TORCH_CHECK(delta->sizes() == x.sizes() && delta->scalar_type() == x.scalar_type(),
+                "fused_steer: delta must match x in shape and dtype");
+  TORCH_CHECK(vecs.has_value() == params.has_value(), "fused_steer: vecs and params go together");
+  if (vecs.has_value()) {
+    TORCH_CHECK(vecs->dim() == 3 && vecs->size(2) == h && vecs->scalar_type() == at::kFloat,
+                "fused_steer: vecs must be float32 [slots, entries, hidden]");
+    TORCH_CHECK(params->dim() == 3 && params->size(0) == vecs->size(0) &&
+                    params->size(1) == vecs->size(1) && params->size(2) == kNumParams &&
+                    params->scalar_type() == at::kFloat,
+                "fused_steer: params must be float32 [slots, entries, ", int64_t(kNumParams), "]");
+  }
+  TORCH_CHECK(slot.dim() == 1 && slot.size(0) == t && slot.scalar_type() == at::kInt,
+              "fused_steer: slot must be int32 [tokens]");
+  TORCH_CHECK(pos.dim() == 1 && pos.size(0) == t && pos.scalar_type() == at::kLong,
+              "fused_steer: pos must be int64 [tokens]");
+  TORCH_CHECK(gen.dim() == 1 && gen.size(0) == t && gen.scalar_type() == at::kBool,
+              "fused_steer: gen must be bool [tokens]");
+  if (weight.has_value())
+    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == h, "fused_steer: weight must be [hidden]");
+}
+
+}  // namespace splice

@@ -1,0 +1,9 @@
+"""splice.ops: one registered torch op per kernel (``torch.ops.splice.*``) and its Python entry."""
+
+from . import library
+from .fused_steer import fused_steer
+from .library import BACKENDS, available_backends, backend_for, use_backend
+
+library.load_kernels()
+
+__all__ = ["BACKENDS", "available_backends", "backend_for", "fused_steer", "use_backend"]

@@ -1,0 +1,164 @@
+"""The ``splice`` torch op library: schemas, backends, and which backend runs.
+
+Every kernel is one op ``torch.ops.splice.<name>`` defined here. Its backends, best first:
+
+* ``cuda``      C++/CUDA kernel from ``splice._C`` (CUDA tensors; built with nvcc),
+* ``triton``    Triton kernel from ``splice.kernels`` (CUDA tensors; CPU only under
+                ``TRITON_INTERPRET=1``, for tests),
+* ``cpp``       C++ CPU kernel from ``splice._C`` (CPU tensors),
+* ``reference`` the plain-PyTorch fp32 reference (any device).
+
+The dispatcher picks the compiled kernel for the tensor's device; the reference is registered as
+the CompositeExplicitAutograd kernel, so it runs only where nothing better exists, and
+:func:`backend_for` says so. ``SPLICE_BACKEND=<name>`` or :func:`use_backend` forces a backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+BACKENDS = ("cuda", "triton", "cpp", "reference")
+
+_LIB = torch.library.Library("splice", "DEF")
+
+
+def _load_extension():
+    try:
+        return importlib.import_module("splice._C")
+    except ImportError:
+        return None
+
+
+@dataclass
+class OpSpec:
+    """One registered op and the Python-callable forms of its backends."""
+
+    name: str
+    reference: Callable
+    triton: str | None = None  # "module:function" in splice.kernels, imported on first use
+    _triton_fn: Callable | None = field(default=None, repr=False)
+
+    @property
+    def op(self):
+        return getattr(torch.ops.splice, self.name)
+
+    def triton_fn(self) -> Callable:
+        if self._triton_fn is None:
+            module, fn = self.triton.split(":")
+            self._triton_fn = getattr(importlib.import_module(f"splice.kernels.{module}"), fn)
+        return self._triton_fn
+
+
+_OPS: dict[str, OpSpec] = {}
+_forced: str | None = None
+_ENV_FORCED = os.environ.get("SPLICE_BACKEND") or None
+
+
+def define(schema: str, reference: Callable, fake: Callable, triton: str | None = None) -> OpSpec:
+    """Define ``splice::<schema>`` with its fake kernel and its reference (CompositeExplicitAutograd)."""
+    name = schema.split("(", 1)[0]
+    _LIB.define(schema)
+    _LIB.impl(name, reference, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"splice::{name}", fake, lib=_LIB)
+    spec = OpSpec(name, reference, triton)
+    _OPS[name] = spec
+    return spec
+
+
+def load_kernels() -> None:
+    """Load splice._C once the schemas exist, so its kernels register with the dispatcher; where it
+    has no CUDA kernels, register the Triton kernels for CUDA tensors instead."""
+    global _EXT
+    _EXT = _load_extension()
+    if with_cuda_kernels() or not _triton_importable():
+        return
+    for spec in _OPS.values():
+        if spec.triton is not None:
+            _LIB.impl(spec.name, lambda *args, spec=spec: spec.triton_fn()(*args), "CUDA")
+
+
+_EXT = None
+
+
+def extension_loaded() -> bool:
+    return _EXT is not None
+
+
+def with_cuda_kernels() -> bool:
+    return _EXT is not None and bool(getattr(_EXT, "with_cuda", False))
+
+
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _interpreting_triton() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available_backends(device: torch.device | str) -> list[str]:
+    """Backends that can run on ``device``, best first."""
+    kind = torch.device(device).type
+    out = []
+    if kind == "cuda" and with_cuda_kernels():
+        out.append("cuda")
+    if _triton_importable() and (kind == "cuda" or _interpreting_triton()):
+        out.append("triton")
+    if kind == "cpu" and extension_loaded():
+        out.append("cpp")
+    out.append("reference")
+    return out
+
+
+def backend_for(name: str, device: torch.device | str) -> str:
+    """The backend that ``splice.ops.<name>`` runs on ``device``, forced or chosen."""
+    if name not in _OPS:
+        raise KeyError(f"unknown splice op {name!r}; known: {sorted(_OPS)}")
+    available = available_backends(device)
+    forced = _forced or _ENV_FORCED
+    if forced:
+        if forced not in BACKENDS:
+            raise ValueError(f"SPLICE_BACKEND={forced!r}: choose one of {BACKENDS}")
+        if forced not in available:
+            raise RuntimeError(f"backend {forced!r} cannot run on {device}; available: {available}")
+        return forced
+    if torch.device(device).type == "cpu":  # the interpreter is for tests, never chosen unasked
+        available = [b for b in available if b != "triton"]
+    return available[0]
+
+
+def call(spec: OpSpec, *args):
+    """Run ``spec`` through the dispatcher, or through the forced backend's callable."""
+    forced = _forced or _ENV_FORCED
+    if not forced:
+        return spec.op(*args)
+    backend = backend_for(spec.name, args[0].device)
+    if backend == "reference":
+        return spec.reference(*args)
+    if backend == "triton":
+        return spec.triton_fn()(*args)
+    return spec.op(*args)
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None):
+    """Force ``name`` (one of BACKENDS) for every splice op inside the block; None restores choice."""
+    global _forced
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
+    previous, _forced = _forced, name
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+def op_names() -> list[str]:
+    return sorted(_OPS)

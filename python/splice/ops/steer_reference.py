@@ -1,0 +1,77 @@
+"""Plain-PyTorch fp32 reference for ``splice::fused_steer``; every backend is tested against it.
+
+Contract (``T`` tokens, hidden size ``H``, ``S`` slots, ``K`` entries per slot)::
+
+    x       [T, H]   residual stream (any float dtype)
+    delta   [T, H]   optional sub-layer output to add to ``x``
+    vecs    [S, K, H] float32 steering directions, ``params`` [S, K, NPARAMS] float32
+    slot    [T] int32 slot of each token (slot 0 carries no steering)
+    pos     [T] int64 absolute position of each token, ``gen`` [T] bool: token was generated
+
+    u = delta if given else x                              (the steered quantity, fp32)
+    for k in 0..K-1, in order, where entry k of the token's slot is active:
+        p = <u, v_k>
+        u = u + (alpha_k + beta_k * (clamp(p, lo_k, hi_k) - p)) * v_k
+    r   = (x + u if delta is given else u)                 rounded to x.dtype
+    out = r * rsqrt(mean(r^2) + eps) * (weight + weight_offset)   rounded to x.dtype
+
+An entry is active when ``start <= pos < end`` and its phase admits the token
+(PHASE_ALL, PHASE_PROMPT: not generated, PHASE_GENERATED: generated). ``add`` is
+``alpha = scale, beta = 0``; ablation is ``beta = 1, lo = hi = 0`` on a unit vector; clamping
+the projection to ``[lo, hi]`` is ``beta = 1`` on a unit vector. Without ``weight`` the second
+output is an empty tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .steer_layout import ALPHA, BETA, END, HI, LO, PHASE, PHASE_GENERATED, PHASE_PROMPT, START
+
+
+def entry_active(params: torch.Tensor, pos: torch.Tensor, gen: torch.Tensor) -> torch.Tensor:
+    """[T, K] mask of entries that apply to each token, from gathered ``params`` [T, K, NPARAMS]."""
+    posf = pos.to(torch.float32)[:, None]
+    phase = params[..., PHASE]
+    gen = gen[:, None]
+    phase_ok = (phase == 0) | ((phase == PHASE_PROMPT) & ~gen) | ((phase == PHASE_GENERATED) & gen)
+    return (params[..., START] <= posf) & (posf < params[..., END]) & phase_ok
+
+
+def steer_reference(u: torch.Tensor, vecs, params, slot, pos, gen) -> torch.Tensor:
+    """Apply the active entries of each token's slot to ``u`` [T, H] (fp32), in entry order."""
+    if vecs is None or vecs.shape[1] == 0:
+        return u
+    v = vecs.index_select(0, slot.long())  # [T, K, H]
+    p = params.index_select(0, slot.long())  # [T, K, NPARAMS]
+    active = entry_active(p, pos, gen) & (slot != 0)[:, None]
+    for k in range(v.shape[1]):
+        vk = v[:, k]
+        proj = (u * vk).sum(-1)
+        lo, hi = p[:, k, LO], p[:, k, HI]
+        gain = p[:, k, ALPHA] + p[:, k, BETA] * (torch.minimum(torch.maximum(proj, lo), hi) - proj)
+        u = u + torch.where(active[:, k], gain, torch.zeros_like(gain))[:, None] * vk
+    return u
+
+
+def fused_steer_reference(
+    x: torch.Tensor,
+    delta: torch.Tensor | None,
+    vecs: torch.Tensor | None,
+    params: torch.Tensor | None,
+    slot: torch.Tensor,
+    pos: torch.Tensor,
+    gen: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float,
+    weight_offset: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add + steering + RMSNorm, computed in fp32 and rounded once; see module docstring."""
+    xf = x.to(torch.float32)
+    u = steer_reference(delta.to(torch.float32) if delta is not None else xf, vecs, params, slot, pos, gen)
+    r = (xf + u if delta is not None else u).to(x.dtype)
+    if weight is None:
+        return r, x.new_empty(0)
+    rf = r.to(torch.float32)
+    normed = rf * torch.rsqrt(rf.pow(2).mean(-1, keepdim=True) + eps)
+    return r, (normed * (weight.to(torch.float32) + weight_offset)).to(x.dtype)

@@ -1,0 +1,52 @@
+"""A set of steering directions, one per layer, with the facts needed to apply them correctly.
+
+Layer convention: ``directions[l]`` belongs to the residual stream at site ``site`` of decoder
+layer ``l`` (0-based). ``site="out"`` is the output of layer ``l`` (``hidden_states[l + 1]`` in
+Hugging Face's ``output_hidden_states``), ``"in"`` its input (``hidden_states[l]``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+SITES = ("in", "out", "attn", "mlp", "heads")
+
+
+@dataclass
+class VectorSet:
+    """Per-layer float32 directions ``{layer: tensor[hidden]}`` and their provenance."""
+
+    directions: dict[int, torch.Tensor]
+    site: str = "out"
+    model: str | None = None
+    method: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.directions:
+            raise ValueError("a VectorSet needs at least one layer direction")
+        if self.site not in SITES:
+            raise ValueError(f"unknown site {self.site!r}; choose one of {SITES}")
+        sizes = {tuple(v.shape) for v in self.directions.values()}
+        if len(sizes) != 1 or len(next(iter(sizes))) != 1:
+            raise ValueError(f"directions must all be 1-D of one size, got shapes {sorted(sizes)}")
+        for layer, v in self.directions.items():
+            if not isinstance(layer, int) or layer < 0:
+                raise ValueError(f"layer indices must be non-negative ints, got {layer!r}")
+            if not torch.isfinite(v).all():
+                raise ValueError(f"direction for layer {layer} contains NaN or inf")
+        self.directions = {int(k): v.detach().to(torch.float32).cpu().contiguous()
+                           for k, v in sorted(self.directions.items())}
+
+    @property
+    def hidden_size(self) -> int:
+        return next(iter(self.directions.values())).shape[0]
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.directions)
+
+    def __getitem__(self, layer: int) -> torch.Tensor:
+        return self.directions[layer]
