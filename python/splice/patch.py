@@ -1,0 +1,175 @@
+"""``splice.patch(model, ...) -> Patch``: install interventions on a loaded model, reversibly.
+
+Everything is validated before the model is touched; a failed call leaves it as it was.
+``Patch.remove()`` (or leaving a ``with`` block) restores the original forwards, after which the
+model's outputs are bit-identical to before the patch.
+
+Steering is organised in *slots*: slot 0 never steers; each other slot holds an ordered list of
+interventions with their scales. Every batch row uses the default slot (1, holding the
+interventions given to ``patch``) until :meth:`Patch.assign` gives rows their own slots.
+Changing a slot or an assignment writes buffers; it never re-patches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from torch import nn
+
+from .adapters.architecture import Adapter
+from .ops import backend_for
+from .recipe import Recipe, load_recipe
+from .spliced.decoder_layer import make_forward, make_o_proj_forward
+from .steering.runtime import ATTRIBUTE, SpliceRuntime
+from .steering.spec import Steer
+
+SlotItem = Steer | str | tuple[str, float]
+
+
+class Patch:
+    """A live patch on one model. Use :func:`patch` to make one."""
+
+    def __init__(self, model: nn.Module, adapter: Adapter, runtime: SpliceRuntime, recipe: Recipe):
+        self.model, self.adapter, self.runtime = model, adapter, runtime
+        self.recipe = recipe
+        self.slots: dict[int, list[tuple[str, float]]] = {}
+        self._spliced: list[nn.Module] = []
+        self.active = True
+
+    # --- configuration -------------------------------------------------------------------
+    @property
+    def steers(self) -> dict[str, Steer]:
+        """The registered interventions, by name."""
+        return self.recipe.steers
+
+    def _resolve(self, items: Iterable[SlotItem]) -> list[tuple[str, float]]:
+        resolved = []
+        for item in items:
+            if isinstance(item, Steer):
+                name = item.name or f"steer{len(self.steers)}"
+                if name in self.steers and self.steers[name] is not item:
+                    raise ValueError(f"an intervention named {name!r} is already registered")
+                item.validate_for(self.adapter)
+                item.name = name
+                self.steers[name] = item
+                resolved.append((name, item.scale))
+                continue
+            name, scale = (item, None) if isinstance(item, str) else item
+            if name not in self.steers:
+                raise KeyError(f"unknown intervention {name!r}; registered: {sorted(self.steers)}")
+            scale = self.steers[name].scale if scale is None else float(scale)
+            if scale != scale or scale in (float("inf"), float("-inf")):
+                raise ValueError(f"scale for {name!r} must be a finite number, got {scale}")
+            resolved.append((name, scale))
+        return resolved
+
+    def set_slot(self, slot: int, items: Iterable[SlotItem]) -> None:
+        """Give ``slot`` (1..max_slots-1) the interventions ``items``: ``Steer`` objects, names of
+        registered ones, or ``(name, scale)`` pairs. An empty list clears the slot."""
+        self._check_active()
+        if not 1 <= slot < self.runtime.tables.max_slots:
+            raise ValueError(f"slot must be in 1..{self.runtime.tables.max_slots - 1} (slot 0 never steers)")
+        resolved = self._resolve(list(items))
+        entries: dict[tuple[int, str], list] = {}
+        for name, scale in resolved:
+            steer = self.steers[name]
+            size = self.adapter.site_size(steer.site)
+            for layer in steer.layers:
+                entries.setdefault((layer, steer.site), []).append(steer.entry(layer, scale, size))
+        self.runtime.tables.write_slot(slot, entries)
+        for layer, site in entries:
+            if site == "heads":
+                self._splice_o_proj(layer)
+        if resolved:
+            self.slots[slot] = resolved
+        else:
+            self.slots.pop(slot, None)
+        self.runtime.state.default_slot = 1 if 1 in self.slots else 0
+
+    def assign(self, row_slots: list[int] | None) -> None:
+        """Slot of each batch row for the following forward passes; None: every row the default slot."""
+        self._check_active()
+        if row_slots is not None:
+            bad = [s for s in row_slots if not 0 <= int(s) < self.runtime.tables.max_slots]
+            if bad:
+                raise ValueError(f"row slots {bad} out of range 0..{self.runtime.tables.max_slots - 1}")
+            row_slots = [int(s) for s in row_slots]
+        self.runtime.state.assign(row_slots)
+
+    # --- life cycle ----------------------------------------------------------------------
+    def _install(self) -> None:
+        for idx, layer in enumerate(self.adapter.layers):
+            layer.forward = make_forward(self.adapter, idx, self.runtime)
+            self._spliced.append(layer)
+
+    def _splice_o_proj(self, layer_idx: int) -> None:
+        linear = self.adapter.o_proj(layer_idx)
+        if "forward" not in vars(linear):
+            linear.forward = make_o_proj_forward(self.adapter, layer_idx, self.runtime)
+            self._spliced.append(linear)
+
+    def remove(self) -> None:
+        """Restore the model's original forwards and drop splice's buffers."""
+        if not self.active:
+            return
+        for module in self._spliced:
+            del module.forward
+        self._spliced.clear()
+        delattr(self.model, ATTRIBUTE)
+        self.active = False
+
+    def _check_active(self) -> None:
+        if not self.active:
+            raise RuntimeError("this patch was removed")
+
+    def __enter__(self) -> "Patch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    # --- reporting -----------------------------------------------------------------------
+    def backends(self) -> dict[str, str]:
+        """The backend each splice op runs for this model's device."""
+        return {"fused_steer": backend_for("fused_steer", self.adapter.device)}
+
+    def to_recipe(self) -> Recipe:
+        """The patch as a recipe: its registered interventions and the default slot's list."""
+        return Recipe(steers=dict(self.steers), default=list(self.slots.get(1, [])))
+
+    def save_recipe(self, path: str | Path) -> Path:
+        """Write the patch as a recipe file; in-memory vectors are saved beside it."""
+        return self.to_recipe().save(path)
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "removed"
+        return f"Patch({self.adapter.describe()}; {len(self.steers)} interventions; slots {self.slots}; {state})"
+
+
+def patch(model: nn.Module, *steers: Steer, recipe=None, max_slots: int = 8) -> Patch:
+    """Patch ``model`` with ``steers`` and/or a recipe (a path, a dict or a :class:`Recipe`).
+
+    The given interventions (the recipe's default list first) fill slot 1, which every row uses
+    until :meth:`Patch.assign` says otherwise. ``max_slots`` bounds the distinct steering
+    configurations a batch can carry at once (slot 0 included).
+    """
+    adapter = Adapter(model)
+    if hasattr(model, ATTRIBUTE):
+        raise RuntimeError("model is already patched by splice; call remove() on that patch first")
+    if max_slots < 2:
+        raise ValueError("max_slots must be at least 2 (slot 0 never steers)")
+    recipe = load_recipe(recipe) if recipe is not None else Recipe()
+    recipe.validate_for(adapter)
+    for steer in steers:
+        steer.validate_for(adapter)
+    runtime = SpliceRuntime(adapter, max_slots)
+    handle = Patch(model, adapter, runtime, recipe)
+    default = list(recipe.default) + list(steers)
+    handle._resolve(default)  # registers and checks names before the model changes
+    model.add_module(ATTRIBUTE, runtime)
+    handle._install()
+    if default:
+        handle.set_slot(1, default)
+    return handle
+

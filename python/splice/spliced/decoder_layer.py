@@ -1,0 +1,78 @@
+"""The decoder-layer forward splice installs on each layer (an instance attribute, so the layer
+object, its class, its parameters and Hugging Face's hooks on it stay as they were).
+
+Same math as the family's own forward (see splice.adapters.architecture), with every RMSNorm,
+residual add and steering site done by ``splice.ops.fused_steer``::
+
+    r, h = fused_steer(x, steer "in", norm1)             # steer the layer input, normalise
+    a    = attn(h)                                        # (sandwich: a = post_attn_norm(a))
+    r, h = fused_steer(r, a steered "attn", norm2)       # add, normalise for the MLP
+    m    = mlp(h)                                         # (sandwich: m = post_ff_norm(m))
+    r    = fused_steer(r, m steered "mlp"), then steer "out"
+
+Attention is the model's own module, called with the layer's keyword arguments unchanged, so the
+KV cache, masks and rotary embeddings behave exactly as in Hugging Face.
+"""
+
+from __future__ import annotations
+
+from ..adapters.architecture import Adapter, norm_eps
+from ..ops import fused_steer
+
+
+def make_forward(adapter: Adapter, layer_idx: int, runtime):
+    layer = adapter.layers[layer_idx]
+    attn, mlp, norm1 = layer.self_attn, layer.mlp, layer.input_layernorm
+    sandwich, offset = adapter.family.sandwich, adapter.family.norm_offset
+    norm2 = layer.pre_feedforward_layernorm if sandwich else layer.post_attention_layernorm
+    post_attn = layer.post_attention_layernorm if sandwich else None
+    post_ff = layer.post_feedforward_layernorm if sandwich else None
+    drop_attn = getattr(layer, "resid_attn_dropout", None)
+    drop_mlp = getattr(layer, "resid_mlp_dropout", None)
+    eps1, eps2 = norm_eps(norm1), norm_eps(norm2)
+    tables, state = runtime.tables, runtime.state
+
+    def normalise(t, norm, tok):
+        return fused_steer(t, None, None, None, *tok, norm.weight, norm_eps(norm), offset)[1]
+
+    def forward(hidden_states, **kwargs):
+        batch, seq, hidden = hidden_states.shape
+        state.update(batch, seq, kwargs["position_ids"], kwargs.get("past_key_values"))
+        tok = (state.slot, state.pos, state.gen)
+        x = hidden_states.reshape(batch * seq, hidden)
+        r, h = fused_steer(x, None, *tables.get(layer_idx, "in"), *tok, norm1.weight, eps1, offset)
+        a, _ = attn(hidden_states=h.view(batch, seq, hidden), **kwargs)
+        a = a.reshape(batch * seq, hidden)
+        if post_attn is not None:
+            a = normalise(a, post_attn, tok)
+        if drop_attn is not None and layer.training:
+            a = drop_attn(a)
+        r, h = fused_steer(r, a, *tables.get(layer_idx, "attn"), *tok, norm2.weight, eps2, offset)
+        m = mlp(h.view(batch, seq, hidden)).reshape(batch * seq, hidden)
+        if post_ff is not None:
+            m = normalise(m, post_ff, tok)
+        if drop_mlp is not None and layer.training:
+            m = drop_mlp(m)
+        r, _ = fused_steer(r, m, *tables.get(layer_idx, "mlp"), *tok, None, 0.0, 0.0)
+        out_vecs, out_params = tables.get(layer_idx, "out")
+        if out_vecs is not None:
+            r, _ = fused_steer(r, None, out_vecs, out_params, *tok, None, 0.0, 0.0)
+        return r.view(batch, seq, hidden)
+
+    return forward
+
+
+def make_o_proj_forward(adapter: Adapter, layer_idx: int, runtime):
+    """``o_proj`` with the "heads" site steered on its input (the heads' concatenated outputs)."""
+    linear = adapter.o_proj(layer_idx)
+    tables, state = runtime.tables, runtime.state
+    original = type(linear).forward
+
+    def forward(x):
+        vecs, params = tables.get(layer_idx, "heads")
+        if vecs is not None:
+            flat = x.reshape(-1, x.shape[-1])
+            x = fused_steer(flat, None, vecs, params, state.slot, state.pos, state.gen)[0].view(x.shape)
+        return original(linear, x)
+
+    return forward
