@@ -24,7 +24,7 @@ def extension_modules():
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-    cxx = ["-O3", "-fopenmp-simd", "-std=c++17"]
+    cxx = ["-O3", "-fopenmp-simd", "-std=c++20"]
     if os.environ.get("SPLICE_NATIVE", "1") != "0":
         cxx.append("-march=native")
     sources = sorted(glob.glob("csrc/cpu/*.cpp"))
@@ -36,7 +36,7 @@ def extension_modules():
             sources,
             include_dirs=[os.path.abspath("csrc/cpu")],
             define_macros=[("SPLICE_WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
         )
     else:
         ext = CppExtension("splice._C", sources, extra_compile_args={"cxx": cxx})
@@ -53,6 +53,7 @@ setup(
     long_description_content_type="text/markdown",
     package_dir={"splice": "python/splice", "splice.kernels": "kernels"},
     packages=PACKAGES,
+    package_data={"splice.vectors": ["data/*.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     python_requires=">=3.10",
@@ -64,6 +65,7 @@ setup(
         "accelerate",
         "pyyaml",
         "tqdm",
+        "rich",
         "numpy",
     ],
     extras_require={

@@ -108,12 +108,6 @@ def test_incomplete_cache_is_rebuilt(fake_conversion):
     assert load_model()[0].config.hidden_size == 32
 
 
-@pytest.fixture(scope="session")
-def real_model():
-    """The default model from the real cache (converted from the GGUF on the first run)."""
-    return load_model()
-
-
 @pytest.mark.real_model
 def test_real_default_model(real_model):
     model, tok = real_model

@@ -1,13 +1,12 @@
-// Steering-table layout and argument checks shared by the CPU and CUDA kernels of
-// splice::fused_steer. Mirrors python/splice/ops/steer_layout.py.
+// Argument checks shared by the CPU and CUDA kernels of splice::fused_steer; the steering-table
+// layout itself lives in steer_params.h.
 #pragma once
 
 #include <torch/types.h>
 
-namespace splice {
+#include "steer_params.h"
 
-enum Param : int64_t { kAlpha = 0, kBeta, kLo, kHi, kStart, kEnd, kPhase, kNumParams };
-constexpr float kPhaseAll = 0.f, kPhasePrompt = 1.f, kPhaseGenerated = 2.f;
+namespace splice {
 
 inline void check_fused_steer_args(const at::Tensor& x, const c10::optional<at::Tensor>& delta,
                                    const c10::optional<at::Tensor>& vecs,

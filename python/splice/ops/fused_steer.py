@@ -14,7 +14,7 @@ SCHEMA = (
 
 
 def _fake(x, delta, vecs, params, slot, pos, gen, weight, eps, weight_offset):
-    return torch.empty_like(x), (torch.empty_like(x) if weight is not None else x.new_empty(0))
+    return x.new_empty(x.shape), (x.new_empty(x.shape) if weight is not None else x.new_empty(0))
 
 
 SPEC = library.define(SCHEMA, fused_steer_reference, _fake, triton="fused_steer:fused_steer_triton")

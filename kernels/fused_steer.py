@@ -1,0 +1,109 @@
+"""Triton kernel of ``splice::fused_steer``: residual add + steering + RMSNorm, one program per token.
+
+The contract is :func:`splice.ops.steer_reference.fused_steer_reference` (fp32 math, ``r`` rounded
+once to ``x.dtype``, ``out`` computed from the rounded ``r``); the ``params`` layout is
+:mod:`splice.ops.steer_layout`. Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from splice.ops import steer_layout as L
+
+_ALPHA = tl.constexpr(L.ALPHA)
+_BETA = tl.constexpr(L.BETA)
+_LO = tl.constexpr(L.LO)
+_HI = tl.constexpr(L.HI)
+_START = tl.constexpr(L.START)
+_END = tl.constexpr(L.END)
+_PHASE = tl.constexpr(L.PHASE)
+_NPARAMS = tl.constexpr(L.NPARAMS)
+_PHASE_ALL = tl.constexpr(float(L.PHASE_ALL))
+_PHASE_PROMPT = tl.constexpr(float(L.PHASE_PROMPT))
+_PHASE_GENERATED = tl.constexpr(float(L.PHASE_GENERATED))
+
+
+@triton.jit
+def _fused_steer_kernel(
+    x_ptr, d_ptr, v_ptr, p_ptr, slot_ptr, pos_ptr, gen_ptr, w_ptr, r_ptr, o_ptr,
+    H, K, eps, weight_offset,
+    HAS_DELTA: tl.constexpr, HAS_VECS: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < H
+    base = row * H
+    x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_DELTA:
+        u = tl.load(d_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        u = x
+    if HAS_VECS:
+        s = tl.load(slot_ptr + row).to(tl.int64)
+        if s != 0:
+            posf = tl.load(pos_ptr + row).to(tl.float32)
+            gen = tl.load(gen_ptr + row)
+            for k in range(K):
+                p = p_ptr + (s * K + k) * _NPARAMS
+                alpha = tl.load(p + _ALPHA)
+                beta = tl.load(p + _BETA)
+                phase = tl.load(p + _PHASE)
+                phase_ok = (phase == _PHASE_ALL) | ((phase == _PHASE_PROMPT) & (gen == 0)) | (
+                    (phase == _PHASE_GENERATED) & (gen != 0)
+                )
+                window = (tl.load(p + _START) <= posf) & (posf < tl.load(p + _END))
+                if ((alpha != 0.0) | (beta != 0.0)) & window & phase_ok:
+                    v = tl.load(v_ptr + (s * K + k) * H + offs, mask=mask, other=0.0)
+                    proj = tl.sum(u * v, axis=0)
+                    clamped = tl.minimum(tl.maximum(proj, tl.load(p + _LO)), tl.load(p + _HI))
+                    u = u + (alpha + beta * (clamped - proj)) * v
+    if HAS_DELTA:
+        u = x + u
+    r = u.to(r_ptr.dtype.element_ty)
+    tl.store(r_ptr + base + offs, r, mask=mask)
+    if HAS_WEIGHT:
+        rf = r.to(tl.float32)
+        inv = tl.rsqrt(tl.sum(rf * rf, axis=0) / H + eps)
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32) + weight_offset
+        tl.store(o_ptr + base + offs, (rf * inv * w).to(o_ptr.dtype.element_ty), mask=mask)
+
+
+def fused_steer_triton(x, delta, vecs, params, slot, pos, gen, weight, eps, weight_offset):
+    """Same signature and results as ``torch.ops.splice.fused_steer``; returns ``(r, out)``."""
+    t, h = x.shape
+    x = x.contiguous()
+    r = torch.empty_like(x)
+    out = torch.empty_like(x) if weight is not None else x.new_empty(0)
+    if t == 0 or h == 0:
+        return r, out
+    has_vecs = vecs is not None and vecs.shape[1] > 0
+    block = triton.next_power_of_2(h)
+    device = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+    with device:
+        _fused_steer_kernel[(t,)](
+            x,
+            delta.contiguous() if delta is not None else x,
+            vecs.contiguous() if has_vecs else x,
+            params.contiguous() if has_vecs else x,
+            slot.contiguous(),
+            pos.contiguous(),
+            gen.contiguous().view(torch.uint8),
+            weight.contiguous() if weight is not None else x,
+            r,
+            out if weight is not None else r,
+            h,
+            vecs.shape[1] if has_vecs else 0,
+            float(eps),
+            float(weight_offset),
+            HAS_DELTA=delta is not None,
+            HAS_VECS=has_vecs,
+            HAS_WEIGHT=weight is not None,
+            BLOCK=block,
+            num_warps=4 if block <= 2048 else (8 if block <= 8192 else 16),
+        )
+    return r, out

@@ -1,0 +1,262 @@
+"""Every backend of ``splice::fused_steer`` against the fp32 reference, opcheck, and nvcc checks.
+
+Backends: the C++ CPU kernel (through the dispatcher), the Triton kernel (on CPU under
+``TRITON_INTERPRET=1``, set in conftest.py; on CUDA when present) and the C++ CUDA kernel (CUDA
+only). The CUDA sources are compile-checked with nvcc wherever it is installed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils import cpp_extension
+
+from splice.ops import available_backends, backend_for, library
+from splice.ops.steer_layout import ALPHA, BETA, END, HI, LO, NPARAMS, PHASE, START
+from splice.ops.steer_reference import fused_steer_reference
+
+ROOT = Path(__file__).resolve().parents[1]
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+TOL = {  # r and out are rounded to x.dtype; low-precision results may differ by one rounding step
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
+}
+# (alpha, beta, lo, hi): add, ablate, clamp, mixed, skipped (alpha = beta = 0)
+KINDS = (
+    (2.0, 0.0, 0.0, 0.0), (0.0, 1.0, 0.0, 0.0), (0.0, 1.0, -0.25, 0.25), (0.5, 0.5, -1.0, 0.1), (0.0, 0.0, 0.0, 0.0)
+)
+
+BACKENDS = [
+    pytest.param("cpu", "cpp", id="cpu-cpp"),
+    pytest.param("cpu", "triton", id="cpu-triton"),
+    pytest.param("cuda", "cuda", id="cuda-cuda"),
+    pytest.param("cuda", "triton", id="cuda-triton"),
+]
+
+
+def run(device: str, backend: str, args):
+    """``fused_steer(*args)`` (CPU tensors, moved to ``device``) on ``backend``, or skip where it
+    cannot run here."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if backend == "triton":
+        if "triton" not in available_backends(device):
+            pytest.skip("triton is not installed, or TRITON_INTERPRET=1 is not set for CPU tensors")
+        from splice.kernels.fused_steer import fused_steer_triton
+
+        return fused_steer_triton(*to(device, args))
+    if backend == "cpp" and not library.extension_loaded():
+        pytest.skip("splice._C is not built")
+    if backend == "cuda" and not library.with_cuda_kernels():
+        pytest.skip("splice._C was built without CUDA kernels")
+    assert backend_for("fused_steer", device) == backend
+    return torch.ops.splice.fused_steer(*to(device, args))
+
+
+def exact_rounding(device: str, backend: str, dtype: torch.dtype) -> bool:
+    """Whether the backend rounds fp32 to ``dtype`` to nearest even. Triton's interpreter truncates
+    fp32 -> bfloat16 casts (compiled Triton rounds to nearest even)."""
+    return not (device == "cpu" and backend == "triton" and dtype == torch.bfloat16)
+
+
+def make_case(t, h, dtype, *, delta=True, weight=True, weight_offset=0.0, slots=4, entries=5, seed=0):
+    """Arguments of fused_steer: unit vectors, entries of every kind/phase and assorted windows.
+    Row i uses slot (i + 1) % slots, so a single decode row is steered and row slots - 1 is not."""
+    g = torch.Generator().manual_seed(seed)
+    vecs = torch.randn(slots, entries, h, generator=g)
+    vecs /= vecs.norm(dim=-1, keepdim=True)
+    params = torch.zeros(slots, entries, NPARAMS)
+    for s in range(slots):
+        for k in range(entries):
+            params[s, k, [ALPHA, BETA, LO, HI]] = torch.tensor(KINDS[(s + k) % len(KINDS)])
+            params[s, k, PHASE] = (s * entries + k) % 3
+    params[..., START] = torch.randint(0, 6, (slots, entries), generator=g).float()
+    params[..., END] = params[..., START] + torch.randint(1, 12, (slots, entries), generator=g).float()
+    return (
+        torch.randn(t, h, generator=g).mul(2).to(dtype),
+        torch.randn(t, h, generator=g).to(dtype) if delta else None,
+        vecs,
+        params,
+        (torch.arange(t, dtype=torch.int32) + 1) % slots,
+        torch.randint(0, 12, (t,), generator=g),
+        torch.rand(t, generator=g) < 0.5,
+        torch.randn(h, generator=g) if weight else None,
+        1e-6,
+        weight_offset,
+    )
+
+
+def to(device, args):
+    return tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+
+
+VARIANTS = [  # (delta, weight, weight_offset)
+    pytest.param(True, True, 0.0, id="delta-w"),
+    pytest.param(True, False, 0.0, id="delta-noweight"),
+    pytest.param(False, True, 1.0, id="nodelta-w+1"),
+    pytest.param(False, False, 0.0, id="nodelta-noweight"),
+]
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("t,h", [(7, 37), (1, 576), (5, 100)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("delta,weight,weight_offset", VARIANTS)
+def test_matches_reference(device, backend, t, h, dtype, delta, weight, weight_offset):
+    args = make_case(t, h, dtype, delta=delta, weight=weight, weight_offset=weight_offset)
+    r, out = run(device, backend, args)
+    ref_r, ref_out = fused_steer_reference(*args)
+    assert r.dtype == dtype and r.shape == (t, h) and out.dtype == dtype
+    torch.testing.assert_close(r.cpu(), ref_r, **TOL[dtype])
+    if weight:
+        torch.testing.assert_close(out.cpu(), ref_out, **TOL[dtype])
+    else:
+        assert out.numel() == 0
+    unsteered = args[4] == 0  # slot 0 rows: r is x (+ delta), rounded once
+    if not delta:
+        assert torch.equal(r.cpu()[unsteered], args[0][unsteered])
+    elif exact_rounding(device, backend, dtype):
+        assert torch.equal(r.cpu()[unsteered], ref_r[unsteered])
+
+
+def test_case_exercises_windows_and_phases():
+    """The reference case above has active and inactive entries of every phase on steered rows."""
+    from splice.ops.steer_reference import entry_active
+
+    _, _, _, params, slot, pos, gen, *_ = make_case(64, 8, torch.float32)
+    p = params.index_select(0, slot.long())
+    active = entry_active(p, pos, gen) & (slot != 0)[:, None]
+    for phase in range(3):
+        on_phase = (p[..., PHASE] == phase) & (slot != 0)[:, None]
+        assert active[on_phase].any() and not active[on_phase].all()
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("phase,rows", [(0, [2, 3]), (1, [2]), (2, [3])], ids=["all", "prompt", "generated"])
+def test_window_and_phase_select_rows(device, backend, phase, rows):
+    """One add entry with window [2, 4): only rows in the window whose phase matches change."""
+    t, h = 6, 37
+    params = torch.zeros(2, 1, NPARAMS)
+    params[1, 0, [ALPHA, START, END, PHASE]] = torch.tensor([1.0, 2.0, 4.0, float(phase)])
+    x = torch.randn(t, h)
+    args = (x, None, torch.ones(2, 1, h), params, torch.ones(t, dtype=torch.int32), torch.arange(t),
+            torch.tensor([False, False, False, True, True, True]), None, 1e-6, 0.0)
+    r, _ = run(device, backend, args)
+    changed = [i for i in range(t) if not torch.equal(r[i].cpu(), x[i])]
+    assert changed == rows
+    torch.testing.assert_close(r.cpu()[rows], x[rows] + 1.0)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("lo,hi", [(0.0, 0.0), (-0.5, 0.5)], ids=["ablate", "clamp"])
+def test_clamp_and_ablate_projection(device, backend, lo, hi):
+    """beta = 1 on a unit v clamps <r, v> into [lo, hi] and leaves the orthogonal part alone."""
+    t, h = 4, 100
+    v = torch.randn(h)
+    v /= v.norm()
+    params = torch.zeros(2, 1, NPARAMS)
+    params[1, 0, [BETA, LO, HI, END]] = torch.tensor([1.0, lo, hi, 100.0])
+    x = torch.randn(t, h) + torch.tensor([3.0, -3.0, 0.2, 0.0])[:, None] * v
+    args = (x, None, v.expand(2, 1, h).contiguous(), params, torch.ones(t, dtype=torch.int32),
+            torch.arange(t), torch.zeros(t, dtype=torch.bool), None, 1e-6, 0.0)
+    r, _ = run(device, backend, args)
+    r = r.cpu()
+    proj, proj_x = r @ v, x @ v
+    torch.testing.assert_close(proj, proj_x.clamp(lo, hi), atol=1e-5, rtol=0)
+    torch.testing.assert_close(r - proj[:, None] * v, x - proj_x[:, None] * v, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize(
+    "dtype,delta,steer,weight,weight_offset",
+    [
+        (torch.float32, True, True, True, 1.0),
+        (torch.bfloat16, False, True, True, 0.0),
+        (torch.float16, True, False, False, 0.0),
+        (torch.float32, False, False, False, 0.0),
+    ],
+)
+def test_opcheck(device, dtype, delta, steer, weight, weight_offset):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    args = list(make_case(5, 37, dtype, delta=delta, weight=weight, weight_offset=weight_offset))
+    if not steer:
+        args[2] = args[3] = None
+    torch.library.opcheck(torch.ops.splice.fused_steer, to(device, args))
+
+
+TRITON_SM90 = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from splice.kernels.fused_steer import _fused_steer_kernel as kernel
+
+for dt in ("fp32", "bf16", "fp16"):
+    for flag in (True, False):
+        types = [f"*{dt}", f"*{dt}", "*fp32", "*fp32", "*i32", "*i64", "*u8", "*fp32", f"*{dt}", f"*{dt}",
+                 "i32", "i32", "fp32", "fp32", "constexpr", "constexpr", "constexpr", "constexpr"]
+        constexprs = dict(HAS_DELTA=flag, HAS_VECS=flag, HAS_WEIGHT=flag, BLOCK=1024)
+        source = ASTSource(kernel, dict(zip(kernel.arg_names, types)), constexprs)
+        assert triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["cubin"]
+"""
+
+
+def test_triton_kernel_compiles_for_sm90():
+    """The Triton kernel compiles (not interpreted) to sm_90 cubins for every dtype and flag set; no
+    GPU is needed. Runs in a subprocess because TRITON_INTERPRET is read when the kernel is defined."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", TRITON_SM90], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+
+
+NVCC = shutil.which("nvcc") or next((p for p in ("/usr/local/cuda/bin/nvcc",) if os.path.exists(p)), None)
+# The flags torch's BuildExtension gives nvcc, plus setup.py's.
+NVCC_FLAGS = ["-arch=sm_90", "-O3", "--use_fast_math", *cpp_extension.COMMON_NVCC_FLAGS]
+
+
+def nvcc(source: Path, out: Path, *flags: str) -> None:
+    cmd = [NVCC, "-c", *flags, *NVCC_FLAGS, "-I", str(ROOT / "csrc/cpu"), "-I", str(ROOT / "csrc/cuda"),
+           str(source), "-o", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stderr}"
+    assert out.stat().st_size > 0
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found")
+def test_cuda_kernel_compiles(tmp_path):
+    """fused_steer_kernel.cuh (no torch headers) compiles, warning-free, for all three dtypes."""
+    tu = tmp_path / "fused_steer_kernel_tu.cu"
+    tu.write_text(
+        '#include "fused_steer_kernel.cuh"\n'
+        + "".join(
+            f"template cudaError_t splice::gpu::launch_fused_steer<{t}>("
+            f"const splice::gpu::SteerArgs<{t}>&, cudaStream_t);\n"
+            for t in ("float", "__nv_bfloat16", "__half")
+        )
+    )
+    nvcc(tu, tmp_path / "tu.o", "-std=c++17", "-Xcompiler=-Wall,-Wextra", "-Werror=all-warnings")
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found")
+@pytest.mark.skipif(
+    os.environ.get("SPLICE_TEST_NVCC_LAUNCHER") != "1",
+    reason="compiling the ATen launcher against torch headers takes ~45 CPU-seconds; "
+    "set SPLICE_TEST_NVCC_LAUNCHER=1 to run it",
+)
+def test_cuda_launcher_compiles(tmp_path):
+    """fused_steer.cu compiles against the installed torch's headers. A CPU torch wheel ships the
+    c10/cuda headers but not the generated c10/cuda/impl/cuda_cmake_macros.h, which
+    C10_CUDA_NO_CMAKE_CONFIGURE_FILE skips; torch's headers need C++20, as BuildExtension passes."""
+    includes = [f"-I{p}" for p in cpp_extension.include_paths()]
+    if not (Path(cpp_extension.include_paths()[0]) / "c10/cuda/CUDAGuard.h").exists():
+        pytest.skip("this torch ships no c10/cuda headers")
+    nvcc(ROOT / "csrc/cuda/fused_steer.cu", tmp_path / "fused_steer.o", "-std=c++20",
+         "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE", *includes)
