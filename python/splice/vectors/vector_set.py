@@ -2,7 +2,8 @@
 
 Layer convention: ``directions[l]`` belongs to the residual stream at site ``site`` of decoder
 layer ``l`` (0-based). ``site="out"`` is the output of layer ``l`` (``hidden_states[l + 1]`` in
-Hugging Face's ``output_hidden_states``), ``"in"`` its input (``hidden_states[l]``).
+Hugging Face's ``output_hidden_states``, except for the last layer, whose entry there is taken
+after the final norm), ``"in"`` its input (``hidden_states[l]``).
 """
 
 from __future__ import annotations
