@@ -35,13 +35,13 @@ def happy_mass(probs, tok):
 def test_extracted_vector_moves_the_model_toward_the_concept(real_model, happy):
     model, tok = real_model
     base = happy_mass(next_token_probs(model, tok), tok)
-    layers = list(range(8, 20))
-    with splice.patch(model, splice.Steer(happy, layers=layers, scale=0.6)):
+    layers = list(range(12, 19))
+    with splice.patch(model, splice.Steer(happy, layers=layers, scale=0.4)):
         up = happy_mass(next_token_probs(model, tok), tok)
-    with splice.patch(model, splice.Steer(happy, layers=layers, scale=-0.6)):
+    with splice.patch(model, splice.Steer(happy, layers=layers, scale=-0.4)):
         down = happy_mass(next_token_probs(model, tok), tok)
-    assert up > 2 * base, (base, up)
-    assert down < base, (base, down)
+    assert up > 5 * base, (base, up)  # measured: 0.011 -> 0.12
+    assert down < base / 5, (base, down)  # measured: 0.011 -> 0.000
 
 
 def test_scale_zero_and_unsteered_patch_leave_logits_unchanged(real_model, happy):
@@ -73,11 +73,11 @@ def test_greedy_generation_is_unchanged_by_an_unsteered_patch(real_model):
 def test_llama_cpp_control_vector_round_trip_steers_identically(real_model, happy, tmp_path):
     model, tok = real_model
     path = tmp_path / "happy.gguf"
-    layers = list(range(8, 20))
+    layers = list(range(12, 19))
     export_control_vector(splice.VectorSet({l: happy[l] for l in layers}, site="out"), path)
     imported = import_control_vector(path, expect_hidden_size=model.config.hidden_size)
-    with splice.patch(model, splice.Steer(happy, layers=layers, scale=0.6)):
+    with splice.patch(model, splice.Steer(happy, layers=layers, scale=0.4)):
         direct = next_token_probs(model, tok)
-    with splice.patch(model, splice.Steer(imported, scale=0.6)):
+    with splice.patch(model, splice.Steer(imported, scale=0.4)):
         via_gguf = next_token_probs(model, tok)
     assert torch.equal(direct, via_gguf)

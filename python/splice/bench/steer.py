@@ -1,0 +1,142 @@
+"""``splice bench steer``: throughput of steering on one model, every configuration in the same run.
+
+Configurations (all on the same loaded model, the patch applied and removed around each
+measurement, in interleaved order so drift hits every configuration alike):
+
+* ``unpatched``   the model as loaded,
+* ``steered``     splice.patch with one vector at every layer (site "out"),
+* ``hooks``       the same steering as a Python forward hook per layer,
+* ``distinct16``  (batch 16) splice with 16 rows carrying 16 different vectors.
+
+Ratios (medians, same run): ``steer_decode_b1``/``_b16`` and ``steer_prefill_b1``/``_b16``
+(steered ÷ unpatched), ``hooks_decode_b1`` (hooks ÷ unpatched), ``per_request16_b16``
+(distinct16 ÷ unpatched at batch 16).
+"""
+
+from __future__ import annotations
+
+import platform
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from ..adapters.architecture import Adapter
+from ..patch import patch
+from ..steering.spec import Steer
+from .hook_steering import add_output_hooks
+from .timing import Throughput, decode_tps, make_batch, prefill_tps
+
+
+@dataclass
+class Setting:
+    name: str
+    batches: tuple[int, ...]
+    apply: Callable[[], Callable[[], None]]  # installs the configuration, returns its undo
+
+
+def random_vectors(adapter: Adapter, count: int, norm: float, seed: int = 0) -> list[dict[int, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        v = torch.randn(adapter.num_layers, adapter.hidden_size, generator=g)
+        v = v / v.norm(dim=-1, keepdim=True) * norm
+        out.append({layer: v[layer] for layer in range(adapter.num_layers)})
+    return out
+
+
+def settings(model, batches: tuple[int, ...], norm: float = 1.0) -> list[Setting]:
+    adapter = Adapter(model)
+    vectors = random_vectors(adapter, 16, norm)
+
+    def unpatched():
+        return lambda: None
+
+    def steered():
+        return patch(model, Steer(vectors[0], scale=1.0)).remove
+
+    def hooks():
+        handles = add_output_hooks(model, vectors[0], scale=1.0)
+        return lambda: [h.remove() for h in handles]
+
+    def distinct16():
+        p = patch(model, max_slots=17)
+        for slot in range(1, 17):
+            p.set_slot(slot, [Steer(vectors[slot - 1], scale=1.0, name=f"v{slot}")])
+        p.assign(list(range(1, 17)))
+        return p.remove
+
+    out = [Setting("unpatched", batches, unpatched), Setting("steered", batches, steered),
+           Setting("hooks", batches, hooks)]
+    if 16 in batches:
+        out.append(Setting("distinct16", (16,), distinct16))
+    return out
+
+
+@contextmanager
+def applied(setting: Setting):
+    undo = setting.apply()
+    try:
+        yield
+    finally:
+        undo()
+
+
+def run(model, batches=(1, 16), prompt_len: int = 64, steps: int = 32, repeats: int = 5,
+        progress: bool = True) -> dict:
+    """Measure every setting ``repeats`` times; returns the report dict (medians, runs, ratios)."""
+    vocab = model.config.get_text_config().vocab_size
+    plan = settings(model, tuple(batches))
+    results = {s.name: {b: {"prefill": Throughput(), "decode": Throughput()} for b in s.batches} for s in plan}
+    inputs = {b: make_batch(b, prompt_len, vocab) for b in batches}
+    total = repeats * sum(len(s.batches) for s in plan)
+    with tqdm(total=total, desc="bench steer", disable=not progress) as bar:
+        for round_ in range(repeats + 1):  # round 0 warms up and is discarded
+            warm = round_ == 0
+            for s in plan:
+                with applied(s):
+                    for b in s.batches:
+                        prefill = prefill_tps(model, inputs[b])
+                        decode = decode_tps(model, inputs[b], steps)
+                        if not warm:
+                            results[s.name][b]["prefill"].runs.append(prefill)
+                            results[s.name][b]["decode"].runs.append(decode)
+                            bar.update()
+    return report(model, results, prompt_len, steps, repeats)
+
+
+def _backends(model) -> dict[str, str]:
+    probe = patch(model)
+    try:
+        return probe.backends()
+    finally:
+        probe.remove()
+
+
+def report(model, results, prompt_len, steps, repeats) -> dict:
+    def med(name, b, kind):
+        return results[name][b][kind].median
+
+    ratios = {}
+    for b in results["unpatched"]:
+        ratios[f"steer_decode_b{b}"] = med("steered", b, "decode") / med("unpatched", b, "decode")
+        ratios[f"steer_prefill_b{b}"] = med("steered", b, "prefill") / med("unpatched", b, "prefill")
+        ratios[f"hooks_decode_b{b}"] = med("hooks", b, "decode") / med("unpatched", b, "decode")
+    if "distinct16" in results:
+        ratios["per_request16_b16"] = med("distinct16", 16, "decode") / med("unpatched", 16, "decode")
+    adapter = Adapter(model)
+    return {
+        "benchmark": "steer",
+        "model": adapter.name,
+        "architecture": adapter.describe(),
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "torch_threads": torch.get_num_threads()},
+        "backends": _backends(model),
+        "prompt_len": prompt_len, "decode_steps": steps, "repeats": repeats,
+        "results": {name: {f"b{b}": {kind: {"median_tps": t.median, "runs": t.runs} for kind, t in by_kind.items()}
+                           for b, by_kind in by_batch.items()} for name, by_batch in results.items()},
+        "ratios": ratios,
+    }
