@@ -30,10 +30,11 @@ def make_forward(adapter: Adapter, layer_idx: int, runtime):
     drop_attn = getattr(layer, "resid_attn_dropout", None)
     drop_mlp = getattr(layer, "resid_mlp_dropout", None)
     eps1, eps2 = norm_eps(norm1), norm_eps(norm2)
+    post_eps = {id(n): norm_eps(n) for n in (post_attn, post_ff) if n is not None}
     tables, state = runtime.tables, runtime.state
 
     def normalise(t, norm, tok):
-        return fused_steer(t, None, None, None, *tok, norm.weight, norm_eps(norm), offset)[1]
+        return fused_steer(t, None, None, None, *tok, norm.weight, post_eps[id(norm)], offset)[1]
 
     def forward(hidden_states, **kwargs):
         batch, seq, hidden = hidden_states.shape
