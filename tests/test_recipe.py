@@ -64,7 +64,7 @@ def test_saved_patch_round_trips_through_a_recipe(vector_files, tmp_path):
 
 
 BAD = {
-    "unknown top-level key": ({"steering": {}, "skip": {}}, "unknown keys \\['skip'\\]"),
+    "unknown top-level key": ({"steering": {}, "steer": {}}, "unknown keys \\['steer'\\]"),
     "unknown vector key": (recipe_data(strength=2), "steering.vectors.a: unknown keys \\['strength'\\]"),
     "missing file key": ({"steering": {"vectors": {"a": {"layers": [1]}}}}, "'file' is required"),
     "file does not exist": (recipe_data("nope.safetensors"), "does not exist"),

@@ -4,10 +4,11 @@ from . import ops
 from .adapters.architecture import supported_families
 from .patch import Patch, patch
 from .recipe import Recipe, RecipeError, load_recipe
+from .skipping.spec import Skip
 from .steering.spec import Positions, Steer
 from .vectors.vector_set import VectorSet
 
 __version__ = "0.1.0"
 
-__all__ = ["Patch", "Positions", "Recipe", "RecipeError", "Steer", "VectorSet", "load_recipe", "ops",
+__all__ = ["Patch", "Positions", "Recipe", "RecipeError", "Skip", "Steer", "VectorSet", "load_recipe", "ops",
            "patch", "supported_families"]

@@ -8,6 +8,10 @@ Steering is organised in *slots*: slot 0 never steers; each other slot holds an 
 interventions with their scales. Every batch row uses the default slot (1, holding the
 interventions given to ``patch``) until :meth:`Patch.assign` gives rows their own slots.
 Changing a slot or an assignment writes buffers; it never re-patches.
+
+Layer skipping (:class:`~splice.skipping.spec.Skip`, and per-request routing with a router) is
+set with :meth:`Patch.set_skip` / :meth:`Patch.set_router`. Steering on a skipped part of a layer,
+or on a routed layer, is refused with an error.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from torch import nn
 from .adapters.architecture import Adapter
 from .ops import backend_for
 from .recipe import Recipe, load_recipe
+from .skipping.spec import Skip, skipped_parts, unsteerable_sites
 from .spliced.decoder_layer import make_forward, make_o_proj_forward
 from .steering.runtime import ATTRIBUTE, SpliceRuntime
 from .steering.spec import Steer
@@ -34,6 +39,8 @@ class Patch:
         self.model, self.adapter, self.runtime = model, adapter, runtime
         self.recipe = recipe
         self.slots: dict[int, list[tuple[str, float]]] = {}
+        self.skips: list[Skip] = []
+        self.router = None
         self._spliced: list[nn.Module] = []
         self.active = True
 
@@ -71,6 +78,7 @@ class Patch:
         if not 1 <= slot < self.runtime.tables.max_slots:
             raise ValueError(f"slot must be in 1..{self.runtime.tables.max_slots - 1} (slot 0 never steers)")
         resolved = self._resolve(list(items))
+        self._check_steering_fits(resolved, self.runtime.skip.static, self._routed_layers())
         entries: dict[tuple[int, str], list] = {}
         for name, scale in resolved:
             steer = self.steers[name]
@@ -86,6 +94,46 @@ class Patch:
         else:
             self.slots.pop(slot, None)
         self.runtime.state.default_slot = 1 if 1 in self.slots else 0
+
+    def set_skip(self, *skips: Skip) -> None:
+        """Skip these layers or sub-layers from now on (replacing earlier skips); none: run all."""
+        self._check_active()
+        for skip in skips:
+            skip.validate_for(self.adapter)
+        parts = skipped_parts(skips, self.adapter.num_layers)
+        routed = self._routed_layers()
+        overlap = sorted({l for s in skips for l in s.layers} & set(routed))
+        if overlap:
+            raise ValueError(f"layers {overlap} are both skipped statically and routed per request")
+        self._check_steering_fits([item for items in self.slots.values() for item in items], parts, routed)
+        self.skips = list(skips)
+        self.runtime.skip.static = parts
+
+    def set_router(self, router) -> None:
+        """Route requests with ``router`` (decided at prefill, applied while decoding); None: off."""
+        self._check_active()
+        if router is not None:
+            router.validate_for(self.adapter)
+            overlap = sorted({l for s in self.skips for l in s.layers} & set(router.layers))
+            if overlap:
+                raise ValueError(f"layers {overlap} are both skipped statically and routed per request")
+            self._check_steering_fits([item for items in self.slots.values() for item in items],
+                                      self.runtime.skip.static, router.layers)
+        self.router = router
+        self.runtime.skip.router = router
+        self.runtime.skip.rows = [None] * self.adapter.num_layers
+
+    def _routed_layers(self) -> list[int]:
+        return list(self.router.layers) if self.router is not None else []
+
+    def _check_steering_fits(self, resolved, parts, routed) -> None:
+        forbidden = unsteerable_sites(parts, routed)
+        for name, _ in resolved:
+            steer = self.steers[name]
+            bad = [l for l in steer.layers if steer.site in forbidden.get(l, ())]
+            if bad:
+                raise ValueError(f"steering {name!r} at site {steer.site!r} of layers {bad}: those layers skip "
+                                 "that part (or are routed per request); splice does not steer skipped layers")
 
     def assign(self, row_slots: list[int] | None) -> None:
         """Slot of each batch row for the following forward passes; None: every row the default slot."""
@@ -132,11 +180,15 @@ class Patch:
     # --- reporting -----------------------------------------------------------------------
     def backends(self) -> dict[str, str]:
         """The backend each splice op runs for this model's device."""
-        return {"fused_steer": backend_for("fused_steer", self.adapter.device)}
+        device = self.adapter.device
+        names = ["fused_steer"] + (["gather_rows", "scatter_rows"] if self.router is not None else [])
+        return {name: backend_for(name, device) for name in names}
 
     def to_recipe(self) -> Recipe:
-        """The patch as a recipe: its registered interventions and the default slot's list."""
-        return Recipe(steers=dict(self.steers), default=list(self.slots.get(1, [])))
+        """The patch as a recipe: its registered interventions, the default slot's list, the skips
+        and the router (when it was loaded from a file)."""
+        return Recipe(steers=dict(self.steers), default=list(self.slots.get(1, [])), skips=list(self.skips),
+                      router=self.router)
 
     def save_recipe(self, path: str | Path) -> Path:
         """Write the patch as a recipe file; in-memory vectors are saved beside it."""
@@ -144,11 +196,15 @@ class Patch:
 
     def __repr__(self) -> str:
         state = "active" if self.active else "removed"
-        return f"Patch({self.adapter.describe()}; {len(self.steers)} interventions; slots {self.slots}; {state})"
+        skips = f"; skips {[(s.part, list(s.layers)) for s in self.skips]}" if self.skips else ""
+        routed = f"; router on layers {list(self.router.layers)}" if self.router is not None else ""
+        return (f"Patch({self.adapter.describe()}; {len(self.steers)} interventions; slots {self.slots}"
+                f"{skips}{routed}; {state})")
 
 
-def patch(model: nn.Module, *steers: Steer, recipe=None, max_slots: int = 8) -> Patch:
-    """Patch ``model`` with ``steers`` and/or a recipe (a path, a dict or a :class:`Recipe`).
+def patch(model: nn.Module, *items: Steer | Skip, recipe=None, router=None, max_slots: int = 8) -> Patch:
+    """Patch ``model`` with steering (``Steer``), layer skipping (``Skip``), a per-request
+    ``router`` and/or a recipe (a path, a dict or a :class:`Recipe`).
 
     The given interventions (the recipe's default list first) fill slot 1, which every row uses
     until :meth:`Patch.assign` says otherwise. ``max_slots`` bounds the distinct steering
@@ -159,14 +215,23 @@ def patch(model: nn.Module, *steers: Steer, recipe=None, max_slots: int = 8) -> 
         raise RuntimeError("model is already patched by splice; call remove() on that patch first")
     if max_slots < 2:
         raise ValueError("max_slots must be at least 2 (slot 0 never steers)")
+    unknown = [type(i).__name__ for i in items if not isinstance(i, (Steer, Skip))]
+    if unknown:
+        raise TypeError(f"splice.patch takes Steer and Skip objects, got {unknown}")
     recipe = load_recipe(recipe) if recipe is not None else Recipe()
     recipe.validate_for(adapter)
+    steers = [i for i in items if isinstance(i, Steer)]
+    skips = list(recipe.skips) + [i for i in items if isinstance(i, Skip)]
+    router = router if router is not None else recipe.router
     for steer in steers:
         steer.validate_for(adapter)
     runtime = SpliceRuntime(adapter, max_slots)
     handle = Patch(model, adapter, runtime, recipe)
-    default = list(recipe.default) + list(steers)
-    handle._resolve(default)  # registers and checks names before the model changes
+    default = list(recipe.default) + steers
+    resolved = handle._resolve(default)  # registers and checks names before the model changes
+    handle.set_skip(*skips)
+    handle.set_router(router)
+    handle._check_steering_fits(resolved, runtime.skip.static, handle._routed_layers())
     model.add_module(ATTRIBUTE, runtime)
     handle._install()
     if default:

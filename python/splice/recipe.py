@@ -14,6 +14,12 @@ and serving. Relative file paths are read relative to the recipe file.
           site: out                  # in | out | attn | mlp | heads (heads needs head: N)
           positions: all             # all | prompt | generated | [start, end] | {phase, start, end}
       default: [happy]               # applied to every row: names or {name, scale}
+    skip:                            # static layer skipping (0-based layer indices)
+      layers: [20, 21]               # whole layers
+      attn: [5]                      # attention only
+      mlp: [7]                       # MLP only
+    routing:
+      router: router.safetensors     # per-request routing decided at prefill (splice route train)
 """
 
 from __future__ import annotations
@@ -26,10 +32,12 @@ from pathlib import Path
 
 import yaml
 
+from .skipping.spec import Skip
 from .steering.spec import Steer
 
 VERSION = 1
-TOP_KEYS = {"version", "steering"}
+TOP_KEYS = {"version", "steering", "skip", "routing"}
+SKIP_KEYS = {"layers": "layer", "attn": "attn", "mlp": "mlp"}
 STEERING_KEYS = {"vectors", "default"}
 VECTOR_KEYS = {"file", "layers", "op", "scale", "site", "head", "lo", "hi", "positions"}
 
@@ -91,12 +99,43 @@ def _default_from_config(items, names) -> list[tuple[str, float]]:
     return out
 
 
+def _skips_from_config(cfg) -> list[Skip]:
+    cfg = _check_keys("skip", cfg, set(SKIP_KEYS))
+    skips = []
+    for key, part in SKIP_KEYS.items():
+        layers = cfg.get(key)
+        if layers is None:
+            continue
+        if not isinstance(layers, list) or not all(isinstance(l, int) for l in layers):
+            raise RecipeError(f"skip.{key}: expected a list of layer indices")
+        if layers:
+            skips.append(Skip(layers, part))
+    return skips
+
+
+def _router_from_config(cfg, base: Path):
+    from .skipping.routers import load_router
+
+    cfg = _check_keys("routing", cfg, {"router"})
+    if "router" not in cfg:
+        raise RecipeError("routing: 'router' (a router file) is required")
+    path = Path(cfg["router"])
+    path = path if path.is_absolute() else base / path
+    try:
+        return load_router(path)
+    except (ValueError, OSError) as exc:
+        raise RecipeError(f"routing.router: {exc}") from exc
+
+
 @dataclass
 class Recipe:
-    """Named interventions and the default list (name, scale) applied to every row."""
+    """Named interventions and the default list (name, scale) applied to every row; static
+    skips; a per-request router."""
 
     steers: dict[str, Steer] = field(default_factory=dict)
     default: list[tuple[str, float]] = field(default_factory=list)
+    skips: list[Skip] = field(default_factory=list)
+    router: object = None
 
     @classmethod
     def from_dict(cls, data, base: str | Path = ".") -> "Recipe":
@@ -108,7 +147,9 @@ class Recipe:
         if not isinstance(vectors, dict):
             raise RecipeError("steering.vectors: expected a mapping of name -> settings")
         steers = {name: _steer_from_config(name, cfg, Path(base)) for name, cfg in vectors.items()}
-        return cls(steers, _default_from_config(steering.get("default", []) or [], steers))
+        skips = _skips_from_config(data["skip"]) if data.get("skip") is not None else []
+        router = _router_from_config(data["routing"], Path(base)) if data.get("routing") is not None else None
+        return cls(steers, _default_from_config(steering.get("default", []) or [], steers), skips, router)
 
     def validate_for(self, adapter) -> None:
         for name, steer in self.steers.items():
@@ -116,6 +157,16 @@ class Recipe:
                 steer.validate_for(adapter)
             except ValueError as exc:
                 raise RecipeError(f"steering.vectors.{name}: {exc}") from exc
+        for skip in self.skips:
+            try:
+                skip.validate_for(adapter)
+            except ValueError as exc:
+                raise RecipeError(f"skip: {exc}") from exc
+        if self.router is not None:
+            try:
+                self.router.validate_for(adapter)
+            except ValueError as exc:
+                raise RecipeError(f"routing.router: {exc}") from exc
 
     def to_dict(self, base: Path, stem: str) -> dict:
         """The recipe as data; vectors without a file are saved as ``<stem>.<name>.safetensors``."""
@@ -135,7 +186,17 @@ class Recipe:
                 cfg.update(lo=s.lo, hi=s.hi)
             vectors[name] = cfg
         default = [{"name": n, "scale": sc} for n, sc in self.default]
-        return {"version": VERSION, "steering": {"vectors": vectors, "default": default}}
+        data = {"version": VERSION, "steering": {"vectors": vectors, "default": default}}
+        if self.skips:
+            keys = {part: key for key, part in SKIP_KEYS.items()}
+            data["skip"] = {}
+            for skip in self.skips:
+                data["skip"].setdefault(keys[skip.part], []).extend(skip.layers)
+        if self.router is not None:
+            if self.router.source is None:
+                raise RecipeError("the router has no file: save it (router.save(path)) before saving the recipe")
+            data["routing"] = {"router": os.path.relpath(Path(self.router.source).absolute(), base)}
+        return data
 
     def save(self, path: str | Path) -> Path:
         path = Path(path).absolute()

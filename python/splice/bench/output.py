@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 import json
+import platform
 from pathlib import Path
+
+import torch
+
+
+def machine() -> dict:
+    """Where a benchmark ran: platform, processor and torch's thread count."""
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "torch_threads": torch.get_num_threads()}
 
 
 def table(report: dict) -> str:

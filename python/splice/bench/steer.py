@@ -15,7 +15,6 @@ Ratios (medians, same run): ``steer_decode_b1``/``_b16`` and ``steer_prefill_b1`
 
 from __future__ import annotations
 
-import platform
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
@@ -27,6 +26,7 @@ from ..adapters.architecture import Adapter
 from ..patch import patch
 from ..steering.spec import Steer
 from .hook_steering import add_output_hooks
+from .output import machine
 from .timing import Throughput, decode_tps, make_batch, prefill_tps
 
 
@@ -132,8 +132,7 @@ def report(model, results, prompt_len, steps, repeats) -> dict:
         "model": adapter.name,
         "architecture": adapter.describe(),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "torch_threads": torch.get_num_threads()},
+        "machine": machine(),
         "backends": _backends(model),
         "prompt_len": prompt_len, "decode_steps": steps, "repeats": repeats,
         "results": {name: {f"b{b}": {kind: {"median_tps": t.median, "runs": t.runs} for kind, t in by_kind.items()}

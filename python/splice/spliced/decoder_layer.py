@@ -12,12 +12,26 @@ residual add and steering site done by ``splice.ops.fused_steer``::
 
 Attention is the model's own module, called with the layer's keyword arguments unchanged, so the
 KV cache, masks and rotary embeddings behave exactly as in Hugging Face.
+
+Skipping (see splice.skipping.state): a skipped attention or MLP is left out of the chain above
+(a skipped attention keeps a length-only KV entry); a layer that only some rows of the batch run
+gathers those rows, runs on them alone, and scatters its output back over the input.
 """
 
 from __future__ import annotations
 
 from ..adapters.architecture import Adapter, norm_eps
-from ..ops import fused_steer
+from ..ops import fused_steer, gather_rows, scatter_rows
+from ..skipping.kv_cache import RowSubsetCache, hold_length
+
+
+def _rows_of(value, rows, batch: int):
+    """``value`` restricted to the batch rows ``rows`` where it has a batch dimension."""
+    if isinstance(value, tuple):
+        return tuple(_rows_of(v, rows, batch) for v in value)
+    if hasattr(value, "shape") and value.dim() > 0 and value.shape[0] == batch:
+        return value.index_select(0, rows)
+    return value
 
 
 def make_forward(adapter: Adapter, layer_idx: int, runtime):
@@ -31,33 +45,68 @@ def make_forward(adapter: Adapter, layer_idx: int, runtime):
     drop_mlp = getattr(layer, "resid_mlp_dropout", None)
     eps1, eps2 = norm_eps(norm1), norm_eps(norm2)
     post_eps = {id(n): norm_eps(n) for n in (post_attn, post_ff) if n is not None}
-    tables, state = runtime.tables, runtime.state
+    tables, state, skip = runtime.tables, runtime.state, runtime.skip
 
     def normalise(t, norm, tok):
         return fused_steer(t, None, None, None, *tok, norm.weight, post_eps[id(norm)], offset)[1]
 
-    def forward(hidden_states, **kwargs):
-        batch, seq, hidden = hidden_states.shape
-        state.update(batch, seq, kwargs["position_ids"], kwargs.get("past_key_values"))
-        tok = (state.slot, state.pos, state.gen)
-        x = hidden_states.reshape(batch * seq, hidden)
-        r, h = fused_steer(x, None, *tables.get(layer_idx, "in"), *tok, norm1.weight, eps1, offset)
-        a, _ = attn(hidden_states=h.view(batch, seq, hidden), **kwargs)
-        a = a.reshape(batch * seq, hidden)
-        if post_attn is not None:
-            a = normalise(a, post_attn, tok)
-        if drop_attn is not None and layer.training:
-            a = drop_attn(a)
-        r, h = fused_steer(r, a, *tables.get(layer_idx, "attn"), *tok, norm2.weight, eps2, offset)
-        m = mlp(h.view(batch, seq, hidden)).reshape(batch * seq, hidden)
-        if post_ff is not None:
-            m = normalise(m, post_ff, tok)
-        if drop_mlp is not None and layer.training:
-            m = drop_mlp(m)
-        r, _ = fused_steer(r, m, *tables.get(layer_idx, "mlp"), *tok, None, 0.0, 0.0)
+    def block(x, batch, seq, kwargs, tok, run_attn, run_mlp):
+        """The layer on ``x`` [batch * seq, hidden]; returns the new residual stream."""
+        hidden = x.shape[-1]
+        if run_attn:
+            r, h = fused_steer(x, None, *tables.get(layer_idx, "in"), *tok, norm1.weight, eps1, offset)
+            a, _ = attn(hidden_states=h.view(batch, seq, hidden), **kwargs)
+            a = a.reshape(batch * seq, hidden)
+            if post_attn is not None:
+                a = normalise(a, post_attn, tok)
+            if drop_attn is not None and layer.training:
+                a = drop_attn(a)
+            w2, e2 = (norm2.weight, eps2) if run_mlp else (None, 0.0)
+            r, h = fused_steer(r, a, *tables.get(layer_idx, "attn"), *tok, w2, e2, offset)
+        else:
+            r, h = fused_steer(x, None, *tables.get(layer_idx, "in"), *tok, norm2.weight, eps2, offset)
+        if run_mlp:
+            m = mlp(h.view(batch, seq, hidden)).reshape(batch * seq, hidden)
+            if post_ff is not None:
+                m = normalise(m, post_ff, tok)
+            if drop_mlp is not None and layer.training:
+                m = drop_mlp(m)
+            r, _ = fused_steer(r, m, *tables.get(layer_idx, "mlp"), *tok, None, 0.0, 0.0)
         out_vecs, out_params = tables.get(layer_idx, "out")
         if out_vecs is not None:
             r, _ = fused_steer(r, None, out_vecs, out_params, *tok, None, 0.0, 0.0)
+        return r
+
+    def on_rows(hidden_states, rows, kwargs, run_attn, run_mlp):
+        """Run the layer on the batch rows ``rows`` only; the other rows pass through unchanged."""
+        batch, seq, hidden = hidden_states.shape
+        sub = {k: _rows_of(v, rows, batch) for k, v in kwargs.items() if k != "past_key_values"}
+        if kwargs.get("past_key_values") is not None:
+            sub["past_key_values"] = RowSubsetCache(kwargs["past_key_values"], rows)
+        tok = tuple(t.view(batch, seq).index_select(0, rows).reshape(-1) for t in (state.slot, state.pos, state.gen))
+        x = gather_rows(hidden_states, rows)
+        r = block(x.reshape(-1, hidden), rows.numel(), seq, sub, tok, run_attn, run_mlp)
+        return scatter_rows(hidden_states, r.view(rows.numel(), seq, hidden), rows)
+
+    def forward(hidden_states, **kwargs):
+        batch, seq, hidden = hidden_states.shape
+        if state.update(batch, seq, kwargs["position_ids"], kwargs.get("past_key_values")):
+            skip.begin_forward(state.prefill)
+        run_attn, run_mlp = skip.parts(layer_idx)
+        rows = None if state.prefill else skip.rows[layer_idx]
+        cache = kwargs.get("past_key_values")
+        if rows is not None and rows.numel() == 0:
+            run_attn = run_mlp = False
+        if not run_attn and cache is not None and layer_idx not in skip.draft:
+            hold_length(cache, layer_idx, batch, seq, hidden_states)
+        if not (run_attn or run_mlp):
+            return hidden_states
+        if rows is not None:
+            return on_rows(hidden_states, rows, kwargs, run_attn, run_mlp)
+        x = hidden_states.reshape(batch * seq, hidden)
+        r = block(x, batch, seq, kwargs, (state.slot, state.pos, state.gen), run_attn, run_mlp)
+        if skip.observing(layer_idx, state.prefill):
+            skip.router.observe(layer_idx, hidden_states, r.view(batch, seq, hidden), state.prompt_len)
         return r.view(batch, seq, hidden)
 
     return forward

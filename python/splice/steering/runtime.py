@@ -1,6 +1,6 @@
 """The state splice attaches to a patched model (as the submodule ``splice_runtime``).
 
-It holds only non-persistent buffers, so it follows ``model.to(...)`` and leaves
+It holds only non-persistent buffers (plus the plain-Python skip state), so it follows ``model.to(...)`` and leaves
 ``model.state_dict()`` unchanged.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..adapters.architecture import Adapter
+from ..skipping.state import SkipState
 from .tables import SteeringTables
 from .token_state import TokenState
 
@@ -21,3 +22,4 @@ class SpliceRuntime(nn.Module):
         sizes = {site: adapter.site_size(site) for site in ("in", "out", "attn", "mlp", "heads")}
         self.tables = SteeringTables(max_slots, sizes, adapter.device)
         self.state = TokenState(adapter.device)
+        self.skip = SkipState(adapter.num_layers)

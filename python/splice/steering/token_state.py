@@ -7,7 +7,8 @@ For a batch of ``B`` rows and ``S`` new tokens (``T = B * S``, flattened row-maj
 * ``pos[T]``   int64: the token's absolute position (``position_ids``: right under left padding
   and the KV cache),
 * ``gen[T]``   bool: the token was generated, i.e. ``pos >= prompt_len[row]``; ``prompt_len`` is
-  recorded on the forward pass that starts from an empty cache (the prefill).
+  recorded on the forward pass that starts from an empty cache (the prefill),
+* ``prefill``  bool: the current forward pass started from an empty cache.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class TokenState(nn.Module):
         self.assigned = False
         self._source = None  # position_ids of the forward the current state belongs to
         self.slot = self.pos = self.gen = None
+        self.prefill = False
 
     def assign(self, row_slots: list[int] | None) -> None:
         """Per-row slots for the next batches; None gives every row ``default_slot``."""
@@ -34,13 +36,15 @@ class TokenState(nn.Module):
         self.row_slot = torch.tensor(row_slots, dtype=torch.int32, device=self.row_slot.device)
         self.assigned = True
 
-    def update(self, batch: int, seq: int, position_ids: torch.Tensor, past_key_values) -> None:
-        """Recompute the per-token tensors, once per forward (keyed on the position_ids object)."""
+    def update(self, batch: int, seq: int, position_ids: torch.Tensor, past_key_values) -> bool:
+        """Recompute the per-token tensors, once per forward (keyed on the position_ids object);
+        returns True when this call started a new forward pass."""
         if position_ids is self._source:
-            return
+            return False
         device = position_ids.device
         pos = position_ids.expand(batch, seq)
-        if past_key_values is None or past_key_values.get_seq_length() == 0:
+        self.prefill = past_key_values is None or past_key_values.get_seq_length() == 0
+        if self.prefill:
             self.prompt_len = pos.max(dim=1).values + 1
         elif self.prompt_len.shape[0] != batch:
             raise RuntimeError(f"splice: batch of {batch} rows continues a prefill of "
@@ -55,3 +59,4 @@ class TokenState(nn.Module):
         self.gen = (pos >= self.prompt_len[:, None]).reshape(-1)
         self.pos = pos.reshape(-1)
         self._source = position_ids
+        return True

@@ -1,0 +1,217 @@
+"""``splice bench skip``: quality and speed of layer skipping on one model, in one run.
+
+* **Static**: for 0, 10, 25 and 40% of the layers skipped, chosen by each importance method
+  (Block Influence, L2 change, single-removal KL, the greedy joint-removal search) and at random
+  (the control): WikiText-2 perplexity on held-out windows and decode tokens/s (batch 1).
+* **Per-request routing** at the 25% budget: continuation perplexity (prompt prefilled by the
+  full model, continuation scored with the routing applied) and decode tokens/s at batch 8 for
+  the same layers for every request (decode only), the Block-Influence router and the trained
+  router; the routed batch runs gather/scatter, compared with running each group of rows that
+  share a skip set as its own batch.
+* **Self-speculative decoding**: the draft (layers and length) picked by a measured search on
+  calibration prompts, then tokens/s against the unpatched model's greedy ``generate`` on other
+  prompts, with the outputs checked identical.
+
+Ratios (medians, same run): ``skip25_decode_speedup``, ``skip25_ideal_fraction`` (speedup ÷
+``L / (L - k)``), ``skip25_ppl_ratio`` (greedy selection), ``speculative_speedup``,
+``routing_gather_vs_grouped``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from tqdm import tqdm
+
+from ..adapters.architecture import Adapter
+from ..calibration.text import evaluate, wikitext_windows
+from ..patch import patch
+from ..skipping.profile import METHODS, layers_for_budget, profile_layers
+from ..skipping.router_training import fit_influence_router, fit_linear_router, measure_routing_data
+from ..skipping.routers import FixedRouter
+from ..skipping.spec import Skip
+from ..skipping.speculative import search_draft, speculative_generate
+from .output import machine
+from .timing import decode_tps
+
+FRACTIONS = (0.0, 0.10, 0.25, 0.40)
+
+
+def _median(fn, repeats: int) -> float:
+    return statistics.median(fn() for _ in range(repeats))
+
+
+def static_rows(model, profile, eval_windows, fractions, repeats, steps, progress) -> list[dict]:
+    adapter = Adapter(model)
+    decode_ids = eval_windows[:1, :64]
+    rows = []
+    plan = [(f, m) for f in fractions for m in (METHODS if f else ("none",))]
+    for fraction, method in tqdm(plan, desc="static skipping", disable=not progress):
+        count = round(adapter.num_layers * fraction)
+        layers = profile.choose(method, count) if count else []
+        with patch(model, *([Skip(layers)] if layers else [])):
+            ppl, _ = evaluate(model, eval_windows)
+            tps = _median(lambda: decode_tps(model, decode_ids, steps), repeats)
+        rows.append({"fraction": fraction, "method": method, "layers": layers, "ppl": ppl, "decode_tps_b1": tps})
+    return rows
+
+
+@torch.inference_mode()
+def continuation_ppl(model, windows: torch.Tensor, prompt_len: int, batch_size: int = 8) -> float:
+    """Perplexity of each window's continuation after a prefill of its first ``prompt_len`` tokens."""
+    nll, count = 0.0, 0
+    for chunk in windows.split(batch_size):
+        cache = model(input_ids=chunk[:, :prompt_len], use_cache=True).past_key_values
+        positions = torch.arange(prompt_len, chunk.shape[1])[None].expand(chunk.shape[0], -1)
+        logits = model(input_ids=chunk[:, prompt_len:-1], past_key_values=cache, position_ids=positions[:, :-1],
+                       use_cache=True).logits.float()
+        nll += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), chunk[:, prompt_len + 1:].flatten(),
+                                                       reduction="sum"))
+        count += chunk[:, prompt_len + 1:].numel()
+    return float(torch.exp(torch.tensor(nll / count)))
+
+
+def _grouped_decode_tps(model, router, ids, steps) -> float:
+    """Decode tokens/s when each group of rows sharing a skip set runs as its own batch."""
+    with patch(model, router=router):
+        model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        skip = router.decide()
+    groups: dict[tuple, list[int]] = {}
+    for row in range(ids.shape[0]):
+        groups.setdefault(tuple(skip[row].nonzero().flatten().tolist()), []).append(row)
+    seconds = 0.0
+    for layers, rows in groups.items():
+        fixed = FixedRouter(layers, router.num_layers, router.hidden_size) if layers else None
+        with patch(model, router=fixed):
+            seconds += len(rows) * steps / decode_tps(model, ids[rows], steps)
+    return ids.shape[0] * steps / seconds
+
+
+def routing_rows(model, calib, evals, static_layers, prompt_len, repeats, steps, progress) -> tuple[list[dict], dict]:
+    adapter = Adapter(model)
+    data = measure_routing_data(model, calib, prompt_len, progress=progress)
+    fraction = len(static_layers) / len(data.layers)
+    routers = {"fixed": FixedRouter(static_layers, adapter.num_layers, adapter.hidden_size),
+               "influence": fit_influence_router(data, fraction, adapter),
+               "linear": fit_linear_router(data, fraction, adapter)}
+    batch = evals[:8, :prompt_len]
+    rows = [{"router": "none", "ppl": continuation_ppl(model, evals, prompt_len), "mean_skipped": 0.0,
+             "decode_tps_b8": _median(lambda: decode_tps(model, batch, steps), repeats)}]
+    grouped = {}
+    for name, router in tqdm(routers.items(), desc="routing", disable=not progress):
+        with patch(model, router=router):
+            ppl = continuation_ppl(model, evals, prompt_len)
+            skipped = float(router.decide().sum(1).float().mean())
+            tps = _median(lambda: decode_tps(model, batch, steps), repeats)
+        rows.append({"router": name, "ppl": ppl, "mean_skipped": skipped, "decode_tps_b8": tps})
+        if name == "linear":
+            grouped = {"router": name, "gather_scatter_tps_b8": tps,
+                       "grouped_tps_b8": _median(lambda: _grouped_decode_tps(model, router, batch, steps), repeats)}
+    return rows, grouped
+
+
+def speculative_rows(model, order, calib_prompts, eval_prompts, new_tokens, repeats, progress) -> dict:
+    adapter = Adapter(model)
+    counts = [round(adapter.num_layers * f) for f in (0.3, 0.4, 0.5)]
+    best, trials = search_draft(model, calib_prompts, order, counts, lengths=(3, 5), new_tokens=24, progress=progress)
+    base, spec, accept, identical = [], [], [], True
+    for _ in range(repeats):
+        t_base = t_spec = 0.0
+        for ids in eval_prompts:
+            start = time.perf_counter()
+            with torch.inference_mode():
+                expected = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                          max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+            t_base += time.perf_counter() - start
+            out, stats = speculative_generate(model, ids, new_tokens, best.layers, best.draft_len)
+            t_spec += stats.seconds
+            accept.append(stats.acceptance)
+            identical &= torch.equal(out, expected)
+        base.append(len(eval_prompts) * new_tokens / t_base)
+        spec.append(len(eval_prompts) * new_tokens / t_spec)
+    return {"draft_layers": best.layers, "draft_len": best.draft_len, "search": [vars(t) for t in trials],
+            "greedy_tps": statistics.median(base), "speculative_tps": statistics.median(spec),
+            "acceptance": statistics.median(accept), "identical_output": identical}
+
+
+def run(model, tokenizer, calib_windows: int = 4, eval_windows: int = 16, length: int = 128,
+        greedy_candidates: int = 14, repeats: int = 3, steps: int = 32, new_tokens: int = 64,
+        progress: bool = True, profile=None) -> dict:
+    adapter = Adapter(model)
+    calib = wikitext_windows(tokenizer, calib_windows, length)
+    evals = wikitext_windows(tokenizer, eval_windows, length, offset=calib_windows)
+    k40 = layers_for_budget(adapter.num_layers, layers=round(adapter.num_layers * FRACTIONS[-1]))
+    if profile is None:
+        profile = profile_layers(model, calib, greedy_layers=k40, candidates=greedy_candidates, progress=progress)
+    profile.check_model(adapter)
+    static = static_rows(model, profile, evals, FRACTIONS, repeats, steps, progress)
+    k25 = round(adapter.num_layers * 0.25)
+    greedy25 = next(r for r in static if r["method"] == "greedy" and r["fraction"] == 0.25)
+    full = static[0]
+    routing, grouped = routing_rows(model, wikitext_windows(tokenizer, 32, 96, offset=calib_windows + eval_windows),
+                                    evals[:, :96], greedy25["layers"], 64, repeats, steps, progress)
+    prompts = [evals[i:i + 1, :64] for i in range(3)]
+    speculative = speculative_rows(model, profile.greedy_order + [l for l in sorted(
+        range(adapter.num_layers), key=lambda l: profile.removal_kl[l]) if l not in profile.greedy_order],
+        [calib[i:i + 1, :64] for i in range(2)], prompts, new_tokens, repeats, progress)
+    speedup = greedy25["decode_tps_b1"] / full["decode_tps_b1"]
+    ratios = {
+        "skip25_decode_speedup": speedup,
+        "skip25_ideal_fraction": speedup / (adapter.num_layers / (adapter.num_layers - k25)),
+        "skip25_ppl_ratio": greedy25["ppl"] / full["ppl"],
+        "speculative_speedup": speculative["speculative_tps"] / speculative["greedy_tps"],
+        "routing_gather_vs_grouped": grouped["gather_scatter_tps_b8"] / grouped["grouped_tps_b8"],
+    }
+    for fraction in FRACTIONS[1:]:
+        by = {r["method"]: r["ppl"] for r in static if r["fraction"] == fraction}
+        ratios[f"skip{round(fraction * 100)}_measured_beats_random"] = float(min(by["kl"], by["greedy"]) < by["random"])
+    return {
+        "benchmark": "skip", "model": adapter.name, "architecture": adapter.describe(),
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "machine": machine(),
+        "eval_tokens": evals.numel(), "calibration_tokens": calib.numel(), "repeats": repeats,
+        "profile": vars(profile), "static": static, "routing": routing, "routing_layout": grouped,
+        "speculative": speculative, "ratios": ratios,
+    }
+
+
+def table(report: dict) -> str:
+    lines = ["| skipped | method | layers | perplexity | decode tok/s (b1) |", "|---:|---|---|---:|---:|"]
+    for r in report["static"]:
+        lines.append(f"| {r['fraction']:.0%} | {r['method']} | {len(r['layers'])} | {r['ppl']:.2f} | "
+                     f"{r['decode_tps_b1']:.1f} |")
+    lines += ["", "| router | mean layers skipped | continuation ppl | decode tok/s (b8) |", "|---|---:|---:|---:|"]
+    lines += [f"| {r['router']} | {r['mean_skipped']:.2f} | {r['ppl']:.2f} | {r['decode_tps_b8']:.1f} |"
+              for r in report["routing"]]
+    s = report["speculative"]
+    lines += ["", f"speculative: draft skips {len(s['draft_layers'])} layers, length {s['draft_len']}, acceptance "
+              f"{s['acceptance']:.2f}, {s['speculative_tps']:.1f} vs {s['greedy_tps']:.1f} tok/s, identical output: "
+              f"{s['identical_output']}", "", "| ratio | value |", "|---|---:|"]
+    lines += [f"| {k} | {v:.3f} |" for k, v in report["ratios"].items()]
+    return "\n".join(lines)
+
+
+def plot(report: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    full = report["static"][0]
+    for method in METHODS:
+        rows = [full] + [r for r in report["static"] if r["method"] == method]
+        xs = [r["fraction"] * 100 for r in rows]
+        ax1.plot(xs, [r["ppl"] for r in rows], marker="o", label=method, linestyle="--" if method == "random" else "-")
+        ax2.plot(xs, [r["decode_tps_b1"] for r in rows], marker="o", label=method)
+    ax1.set_yscale("log")
+    ax1.set_xlabel("layers skipped (%)")
+    ax1.set_ylabel("WikiText-2 perplexity")
+    ax2.set_xlabel("layers skipped (%)")
+    ax2.set_ylabel("decode tokens/s (batch 1)")
+    ax1.legend(fontsize=8)
+    fig.suptitle(f"splice bench skip — {report['model']} ({report['dtype']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

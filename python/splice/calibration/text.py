@@ -1,0 +1,73 @@
+"""Calibration and evaluation text: WikiText-2 validation windows, and the metrics computed on them.
+
+The text lives in the project's shared data folder (``shared/data/wikitext-2/valid.txt`` beside
+the repository); ``$SPLICE_DATA`` points elsewhere. Windows are consecutive, non-overlapping
+token spans of the tokenised text, so every run that asks for the same windows gets the same
+tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+WIKITEXT = Path("wikitext-2") / "valid.txt"
+
+
+def data_root() -> Path:
+    """``$SPLICE_DATA``, else the ``shared/data`` folder beside the repository."""
+    if os.environ.get("SPLICE_DATA"):
+        return Path(os.environ["SPLICE_DATA"]).expanduser()
+    return Path(__file__).resolve().parents[4] / "shared" / "data"
+
+
+def wikitext_windows(tokenizer, count: int, length: int, offset: int = 0) -> torch.Tensor:
+    """``count`` windows of ``length`` tokens [count, length], starting ``offset`` windows in."""
+    path = data_root() / WIKITEXT
+    if not path.is_file():
+        raise FileNotFoundError(f"WikiText-2 validation text not found at {path}; set SPLICE_DATA to the folder "
+                                "that holds wikitext-2/valid.txt")
+    ids = tokenizer(path.read_text(), return_tensors="pt", add_special_tokens=False).input_ids[0]
+    needed = (offset + count) * length
+    if needed > ids.numel():
+        raise ValueError(f"{count} windows of {length} tokens after {offset} need {needed} tokens; "
+                         f"the text has {ids.numel()}")
+    return ids[offset * length:needed].view(count, length).clone()
+
+
+@torch.inference_mode()
+def log_probs(model, windows: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """Next-token log-probabilities [count, length - 1, vocab] (float32) of every window."""
+    out = []
+    for chunk in windows.split(batch_size):
+        logits = model(input_ids=chunk, use_cache=False).logits[:, :-1]
+        out.append(F.log_softmax(logits.float(), dim=-1))
+    return torch.cat(out)
+
+
+@torch.inference_mode()
+def evaluate(model, windows: torch.Tensor, reference: torch.Tensor | None = None,
+             batch_size: int = 8) -> tuple[float, float | None]:
+    """``(perplexity, KL)`` over every window position after the first.
+
+    Perplexity is exp(mean negative log-likelihood of the next token); KL is the mean
+    KL(reference || model) of the next-token distributions (None without a ``reference`` from
+    :func:`log_probs`).
+    """
+    nll_sum, kl_sum, count = 0.0, 0.0, 0
+    refs = reference.split(batch_size) if reference is not None else [None] * len(windows.split(batch_size))
+    for chunk, ref in zip(windows.split(batch_size), refs):
+        logp = F.log_softmax(model(input_ids=chunk, use_cache=False).logits[:, :-1].float(), dim=-1)
+        nll_sum -= float(logp.gather(-1, chunk[:, 1:, None]).sum())
+        if ref is not None:
+            kl_sum += float(F.kl_div(logp, ref, log_target=True, reduction="sum"))
+        count += chunk[:, 1:].numel()
+    return math.exp(nll_sum / count), (kl_sum / count if reference is not None else None)
+
+
+def perplexity(model, windows: torch.Tensor, batch_size: int = 8) -> float:
+    return evaluate(model, windows, None, batch_size)[0]

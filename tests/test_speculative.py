@@ -1,0 +1,79 @@
+"""Self-speculative decoding is lossless: its greedy output equals the full model's."""
+
+import pytest
+import torch
+from tiny_models import HIDDEN, LAYERS, VOCAB, tiny_model
+
+import splice
+from splice.skipping.speculative import search_draft, speculative_generate
+from splice.steering.runtime import ATTRIBUTE
+
+
+def prompt(seed=0, n=6):
+    return torch.randint(3, VOCAB, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def greedy(model, ids, n):
+    with torch.inference_mode():
+        return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                              min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("draft_len", [1, 3, 5])
+def test_output_equals_greedy_generation(family, draft_len):
+    model = tiny_model(family)
+    ids = prompt()
+    expected = greedy(model, ids, 12)
+    out, stats = speculative_generate(model, ids, 12, draft_layers=[2], draft_len=draft_len)
+    assert torch.equal(out, expected)
+    assert stats.new_tokens == 12 and 0 <= stats.accepted <= stats.drafted
+    assert not hasattr(model, ATTRIBUTE)  # patched only for the call
+
+
+def test_draft_equal_to_the_model_accepts_everything():
+    """With a draft that skips a layer made inert, every drafted token is accepted."""
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight.zero_()
+        model.model.layers[1].mlp.down_proj.weight.zero_()
+    out, stats = speculative_generate(model, prompt(1), 10, draft_layers=[1], draft_len=4)
+    assert torch.equal(out, greedy(model, prompt(1), 10))
+    assert stats.acceptance == 1.0
+
+
+def test_composes_with_steering_and_static_skips():
+    model = tiny_model("llama")
+    v = torch.randn(HIDDEN, generator=torch.Generator().manual_seed(0)) * 4
+    with splice.patch(model, splice.Steer(v, layers=[0], scale=1.0), splice.Skip([2], "mlp")):
+        expected = greedy(model, prompt(2), 10)
+        out, _ = speculative_generate(model, prompt(2), 10, draft_layers=[1], draft_len=3)
+    assert torch.equal(out, expected)
+
+
+def test_eos_stops_generation():
+    model = tiny_model("llama")
+    full = greedy(model, prompt(3), 8)
+    eos = int(full[0, 6 + 2])
+    out, _ = speculative_generate(model, prompt(3), 8, draft_layers=[2], draft_len=3, eos_token_id=eos)
+    first = int((full[0, 6:] == eos).nonzero()[0])
+    assert torch.equal(out, full[:, :6 + first + 1])
+
+
+def test_search_returns_the_fastest_measured_choice():
+    model = tiny_model("llama")
+    best, trials = search_draft(model, [prompt(4)], order=[2, 1, 0], counts=[1, 2], lengths=[2, 3], new_tokens=6,
+                                progress=False)
+    assert len(trials) == 4 and best == max(trials, key=lambda t: t.tokens_per_second)
+    assert all(0 not in t.layers for t in trials)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(draft_layers=[0], draft_len=2), "layer 0"),
+    (dict(draft_layers=[1, 2, 3], draft_len=2), "out of range"),
+    (dict(draft_layers=[], draft_len=2), "at least one"),
+    (dict(draft_layers=[1], draft_len=0), "draft_len"),
+])
+def test_bad_drafts_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        speculative_generate(tiny_model("llama"), prompt(), 4, **kwargs)
