@@ -29,6 +29,7 @@ test: install
 
 bench: install
 	$(VENV)/bin/splice bench steer --json out/steer.json
+	$(VENV)/bin/splice bench skip --json out/skip.json
 	$(PY) -m pytest benchmarks -q
 
 clean:

@@ -1,0 +1,63 @@
+"""pytest-benchmark suite: one decode step of the default model with layers skipped.
+
+Groups compare, within one run: the full model vs 25% of the layers skipped statically
+(batch 1), and at batch 8 the full model vs a router that sends half the rows through
+``gather_rows``/``scatter_rows`` around the same layers. ``splice bench skip`` gives the full
+quality/speed report as JSON with ratios.
+"""
+
+import pytest
+import torch
+
+import splice
+from splice.bench.timing import make_batch
+from splice.models.loader import load_model
+from splice.skipping.routers import Router
+
+SKIPPED = [3, 4, 5, 7, 12, 14, 15, 17]  # 8 of 30 layers, cheap to remove on WikiText-2
+
+
+class HalfRows(Router):
+    """Even rows skip the candidate layers while decoding, odd rows run them."""
+
+    kind = "half"
+
+    def score(self, layer, x_in, x_out, mask):
+        return torch.tensor([1.0 if r % 2 == 0 else -1.0 for r in range(x_in.shape[0])])
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model()[0]
+
+
+def _decode_step(model, batch):
+    ids = make_batch(batch, 64, model.config.vocab_size)
+    with torch.inference_mode():
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    position = torch.full((batch, 1), 64, dtype=torch.long)
+
+    def step():
+        cache = out.past_key_values
+        cache.crop(64)  # every timed step decodes position 64 over the same 64-token prefix
+        with torch.inference_mode():
+            model(input_ids=token, past_key_values=cache, position_ids=position, use_cache=True)
+
+    return step
+
+
+CASES = [("full", 1), ("skip25", 1), ("full", 8), ("routed_half", 8), ("skip25", 8)]
+
+
+@pytest.mark.parametrize("name,batch", CASES, ids=[f"{n}-b{b}" for n, b in CASES])
+def test_decode_step(benchmark, model, name, batch):
+    items, router = [], None
+    if name == "skip25":
+        items = [splice.Skip(SKIPPED)]
+    elif name == "routed_half":
+        router = HalfRows(SKIPPED, model.config.num_hidden_layers, model.config.hidden_size)
+    with splice.patch(model, *items, router=router):
+        step = _decode_step(model, batch)
+        benchmark.group = f"decode b{batch}"
+        benchmark.pedantic(step, rounds=20, warmup_rounds=3)
