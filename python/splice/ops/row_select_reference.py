@@ -9,10 +9,11 @@ Contract (``B`` rows of ``x``, each row the ``N`` elements of its trailing dims,
     gather_rows(x, idx)     -> out [A, ...],  out[i] = x[idx[i]]
     scatter_rows(x, y, idx) -> out [B, ...],  out = x; out[idx[i]] = y[i]   (x and y unchanged)
 
-Both are exact copies. Precondition of ``scatter_rows``: the values of ``idx`` are distinct (it
-is not checked; with repeats, which ``y`` row lands is unspecified). The checks below look at
-shapes and dtypes only, so they also run on fake tensors; index values are checked by each
-backend (on the host for CPU tensors, by a device assert on CUDA).
+Both return new contiguous tensors, exact copies. Precondition of ``scatter_rows``: the values of
+``idx`` are distinct (it is not checked; with repeats, which ``y`` row lands is unspecified). The
+checks below look at shapes and dtypes only, so they also run on fake tensors. Index values are
+checked by each backend: on the host for CPU tensors (IndexError), by a device assert on CUDA (for
+Triton, only under ``TRITON_DEBUG=1``), so that nothing waits for the GPU.
 """
 
 from __future__ import annotations
