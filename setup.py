@@ -24,7 +24,7 @@ def extension_modules():
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-    cxx = ["-O3", "-fopenmp-simd", "-std=c++20"]
+    cxx = ["-O3", "-fopenmp", "-std=c++20"]  # -fopenmp: at::parallel_for is OpenMP in torch's CPU build
     if os.environ.get("SPLICE_NATIVE", "1") != "0":
         cxx.append("-march=native")
     sources = sorted(glob.glob("csrc/cpu/*.cpp"))
@@ -37,9 +37,10 @@ def extension_modules():
             include_dirs=[os.path.abspath("csrc/cpu")],
             define_macros=[("SPLICE_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
+            extra_link_args=["-fopenmp"],
         )
     else:
-        ext = CppExtension("splice._C", sources, extra_compile_args={"cxx": cxx})
+        ext = CppExtension("splice._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
