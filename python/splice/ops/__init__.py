@@ -3,10 +3,12 @@
 from . import library
 from .fused_steer import fused_steer
 from .library import BACKENDS, available_backends, backend_for, use_backend
+from .quant_matmul import quant_matmul
 from .row_select import gather_rows, scatter_rows
 
 library.load_kernels()
 
 __all__ = [
-    "BACKENDS", "available_backends", "backend_for", "fused_steer", "gather_rows", "scatter_rows", "use_backend",
+    "BACKENDS", "available_backends", "backend_for", "fused_steer", "gather_rows", "quant_matmul", "scatter_rows",
+    "use_backend",
 ]

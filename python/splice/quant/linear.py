@@ -1,0 +1,65 @@
+"""``QuantLinear``: an ``nn.Linear`` replacement that keeps only the packed weight (no dense copy).
+
+``forward(x)`` flattens ``x`` [..., in_features] to [T, in_features], runs ``splice::quant_matmul``
+(``x @ ((q − z) · s)^T + bias``, computed in fp32, returned in ``x.dtype``) and restores the leading
+dimensions. The dense weight cannot be recovered exactly: :meth:`dequantize` gives its quantized value.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from splice.ops.quant_matmul import quant_matmul
+
+from .packing import PackedWeight
+from .quantizers import quantize
+
+
+class QuantLinear(nn.Module):
+    """A linear layer on a :class:`~splice.quant.packing.PackedWeight`; buffers qweight/scales/zeros/bias."""
+
+    def __init__(self, packed: PackedWeight, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = packed.shape
+        self.bits, self.group_size = packed.bits, packed.group_size
+        if bias is not None and tuple(bias.shape) != (self.out_features,):
+            raise ValueError(f"bias must be [{self.out_features}], got {tuple(bias.shape)}")
+        self.register_buffer("qweight", packed.qweight)
+        self.register_buffer("scales", packed.scales)
+        self.register_buffer("zeros", packed.zeros)
+        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).contiguous())
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int, method: str = "hqq") -> QuantLinear:
+        """Quantize ``linear.weight`` with ``method`` (see :func:`splice.quant.quantizers.quantize`)."""
+        return cls.from_weight(linear.weight, bits, group_size, method, bias=linear.bias)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bits: int, group_size: int, method: str = "hqq",
+                    bias: torch.Tensor | None = None) -> QuantLinear:
+        with torch.no_grad():
+            return cls(PackedWeight.from_quantized(quantize(weight.detach(), bits, group_size, method)), bias)
+
+    def packed(self) -> PackedWeight:
+        return PackedWeight(self.qweight, self.scales, self.zeros, self.bits, self.group_size,
+                            (self.out_features, self.in_features))
+
+    def dequantize(self) -> torch.Tensor:
+        """The fp32 weight this layer multiplies by, ``(q − z) · s`` [out_features, in_features]."""
+        return self.packed().dequantize()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the packed weight (codes, scales, zero points), without the bias."""
+        return self.packed().nbytes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        y = quant_matmul(x.reshape(-1, self.in_features), self.qweight, self.scales, self.zeros, self.bias,
+                         self.bits, self.group_size, self.out_features, self.in_features)
+        return y.view(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, bias={self.bias is not None}")

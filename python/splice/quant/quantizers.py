@@ -1,0 +1,137 @@
+"""Group-wise weight quantizers: round-to-nearest (asymmetric, symmetric) and HQQ refinement.
+
+A weight ``W`` [N, K] is cut along K into groups of ``group_size`` columns (the last group of a row is
+partial when K is not a multiple). Each group gets a scale ``s`` and zero point ``z`` (stored as
+float16) and each weight an integer code ``q`` in ``[0, 2**bits − 1]``::
+
+    w ≈ (q − z) · s,        q = clamp(round(w / s + z), 0, 2**bits − 1)
+
+* ``rtn`` (asymmetric): ``s = (max − min) / (2**bits − 1)``, ``z = −min / s`` (not rounded), so every
+  weight is within ``s / 2`` of its reconstruction (plus the float16 rounding of ``s`` and ``z``).
+* ``rtn_sym`` (symmetric): ``z = 2**(bits − 1)`` and ``s = 2 · max|w| / (2**bits − 1)``; again
+  ``|w − ŵ| ≤ s / 2``.
+* ``hqq``: starts from ``rtn`` and refines the zero points without calibration data (half-quadratic
+  splitting, after Badri & Shaji's HQQ): with ``s`` fixed it alternates a generalized soft-threshold
+  (``l_p``, p < 1) of the reconstruction error ``E`` with the closed-form zero point
+  ``z = mean(q − (W − E) / s)`` and fresh codes, for a few dozen iterations. Each group keeps the
+  iterate with the smallest mean absolute error, so no group ends worse than ``rtn``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+BITS = (2, 3, 4, 8)
+GROUP_SIZES = (32, 64, 128)
+METHODS = ("rtn", "rtn_sym", "hqq")
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """Codes ``q`` uint8 [N, K] and float16 ``scales`` / ``zeros`` [N, ceil(K / group_size)]."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    bits: int
+    group_size: int
+
+
+def check_bits_group(bits: int, group_size: int) -> None:
+    if bits not in BITS:
+        raise ValueError(f"bits must be one of {BITS}, got {bits!r}")
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {group_size!r}")
+
+
+def _grouped(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w`` [N, K] as fp32 [N, G, group_size] (zero-padded) and the mask of real entries [1, G, gs]."""
+    n, k = w.shape
+    groups = math.ceil(k / group_size)
+    pad = groups * group_size - k
+    wg = torch.nn.functional.pad(w.to(torch.float32), (0, pad)).view(n, groups, group_size)
+    mask = (torch.arange(groups * group_size, device=w.device) < k).view(1, groups, group_size)
+    return wg, mask
+
+
+def _codes(wg: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int) -> torch.Tensor:
+    return torch.round(wg / s[..., None] + z[..., None]).clamp_(0, 2**bits - 1)
+
+
+def _as_stored(s: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales and zeros rounded to float16, back in fp32 (codes are chosen for the stored values)."""
+    if not bool(torch.isfinite(s.to(torch.float16)).all() and torch.isfinite(z.to(torch.float16)).all()):
+        raise ValueError("weight range too large for float16 scales / zero points")
+    return s.to(torch.float16).to(torch.float32), z.to(torch.float16).to(torch.float32)
+
+
+def _rtn_params(wg: torch.Tensor, mask: torch.Tensor, bits: int, symmetric: bool):
+    qmax = 2**bits - 1
+    if symmetric:
+        amax = wg.abs().amax(-1)
+        s = 2 * amax / qmax
+        z = torch.full_like(s, 2 ** (bits - 1))
+    else:
+        lo = torch.where(mask, wg, torch.inf).amin(-1)
+        hi = torch.where(mask, wg, -torch.inf).amax(-1)
+        s = (hi - lo) / qmax
+        z = -lo / torch.where(s > 0, s, 1.0)
+    s = torch.where(s > 0, s, 1.0)  # constant (or all-zero) groups: any scale reproduces them
+    if not symmetric:
+        z = torch.where((hi - lo) > 0, z, -lo)
+    return s, z
+
+
+def _shrink_lp(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
+    """Generalized soft threshold: the proximal step of ``|x|^p / beta`` (p < 1)."""
+    ax = x.abs()
+    return torch.sign(x) * torch.relu(ax - ax.clamp_min(1e-12).pow(p - 1) / beta)
+
+
+def _hqq_zeros(wg, mask, s, z, bits, iters: int, p: float = 0.7, beta: float = 10.0, kappa: float = 1.01):
+    """HQQ zero-point refinement with ``s`` fixed; returns per-group best zero points."""
+    count = mask.sum(-1).to(torch.float32)
+
+    def group_error(zz):
+        return ((wg - (_codes(wg, s, zz, bits) - zz[..., None]) * s[..., None]).abs() * mask).sum(-1) / count
+
+    best_z, best_err = z, group_error(z)
+    for _ in range(iters):
+        q = _codes(wg, s, z, bits)
+        err = _shrink_lp(wg - (q - z[..., None]) * s[..., None], beta, p)
+        z = ((q - (wg - err) / s[..., None]) * mask).sum(-1) / count
+        e = group_error(z)
+        better = e < best_err
+        best_z, best_err = torch.where(better, z, best_z), torch.where(better, e, best_err)
+        beta *= kappa
+    return best_z
+
+
+def quantize(w: torch.Tensor, bits: int, group_size: int, method: str = "rtn", *, iters: int = 30) -> Quantized:
+    """Quantize ``w`` [N, K] group-wise along K (see the module docstring for the math)."""
+    check_bits_group(bits, group_size)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if w.dim() != 2 or not w.is_floating_point() or w.numel() == 0:
+        raise ValueError(f"w must be a non-empty float [N, K] tensor, got {tuple(w.shape)} {w.dtype}")
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError("w has non-finite values")
+    n, k = w.shape
+    wg, mask = _grouped(w, group_size)
+    s, z = _rtn_params(wg, mask, bits, symmetric=method == "rtn_sym")
+    s, z = _as_stored(s, z)
+    if method == "hqq":
+        s, z = _as_stored(s, _hqq_zeros(wg, mask, s, z, bits, iters))
+    codes = _codes(wg, s, z, bits).view(n, -1)[:, :k].to(torch.uint8)
+    return Quantized(codes.contiguous(), s.to(torch.float16), z.to(torch.float16), bits, group_size)
+
+
+def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """fp32 ``(q − z) · s`` [N, K] from codes [N, K] and per-group scales / zeros [N, G]."""
+    k = codes.shape[1]
+    s = scales.to(torch.float32).repeat_interleave(group_size, dim=1)[:, :k]
+    z = zeros.to(torch.float32).repeat_interleave(group_size, dim=1)[:, :k]
+    return (codes.to(torch.float32) - z) * s
