@@ -114,8 +114,9 @@ def routing_rows(model, calib, evals, static_layers, prompt_len, repeats, steps,
 
 def speculative_rows(model, order, calib_prompts, eval_prompts, new_tokens, repeats, progress) -> dict:
     adapter = Adapter(model)
-    counts = [round(adapter.num_layers * f) for f in (0.3, 0.4, 0.5)]
-    best, trials = search_draft(model, calib_prompts, order, counts, lengths=(3, 5), new_tokens=24, progress=progress)
+    counts = [round(adapter.num_layers * f) for f in (0.1, 0.2, 0.3)]
+    best, trials = search_draft(model, calib_prompts, order, counts, lengths=(2, 3, 4), new_tokens=24,
+                                progress=progress)
     base, spec, accept, identical = [], [], [], True
     for _ in range(repeats):
         t_base = t_spec = 0.0
