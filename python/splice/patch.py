@@ -22,6 +22,7 @@ from pathlib import Path
 from torch import nn
 
 from .adapters.architecture import Adapter
+from .hybrid.attention import make_attention_forward
 from .ops import backend_for
 from .recipe import Recipe, load_recipe
 from .skipping.spec import Skip, skipped_parts, unsteerable_sites
@@ -41,6 +42,7 @@ class Patch:
         self.slots: dict[int, list[tuple[str, float]]] = {}
         self.skips: list[Skip] = []
         self.router = None
+        self.head_map = None
         self._spliced: list[nn.Module] = []
         self.active = True
 
@@ -114,6 +116,7 @@ class Patch:
         self._check_active()
         if router is not None:
             router.validate_for(self.adapter)
+            self._check_head_map(self.head_map, router)
             overlap = sorted({l for s in self.skips for l in s.layers} & set(router.layers))
             if overlap:
                 raise ValueError(f"layers {overlap} are both skipped statically and routed per request")
@@ -122,6 +125,23 @@ class Patch:
         self.router = router
         self.runtime.skip.router = router
         self.runtime.skip.rows = [None] * self.adapter.num_layers
+
+    def _check_head_map(self, head_map, router) -> None:
+        if head_map is None:
+            return
+        if self.adapter.family.sandwich:
+            raise ValueError(f"hybrid attention supports pre-norm families (llama, mistral, qwen2, qwen3, phi3), "
+                             f"not {self.adapter.family.name}")
+        head_map.validate_for(self.adapter)
+        if router is not None:
+            raise ValueError("hybrid attention and per-request routing cannot be combined yet")
+
+    def _install_head_map(self, head_map) -> None:
+        self.head_map = head_map
+        for idx, layer in enumerate(self.adapter.layers):
+            if head_map.streaming(idx):
+                layer.self_attn.forward = make_attention_forward(self.adapter, idx, head_map, self.runtime)
+                self._spliced.append(layer.self_attn)
 
     def _routed_layers(self) -> list[int]:
         return list(self.router.layers) if self.router is not None else []
@@ -202,9 +222,10 @@ class Patch:
                 f"{skips}{routed}; {state})")
 
 
-def patch(model: nn.Module, *items: Steer | Skip, recipe=None, router=None, max_slots: int = 8) -> Patch:
+def patch(model: nn.Module, *items: Steer | Skip, recipe=None, router=None, heads=None, max_slots: int = 8) -> Patch:
     """Patch ``model`` with steering (``Steer``), layer skipping (``Skip``), a per-request
-    ``router`` and/or a recipe (a path, a dict or a :class:`Recipe`).
+    ``router``, hybrid attention (``heads``: a :class:`~splice.hybrid.head_map.HeadMap`) and/or a
+    recipe (a path, a dict or a :class:`Recipe`).
 
     The given interventions (the recipe's default list first) fill slot 1, which every row uses
     until :meth:`Patch.assign` says otherwise. ``max_slots`` bounds the distinct steering
@@ -231,9 +252,12 @@ def patch(model: nn.Module, *items: Steer | Skip, recipe=None, router=None, max_
     resolved = handle._resolve(default)  # registers and checks names before the model changes
     handle.set_skip(*skips)
     handle.set_router(router)
+    handle._check_head_map(heads, router)
     handle._check_steering_fits(resolved, runtime.skip.static, handle._routed_layers())
     model.add_module(ATTRIBUTE, runtime)
     handle._install()
+    if heads is not None:
+        handle._install_head_map(heads)
     if default:
         handle.set_slot(1, default)
     return handle

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+STREAMS = "splice_streams"  # attribute of a cache holding hybrid attention's streaming stores, by layer
+
 
 def _placeholder(like: torch.Tensor, batch: int, length: int) -> torch.Tensor:
     return like.new_zeros(()).expand(batch, 1, length, 1)
@@ -61,8 +63,9 @@ def crop_to(cache, length: int) -> None:
 
 
 def kv_bytes(cache) -> int:
-    """Bytes of memory the cache's key and value tensors really hold (shared storage counted once)."""
-    seen, total = set(), 0
+    """Bytes of memory the cache's key and value tensors really hold (shared storage counted once),
+    including the streaming heads' stores of hybrid attention."""
+    seen, total = set(), sum(s.nbytes() for s in getattr(cache, STREAMS, {}).values())
     for layer in getattr(cache, "layers", []):
         for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
             if isinstance(t, torch.Tensor) and t.numel():

@@ -1,0 +1,95 @@
+"""The attention forward splice installs on a layer with streaming heads (an instance attribute
+of the model's attention module; the module, its parameters and its class are unchanged).
+
+Same projections, norms and rotary embedding as the family's own attention, then per head group:
+
+* full KV heads: their keys and values go to Hugging Face's cache as usual (a cache layer of fewer
+  heads) and attention is SDPA with the model's own mask;
+* streaming KV heads: their keys and values go to a :class:`StreamingKV` kept on the cache object,
+  and their queries attend to the stored sinks and window plus the new tokens, under the mask of
+  :mod:`splice.hybrid.head_map` (original positions). Without a cache they attend to the current
+  tokens under the same mask, which is the masked full attention every cached path is tested
+  against.
+
+The head outputs are put back in the model's head order and go through ``o_proj``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from ..skipping.kv_cache import STREAMS, hold_length
+from .streaming_kv import StreamingKV
+
+
+def _project(attn, hidden: torch.Tensor, num_heads: int, num_kv: int, head_dim: int):
+    """q [B, Hq, T, D], k and v [B, Hkv, T, D] before the rotary embedding."""
+    b, t, _ = hidden.shape
+    if hasattr(attn, "qkv_proj"):  # Phi-3: one fused projection
+        q, k, v = attn.qkv_proj(hidden).split([num_heads * head_dim, num_kv * head_dim, num_kv * head_dim], -1)
+    else:
+        q, k, v = attn.q_proj(hidden), attn.k_proj(hidden), attn.v_proj(hidden)
+    q, k, v = q.view(b, t, -1, head_dim), k.view(b, t, -1, head_dim), v.view(b, t, -1, head_dim)
+    if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over each head before the rotary embedding
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
+def band_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, k_ok: torch.Tensor, sinks: int, window: int) -> torch.Tensor:
+    """[B, 1, Tq, Tk] bool: key visible to query under sinks + window (keys already causal-valid)."""
+    diff = q_pos[:, :, None] - k_pos[:, None, :]
+    seen = (diff >= 0) & ((diff < window) | (k_pos[:, None, :] < sinks)) & k_ok[:, None, :]
+    return seen[:, None]
+
+
+def make_attention_forward(adapter, layer_idx: int, head_map, runtime):
+    attn = adapter.layers[layer_idx].self_attn
+    hq, hkv, d = adapter.num_heads, adapter.num_kv_heads, adapter.head_dim
+    group = hq // hkv
+    full, stream = head_map.full_heads(layer_idx), head_map.streaming(layer_idx)
+    q_full = [h for g in full for h in range(g * group, (g + 1) * group)]
+    q_stream = [h for g in stream for h in range(g * group, (g + 1) * group)]
+    order = torch.argsort(torch.tensor(q_full + q_stream))
+    sinks, window = head_map.sinks, head_map.window
+    state = runtime.state
+
+    def attend(q, k, v, mask, causal):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=attn.scaling,
+                                              enable_gqa=q.shape[1] != k.shape[1])
+
+    def forward(hidden_states, position_embeddings, attention_mask=None, past_key_values=None, **kwargs):
+        b, t, _ = hidden_states.shape
+        q, k, v = _project(attn, hidden_states, hq, hkv, d)
+        q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
+        pos = state.pos.view(b, t)
+        real = torch.ones_like(pos, dtype=torch.bool)
+        if attention_mask is not None:  # the last query sees every real new token (bool, or additive 0/-inf)
+            last = attention_mask[:, 0, -1, -t:]
+            real = last if last.dtype == torch.bool else last == 0
+        outputs = []
+        if full:
+            kf, vf = k[:, full], v[:, full]
+            if past_key_values is not None:
+                kf, vf = past_key_values.update(kf.contiguous(), vf.contiguous(), layer_idx)
+            mask = attention_mask[..., :kf.shape[2]] if attention_mask is not None else None
+            outputs.append(attend(q[:, q_full], kf, vf, mask, mask is None and t > 1))
+        elif past_key_values is not None:
+            hold_length(past_key_values, layer_idx, b, t, hidden_states)
+        ks, vs, qs = k[:, stream], v[:, stream], q[:, q_stream]
+        mask = band_mask(pos, pos, real, sinks, window) | torch.eye(t, dtype=torch.bool, device=pos.device)
+        store = None
+        if past_key_values is not None:
+            store = past_key_values.__dict__.setdefault(STREAMS, {}).setdefault(layer_idx, StreamingKV(sinks, window))
+            if store.keys is not None:
+                old = band_mask(pos, store.pos, store.valid, sinks, window)
+                ks, vs = torch.cat([store.keys, ks], 2), torch.cat([store.values, vs], 2)
+                mask = torch.cat([old, mask], -1)
+        outputs.append(attend(qs, ks, vs, mask, False))
+        if store is not None:
+            store.write(k[:, stream], v[:, stream], pos, real)
+        out = torch.cat(outputs, 1)[:, order]  # [B, Hq, T, D] in the model's head order
+        return attn.o_proj(out.transpose(1, 2).reshape(b, t, hq * d)), None
+
+    return forward

@@ -1,0 +1,138 @@
+"""Hybrid attention on tiny models: full heads plus sink+window streaming heads."""
+
+import pytest
+import torch
+from tiny_models import HIDDEN, LAYERS, left_padded_batch, tiny_model
+
+import splice
+from splice.hybrid.head_map import HeadMap
+from splice.skipping.kv_cache import kv_bytes
+from splice.steering.runtime import ATTRIBUTE
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3"]
+KV_HEADS = 2
+
+
+def head_map(full=None, sinks=1, window=3, kind="stream"):
+    full = {0: {0}, 2: {1}} if full is None else full
+    return HeadMap(LAYERS, KV_HEADS, full, sinks=sinks, window=window, kind=kind)
+
+
+def logits(model, ids, mask):
+    with torch.inference_mode():
+        return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+
+
+def greedy_no_cache(model, ids, mask, n):
+    """Greedy tokens recomputing everything each step, with ``generate``'s positions (left padding
+    does not shift them: sinks are each row's first real tokens)."""
+    with torch.inference_mode():
+        for _ in range(n):
+            pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits[:, -1]
+            ids = torch.cat([ids, out.argmax(-1, keepdim=True)], 1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    return ids
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_window_covering_the_context_equals_full_attention(family):
+    model = tiny_model(family)
+    ids, mask = left_padded_batch()
+    expected = logits(model, ids, mask)
+    with splice.patch(model, heads=head_map(full={}, sinks=1, window=200)):
+        torch.testing.assert_close(logits(model, ids, mask), expected, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_streaming_heads_change_the_output_when_the_window_is_short(family):
+    model = tiny_model(family)
+    ids, mask = left_padded_batch()
+    expected = logits(model, ids, mask)
+    with splice.patch(model, heads=head_map(window=2)):
+        assert not torch.allclose(logits(model, ids, mask)[:, -1], expected[:, -1], atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("kind, sinks", [("stream", 1), ("stream", 2), ("window", 0)])
+def test_cached_generation_equals_masked_full_attention(family, kind, sinks):
+    """The compressed cache (sinks + ring, wrapping many times) gives the tokens that recomputing
+    everything with the masked full attention gives."""
+    model = tiny_model(family)
+    ids, mask = left_padded_batch(lengths=(7, 4, 5))
+    with splice.patch(model, heads=head_map(sinks=sinks, window=3, kind=kind)), torch.inference_mode():
+        cached = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, min_new_tokens=10,
+                                do_sample=False, pad_token_id=0)
+        assert torch.equal(cached, greedy_no_cache(model, ids, mask, 10))
+
+
+def test_streaming_heads_hold_fixed_memory():
+    model = tiny_model("llama")
+    ids = torch.randint(3, 100, (2, 60), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        full = model(input_ids=ids, use_cache=True).past_key_values
+        with splice.patch(model, heads=head_map(full={0: {0}}, sinks=1, window=4)):
+            hybrid = model(input_ids=ids, use_cache=True).past_key_values
+    assert [layer.keys.shape[1] for layer in hybrid.layers] == [1, 1, 1] and hybrid.layers[1].keys.stride(-2) == 0
+    # layer 0 keeps one full head (half of a full layer); the 5 streaming heads keep 1 + 4 + 1 slots each
+    slot_bytes = 2 * 2 * 16 * 4  # batch 2, head_dim 16, fp32, keys and values
+    assert kv_bytes(full) == 3 * 2 * 60 * slot_bytes
+    assert kv_bytes(hybrid) < 60 * slot_bytes + 5 * 6 * slot_bytes + 2000
+
+
+def test_composes_with_steering_and_skipping():
+    model = tiny_model("llama")
+    ids, mask = left_padded_batch()
+    v = torch.randn(HIDDEN, generator=torch.Generator().manual_seed(0)) * 4
+    with splice.patch(model, heads=head_map(window=2)):
+        hybrid = logits(model, ids, mask)
+    with splice.patch(model, splice.Steer(v, layers=[1], scale=1.0), splice.Skip([2], "mlp"),
+                      heads=head_map(window=2)), torch.inference_mode():
+        both = logits(model, ids, mask)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert torch.equal(out, greedy_no_cache(model, ids, mask, 4))
+    assert not torch.allclose(both, hybrid, atol=1e-3)
+
+
+def test_remove_restores_the_attention_modules():
+    model = tiny_model("qwen2")
+    ids, mask = left_padded_batch()
+    before = logits(model, ids, mask)
+    with splice.patch(model, heads=head_map(window=2)):
+        pass
+    assert all("forward" not in vars(layer.self_attn) for layer in model.model.layers)
+    assert torch.equal(logits(model, ids, mask), before)
+
+
+def test_head_maps_from_scores_and_files(tmp_path):
+    scores = [[0.9, 0.1], [0.2, 0.8], [0.3, 0.4]]
+    m = HeadMap.from_scores(scores, 0.5, sinks=2, window=8)
+    assert m.full == {0: frozenset({0}), 1: frozenset({1}), 2: frozenset({1})}
+    assert m.full_fraction == 0.5
+    loaded = HeadMap.load(m.save(tmp_path / "heads.json"))
+    assert loaded.full == m.full and (loaded.sinks, loaded.window, loaded.scores) == (2, 8, scores)
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a splice head map"):
+        HeadMap.load(tmp_path / "bad.json")
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: HeadMap(LAYERS + 1, KV_HEADS, {}), "30|layers"),
+    (lambda: HeadMap(LAYERS, KV_HEADS, {}, window=300), "exceeds the model's context"),
+    (lambda: HeadMap(LAYERS, KV_HEADS, {}, sinks=0), "at least one attention sink"),
+    (lambda: HeadMap(LAYERS, KV_HEADS, {0: {2}}), "out of range"),
+    (lambda: HeadMap(LAYERS, KV_HEADS, {5: {0}}), "out of range"),
+])
+def test_bad_head_maps_fail_before_touching_the_model(make, message):
+    model = tiny_model("llama")
+    ids, mask = left_padded_batch()
+    before = logits(model, ids, mask)
+    with pytest.raises(ValueError, match=message):
+        splice.patch(model, heads=make())
+    assert not hasattr(model, ATTRIBUTE)
+    assert torch.equal(logits(model, ids, mask), before)
+
+
+def test_sandwich_families_are_refused():
+    with pytest.raises(ValueError, match="pre-norm families"):
+        splice.patch(tiny_model("gemma2"), heads=head_map())
