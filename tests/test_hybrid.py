@@ -136,3 +136,32 @@ def test_bad_head_maps_fail_before_touching_the_model(make, message):
 def test_sandwich_families_are_refused():
     with pytest.raises(ValueError, match="pre-norm families"):
         splice.patch(tiny_model("gemma2"), heads=head_map())
+
+
+def test_head_scores_rank_heads_by_what_streaming_costs():
+    from splice.hybrid.profile import head_scores
+
+    model = tiny_model("llama")
+    seqs = [(torch.randint(3, 100, (1, 24), generator=torch.Generator().manual_seed(s)), 8) for s in range(2)]
+    scores = head_scores(model, seqs, sinks=1, window=4, progress=False)
+    assert len(scores) == LAYERS and all(len(row) == KV_HEADS for row in scores)
+    assert all(s > 0 for row in scores for s in row)
+    covering = head_scores(model, seqs, sinks=1, window=64, progress=False)  # the window sees everything
+    assert max(s for row in covering for s in row) < 1e-6
+    assert HeadMap.from_scores(scores, 0.5).full_fraction == 0.5
+
+
+@pytest.mark.real_model
+def test_passkey_prompts_hide_the_key_at_the_asked_depth():
+    from transformers import AutoTokenizer
+
+    from splice.calibration.passkey import passkey_set
+    from splice.models.loader import default_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
+    tasks = passkey_set(tokenizer, 300, 3)
+    assert [round(t.depth, 2) for t in tasks] == [0.1, 0.5, 0.9]
+    for task in tasks:
+        text = tokenizer.decode(task.ids[0])
+        assert task.answer in text and abs(task.ids.shape[1] - 300) < 40
+        assert text.index(task.answer) / len(text) == pytest.approx(task.depth, abs=0.15)
