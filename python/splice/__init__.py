@@ -3,6 +3,7 @@
 from . import ops
 from .adapters.architecture import supported_families
 from .patch import Patch, patch
+from .quant.checkpoint import load_quantized
 from .recipe import Recipe, RecipeError, load_recipe
 from .skipping.spec import Skip
 from .steering.spec import Positions, Steer
@@ -10,5 +11,5 @@ from .vectors.vector_set import VectorSet
 
 __version__ = "0.1.0"
 
-__all__ = ["Patch", "Positions", "Recipe", "RecipeError", "Skip", "Steer", "VectorSet", "load_recipe", "ops",
-           "patch", "supported_families"]
+__all__ = ["Patch", "Positions", "Recipe", "RecipeError", "Skip", "Steer", "VectorSet", "load_quantized", "load_recipe",
+           "ops", "patch", "supported_families"]

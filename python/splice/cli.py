@@ -1,4 +1,5 @@
-"""The ``splice`` command line: ``demo``, ``extract``, ``profile layers``, ``route train``, ``bench steer|skip``."""
+"""The ``splice`` command line: ``demo``, ``extract``, ``profile layers``, ``route train``, ``bench steer|skip``,
+``quantize``."""
 
 from __future__ import annotations
 
@@ -78,6 +79,28 @@ def cmd_profile_layers(args) -> int:
     return 0
 
 
+def cmd_profile_heads(args) -> int:
+    from .adapters.architecture import Adapter
+    from .calibration.passkey import passkey_set
+    from .calibration.text import wikitext_windows
+    from .hybrid.head_map import HeadMap
+    from .hybrid.profile import head_scores, plot_head_map
+
+    model, tokenizer = _load(args)
+    sequences = []
+    for task in passkey_set(tokenizer, args.context, args.passkeys):
+        answer = tokenizer(" " + task.answer, return_tensors="pt", add_special_tokens=False).input_ids
+        sequences.append((torch.cat([task.ids, answer], 1), answer.shape[1]))
+    for window in wikitext_windows(tokenizer, args.windows, args.context):
+        sequences.append((window[None], args.context // 2))
+    scores = head_scores(model, sequences, args.sinks, args.window)
+    head_map = HeadMap.from_scores(scores, args.full_fraction, args.sinks, args.window, Adapter(model).name)
+    path = head_map.save(args.json)
+    plot_head_map(head_map, path.with_suffix(".png"))
+    print(f"{head_map.full_fraction:.0%} of KV heads keep full attention; wrote {path} and {path.with_suffix('.png')}")
+    return 0
+
+
 def cmd_route_train(args) -> int:
     from .adapters.architecture import Adapter
     from .calibration.text import wikitext_windows
@@ -111,6 +134,49 @@ def cmd_bench_skip(args) -> int:
         path = output.write(report, args.json, plot=False)[0]
         skip.plot(report, path.with_suffix(".png"))
         print(f"wrote {path} and {path.with_suffix('.png')}")
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    from pathlib import Path
+
+    from .calibration.text import evaluate, log_probs, wikitext_windows
+    from .quant.allocate import plan_for
+    from .quant.apply import quantize_model
+    from .quant.checkpoint import save_quantized
+    from .quant.sensitivity import Measurements, measure
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if Path(args.out).exists() and not args.overwrite:
+        raise SystemExit(f"{args.out} exists; pass --overwrite to replace it")
+    model, tokenizer = _load(args)
+    measurements = None
+    if args.method in ("measured", "lim", "zd"):
+        if args.measurements and Path(args.measurements).is_file():
+            measurements = Measurements.load(args.measurements)
+            measurements.check_model(model)
+            print(f"reusing measurements from {args.measurements}")
+        else:
+            windows = wikitext_windows(tokenizer, args.windows, args.length)
+            widths = args.widths if args.method == "measured" else ()
+            measurements = measure(model, windows, widths, args.group_size, args.quantizer)
+            if args.measurements:
+                print(f"wrote {measurements.save(args.measurements)}")
+    plan = plan_for(model, args.method, args.bits, measurements, args.group_size, args.widths, args.seed)
+    evals = reference = full_ppl = None
+    if args.eval_windows:
+        evals = wikitext_windows(tokenizer, args.eval_windows, args.length, offset=args.windows)
+        reference, full_ppl = log_probs(model, evals), evaluate(model, evals)[0]
+    report = quantize_model(model, plan, args.quantizer)
+    print(f"plan ({args.method}, {args.quantizer}): {plan.summary()}")
+    print(report)
+    if evals is not None:
+        ppl, kl = evaluate(model, evals, reference)
+        print(f"WikiText-2 perplexity on {evals.numel()} held-out tokens: {full_ppl:.3f} (unquantized) -> "
+              f"{ppl:.3f} (quantized); KL to the unquantized model {kl:.4f}")
+    print(f"wrote {save_quantized(model, plan, args.out, tokenizer, overwrite=args.overwrite)} "
+          "(load it with splice.load_quantized)")
     return 0
 
 
@@ -176,6 +242,17 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("--candidates", type=int, default=16, help="greedy pool: the layers of lowest removal KL")
     pl.set_defaults(func=cmd_profile_layers)
 
+    ph = psub.add_parser("heads", help="score every KV head's need for full attention; write a head map")
+    model_args(ph)
+    ph.add_argument("--json", required=True, help="write the head map here (and a .png heat map beside it)")
+    ph.add_argument("--full-fraction", type=float, default=0.25, help="fraction of KV heads kept full")
+    ph.add_argument("--sinks", type=int, default=4)
+    ph.add_argument("--window", type=int, default=256)
+    ph.add_argument("--context", type=int, default=1024, help="tokens per calibration sequence")
+    ph.add_argument("--passkeys", type=int, default=2, help="pass-key prompts")
+    ph.add_argument("--windows", type=int, default=2, help="WikiText-2 windows")
+    ph.set_defaults(func=cmd_profile_heads)
+
     route = sub.add_parser("route", help="per-request layer routing")
     rsub = route.add_subparsers(dest="what", required=True)
     rt = rsub.add_parser("train", help="fit a router on WikiText-2 calibration text")
@@ -187,6 +264,23 @@ def parser() -> argparse.ArgumentParser:
     rt.add_argument("--continuation", type=int, default=32)
     rt.add_argument("--out", required=True, help="router file (.safetensors)")
     rt.set_defaults(func=cmd_route_train)
+
+    qz = sub.add_parser("quantize", help="mixed-precision quantization under a bits-per-weight budget")
+    model_args(qz)
+    qz.add_argument("--bits", type=float, required=True, help="average bits per weight (scales included), e.g. 3.5")
+    qz.add_argument("--method", default="measured", choices=["measured", "lim", "zd", "random", "uniform"])
+    qz.add_argument("--out", required=True, help="checkpoint directory to write")
+    qz.add_argument("--overwrite", action="store_true")
+    qz.add_argument("--measurements", help="measurement JSON: reused when it exists, else written there")
+    qz.add_argument("--quantizer", default="hqq", choices=["hqq", "rtn", "rtn_sym"])
+    qz.add_argument("--group-size", type=int, default=64, choices=[32, 64, 128])
+    qz.add_argument("--widths", type=int, nargs="+", default=[2, 3, 4, 8], help="widths to choose from (16: dense)")
+    qz.add_argument("--windows", type=int, default=2, help="calibration windows from WikiText-2")
+    qz.add_argument("--length", type=int, default=128, help="tokens per window")
+    qz.add_argument("--eval-windows", type=int, default=4, help="held-out windows for perplexity (0: none)")
+    qz.add_argument("--seed", type=int, default=0, help="seed of --method random")
+    qz.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    qz.set_defaults(func=cmd_quantize)
     return p
 
 

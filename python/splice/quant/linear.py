@@ -2,7 +2,7 @@
 
 ``forward(x)`` flattens ``x`` [..., in_features] to [T, in_features], runs ``splice::quant_matmul``
 (``x @ ((q − z) · s)^T + bias``, computed in fp32, returned in ``x.dtype``) and restores the leading
-dimensions. The dense weight cannot be recovered exactly: :meth:`dequantize` gives its quantized value.
+dimensions. Inference only: no gradient flows through it. The dense weight cannot be recovered exactly: :meth:`dequantize` gives its quantized value.
 """
 
 from __future__ import annotations
@@ -56,8 +56,9 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        y = quant_matmul(x.reshape(-1, self.in_features), self.qweight, self.scales, self.zeros, self.bias,
-                         self.bits, self.group_size, self.out_features, self.in_features)
+        with torch.no_grad():  # inference only: packed weights have no gradient and the op no backward
+            y = quant_matmul(x.reshape(-1, self.in_features), self.qweight, self.scales, self.zeros, self.bias,
+                             self.bits, self.group_size, self.out_features, self.in_features)
         return y.view(*lead, self.out_features)
 
     def extra_repr(self) -> str:

@@ -1,0 +1,174 @@
+"""How much each quantization unit matters: two weight/activation scores and a measured cost.
+
+For decoder layer ``l`` with input ``x`` and output ``y`` (hidden states, per token) and unit ``u``
+(see :mod:`splice.quant.plan`: ``<layer>.self_attn.qkv``, ``o_proj``, ``<layer>.mlp.gate_up``,
+``down_proj``, ``lm_head``), after Dumitru et al., "Layer-Wise Quantization: A Pragmatic and
+Effective Method for Quantizing LLMs Beyond Integer Bit-Levels" (2024):
+
+* LIM (layer input modification): ``LIM_l = 1 − mean_tokens cos(x, y)``; every unit of layer ``l``
+  gets ``LIM_l``, and ``lm_head`` (no layer) the largest ``LIM`` of the model.
+* ZD (z-score distribution): the fraction of the unit's weights ``w`` with ``|w − μ| > k·σ``
+  (``μ``, ``σ`` over that unit's weights; ``k = 1``).
+* measured cost: ``KL_u(b) = mean_tokens KL(p_full || p_u@b)`` of next-token distributions when
+  unit ``u`` alone is quantized to ``b`` bits (everything else full precision), on calibration text.
+
+A :class:`Measurements` file holds all three with the model's signature and is refused for another
+model. The measured costs feed :func:`splice.quant.allocate.allocate_measured`.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..adapters.architecture import Adapter
+from ..calibration.text import evaluate, log_probs
+from .plan import DENSE, check_width, model_signature, module_shape, quantizable, units
+from .quantizers import METHODS, dequantize_codes, quantize
+
+ZD_K = 1.0
+
+
+@dataclass
+class Measurements:
+    """Scores and measured costs of every unit of one model (``kl[unit][str(bits)]``)."""
+
+    model: dict
+    units: dict[str, list[str]]
+    params: dict[str, int]
+    lim: dict[str, float]
+    zd: dict[str, float]
+    layer_lim: list[float]
+    kl: dict[str, dict[str, float]] = field(default_factory=dict)
+    method: str = "hqq"
+    group_size: int = 64
+    tokens: int = 0
+    full_ppl: float | None = None
+
+    def costs(self) -> dict[str, dict[int, float]]:
+        """``cost[unit][bits]``, the measured KL (raises if this file holds no measured costs)."""
+        if not self.kl:
+            raise ValueError("these measurements hold no measured KL costs (measure with widths)")
+        return {u: {int(b): v for b, v in per.items()} for u, per in self.kl.items()}
+
+    def check_model(self, model: nn.Module) -> None:
+        sig = model_signature(model)
+        if sig != self.model:
+            raise ValueError(f"these measurements are for {self.model}; the model is {sig}")
+        if units(model) != self.units:
+            raise ValueError("these measurements list other quantization units than the model has")
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=1))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Measurements:
+        data = json.loads(Path(path).read_text())
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise ValueError(f"{path} is not a splice quantization measurement file: {exc}") from exc
+
+
+@torch.inference_mode()
+def layer_lim(model: nn.Module, windows: torch.Tensor, batch_size: int = 8) -> list[float]:
+    """``LIM_l = 1 − mean cos(x_l, y_l)`` over every token of ``windows``, per decoder layer."""
+    adapter = Adapter(model)
+    sums = [0.0] * adapter.num_layers
+    count = 0
+
+    def hook(idx):
+        def fn(module, args, kwargs, out):
+            x = args[0] if args else kwargs["hidden_states"]
+            y = out[0] if isinstance(out, tuple) else out
+            sums[idx] += float(torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1).sum())
+        return fn
+
+    handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(adapter.layers)]
+    try:
+        for chunk in windows.split(batch_size):
+            model(input_ids=chunk, use_cache=False)
+            count += chunk.numel()
+    finally:
+        for h in handles:
+            h.remove()
+    return [1.0 - s / count for s in sums]
+
+
+def zd_score(weights: list[torch.Tensor], k: float = ZD_K) -> float:
+    """Fraction of the weights (all tensors pooled) further than ``k`` standard deviations from the mean."""
+    w = torch.cat([t.detach().float().reshape(-1) for t in weights])
+    return float(((w - w.mean()).abs() > k * w.std()).float().mean())
+
+
+def _layer_of(unit: str, num_layers: int) -> int | None:
+    parts = unit.split(".")
+    for i, p in enumerate(parts[:-1]):
+        if p == "layers" and parts[i + 1].isdigit() and int(parts[i + 1]) < num_layers:
+            return int(parts[i + 1])
+    return None
+
+
+@contextmanager
+def fake_quantized(modules: list[nn.Linear], bits: int, group_size: int, method: str):
+    """Within the block, each module's weight is its quantized value ``(q − z) · s``.
+
+    The weight *Parameter* is swapped (never written), so a tied ``lm_head`` leaves the embedding as it was.
+    """
+    originals = [m.weight for m in modules]
+    try:
+        for m, w in zip(modules, originals):
+            q = quantize(w.detach(), bits, group_size, method)
+            deq = dequantize_codes(q.codes, q.scales, q.zeros, group_size).to(w.dtype)
+            m.weight = nn.Parameter(deq, requires_grad=False)
+        yield
+    finally:
+        for m, w in zip(modules, originals):
+            m.weight = w
+
+
+def measure(model: nn.Module, windows: torch.Tensor, widths=(2, 3, 4, 8), group_size: int = 64,
+            method: str = "hqq", batch_size: int = 8, progress: bool = True) -> Measurements:
+    """LIM, ZD and (for each width in ``widths``; none: skip) the measured KL of every unit.
+
+    Costs ``len(units) · len(widths)`` forward passes over ``windows``: keep it to a few hundred tokens.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    for b in widths:
+        if b == DENSE:
+            raise ValueError("16 (dense) has no quantization cost to measure; measure widths in 2, 3, 4, 8")
+        check_width(b, group_size)
+    adapter = Adapter(model)
+    mods = quantizable(model)
+    done = [n for n, m in mods.items() if not isinstance(m, nn.Linear)]
+    if done:
+        raise ValueError(f"measure the unquantized model: {done[:3]} are already quantized")
+    members = units(model)
+    lim_l = layer_lim(model, windows, batch_size)
+    lim, zd, params = {}, {}, {}
+    for unit, names in members.items():
+        layer = _layer_of(unit, adapter.num_layers)
+        lim[unit] = lim_l[layer] if layer is not None else max(lim_l)
+        zd[unit] = zd_score([mods[n].weight for n in names])
+        params[unit] = sum(module_shape(mods[n])[0] * module_shape(mods[n])[1] for n in names)
+    reference = log_probs(model, windows, batch_size)
+    full_ppl, _ = evaluate(model, windows, None, batch_size)
+    kl: dict[str, dict[str, float]] = {}
+    jobs = [(u, b) for u in members for b in widths]
+    for unit, bits in tqdm(jobs, desc="quantization sensitivity", unit="run", disable=not progress):
+        with fake_quantized([mods[n] for n in members[unit]], bits, group_size, method):
+            # KL ≥ 0; float sums of near-identical distributions can land a hair below
+            kl.setdefault(unit, {})[str(bits)] = max(0.0, evaluate(model, windows, reference, batch_size)[1])
+    return Measurements(model_signature(model), members, params, lim, zd, lim_l, kl, method, group_size,
+                        int(windows.numel()), full_ppl)
+
