@@ -1,6 +1,7 @@
 """splice.ops: one registered torch op per kernel (``torch.ops.splice.*``) and its Python entry."""
 
 from . import library
+from .attention import band_attention, decode_attention
 from .fused_steer import fused_steer
 from .library import BACKENDS, available_backends, backend_for, use_backend
 from .quant_matmul import quant_matmul
@@ -9,6 +10,6 @@ from .row_select import gather_rows, scatter_rows
 library.load_kernels()
 
 __all__ = [
-    "BACKENDS", "available_backends", "backend_for", "fused_steer", "gather_rows", "quant_matmul", "scatter_rows",
-    "use_backend",
+    "BACKENDS", "available_backends", "backend_for", "band_attention", "decode_attention", "fused_steer",
+    "gather_rows", "quant_matmul", "scatter_rows", "use_backend",
 ]
