@@ -60,7 +60,8 @@ def test_cached_generation_equals_masked_full_attention(family, kind, sinks):
     everything with the masked full attention gives."""
     model = tiny_model(family)
     ids, mask = left_padded_batch(lengths=(7, 4, 5))
-    with splice.patch(model, heads=head_map(sinks=sinks, window=3, kind=kind)), torch.inference_mode():
+    with splice.patch(model, heads=head_map(sinks=sinks, window=3, kind=kind)) as p, torch.inference_mode():
+        assert p.backends()["band_attention"] == p.backends()["decode_attention"] == "cpp"
         cached = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, min_new_tokens=10,
                                 do_sample=False, pad_token_id=0)
         assert torch.equal(cached, greedy_no_cache(model, ids, mask, 10))

@@ -201,7 +201,8 @@ class Patch:
     def backends(self) -> dict[str, str]:
         """The backend each splice op runs for this model's device."""
         device = self.adapter.device
-        names = ["fused_steer"] + (["gather_rows", "scatter_rows"] if self.router is not None else [])
+        names = (["fused_steer"] + (["gather_rows", "scatter_rows"] if self.router is not None else [])
+                 + (["band_attention", "decode_attention"] if self.head_map is not None else []))
         return {name: backend_for(name, device) for name in names}
 
     def to_recipe(self) -> Recipe:

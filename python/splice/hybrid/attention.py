@@ -7,9 +7,13 @@ Same projections, norms and rotary embedding as the family's own attention, then
   heads) and attention is SDPA with the model's own mask;
 * streaming KV heads: their keys and values go to a :class:`StreamingKV` kept on the cache object,
   and their queries attend to the stored sinks and window plus the new tokens, under the mask of
-  :mod:`splice.hybrid.head_map` (original positions). Without a cache they attend to the current
-  tokens under the same mask, which is the masked full attention every cached path is tested
-  against.
+  :mod:`splice.hybrid.head_map` (original positions).
+
+With a KV cache, a prefill runs every head in one ``splice::band_attention`` call (full heads with
+no window, streaming heads with theirs) and a one-token decode step runs
+``splice::decode_attention`` on each group. Other shapes (several new tokens over a filled cache)
+and passes without a cache use SDPA with explicit masks: the masked full attention that the
+kernel paths are tested against.
 
 The head outputs are put back in the model's head order and go through ``o_proj``.
 """
@@ -20,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from ..ops import band_attention, decode_attention
 from ..skipping.kv_cache import STREAMS, hold_length
 from .streaming_kv import StreamingKV
 
@@ -53,11 +58,39 @@ def make_attention_forward(adapter, layer_idx: int, head_map, runtime):
     q_stream = [h for g in stream for h in range(g * group, (g + 1) * group)]
     order = torch.argsort(torch.tensor(q_full + q_stream))
     sinks, window = head_map.sinks, head_map.window
+    full_window = int(getattr(attn, "sliding_window", None) or getattr(adapter.config, "sliding_window", None) or 0)
+    head_sinks = torch.tensor([0 if g in full else sinks for g in range(hkv)])
+    head_window = torch.tensor([full_window if g in full else window for g in range(hkv)])
     state = runtime.state
 
     def attend(q, k, v, mask, causal):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=attn.scaling,
                                               enable_gqa=q.shape[1] != k.shape[1])
+
+    def store_of(cache) -> StreamingKV:
+        return cache.__dict__.setdefault(STREAMS, {}).setdefault(layer_idx, StreamingKV(sinks, window))
+
+    def kernel_path(q, k, v, pos, real, attention_mask, cache, hidden_states):
+        """Prefill (one band_attention launch) or a one-token decode step; writes both caches."""
+        b, t = pos.shape
+        store = store_of(cache)
+        if state.prefill:
+            out = band_attention(q, k, v, pos, real, head_sinks.to(pos.device), head_window.to(pos.device),
+                                 attn.scaling)
+        if full:
+            kf, vf = cache.update(k[:, full].contiguous(), v[:, full].contiguous(), layer_idx)
+        else:
+            hold_length(cache, layer_idx, b, t, hidden_states)
+        store.write(k[:, stream], v[:, stream], pos, real)
+        if state.prefill:
+            return out
+        heads = [decode_attention(q[:, q_stream, 0], store.keys, store.values, store.valid, attn.scaling)]
+        if full:
+            seen = (attention_mask[:, 0, -1, :kf.shape[2]] if attention_mask is not None
+                    else torch.ones(b, kf.shape[2], dtype=torch.bool, device=pos.device))
+            seen = seen if seen.dtype == torch.bool else seen == 0
+            heads.insert(0, decode_attention(q[:, q_full, 0], kf, vf, seen, attn.scaling))
+        return torch.cat(heads, 1)[:, order, None]
 
     def forward(hidden_states, position_embeddings, attention_mask=None, past_key_values=None, **kwargs):
         b, t, _ = hidden_states.shape
@@ -68,6 +101,9 @@ def make_attention_forward(adapter, layer_idx: int, head_map, runtime):
         if attention_mask is not None:  # the last query sees every real new token (bool, or additive 0/-inf)
             last = attention_mask[:, 0, -1, -t:]
             real = last if last.dtype == torch.bool else last == 0
+        if past_key_values is not None and (state.prefill or t == 1):
+            out = kernel_path(q, k, v, pos, real, attention_mask, past_key_values, hidden_states)
+            return attn.o_proj(out.transpose(1, 2).reshape(b, t, hq * d)), None
         outputs = []
         if full:
             kf, vf = k[:, full], v[:, full]
@@ -81,7 +117,7 @@ def make_attention_forward(adapter, layer_idx: int, head_map, runtime):
         mask = band_mask(pos, pos, real, sinks, window) | torch.eye(t, dtype=torch.bool, device=pos.device)
         store = None
         if past_key_values is not None:
-            store = past_key_values.__dict__.setdefault(STREAMS, {}).setdefault(layer_idx, StreamingKV(sinks, window))
+            store = store_of(past_key_values)
             if store.keys is not None:
                 old = band_mask(pos, store.pos, store.valid, sinks, window)
                 ks, vs = torch.cat([store.keys, ks], 2), torch.cat([store.values, vs], 2)
