@@ -9,16 +9,11 @@ and the C++ CUDA kernel (CUDA only).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from test_fused_steer_kernels import NVCC, ROOT, nvcc
-from torch.utils import cpp_extension
+from kernel_checks import compile_header, compile_launcher, compile_triton_sm90, launcher_opt_in, needs_nvcc
 
 from splice.ops import available_backends, band_attention, decode_attention, use_backend
 from splice.ops.attention_reference import band_attention_reference, decode_attention_reference
@@ -229,17 +224,13 @@ for dt in ("fp32", "bf16", "fp16"):
 def test_triton_kernels_compile_for_sm90():
     """The Triton kernels compile (not interpreted) to sm_90 cubins for every dtype; in a subprocess
     because TRITON_INTERPRET is read when the kernels are defined."""
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", TRITON_SM90], env=env, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
+    compile_triton_sm90(TRITON_SM90)
 
 
-@pytest.mark.skipif(NVCC is None, reason="nvcc not found")
+@needs_nvcc
 def test_cuda_kernel_compiles(tmp_path):
     """attention_kernel.cuh (no torch headers) compiles warning-free for every dtype."""
-    tu = tmp_path / "attention_kernel_tu.cu"
-    tu.write_text(
+    compile_header(tmp_path, (
         '#include "attention_kernel.cuh"\n'
         + "".join(
             f"template cudaError_t splice::gpu::launch_band_attention<{t}>("
@@ -248,21 +239,11 @@ def test_cuda_kernel_compiles(tmp_path):
             f"const splice::gpu::AttentionArgs<{t}>&, cudaStream_t);\n"
             for t in ("float", "__nv_bfloat16", "__half")
         )
-    )
-    nvcc(tu, tmp_path / "tu.o", "-std=c++17", "-Xcompiler=-Wall,-Wextra", "-Werror=all-warnings")
+    ))
 
 
-@pytest.mark.skipif(NVCC is None, reason="nvcc not found")
-@pytest.mark.skipif(
-    os.environ.get("SPLICE_TEST_NVCC_LAUNCHER") != "1",
-    reason="compiling the ATen launcher against torch headers takes ~40 CPU-seconds; "
-    "set SPLICE_TEST_NVCC_LAUNCHER=1 to run it",
-)
+@needs_nvcc
+@launcher_opt_in
 def test_cuda_launcher_compiles(tmp_path):
-    """attention.cu compiles against the installed torch's headers (flags and header caveats as in
-    test_fused_steer_kernels.test_cuda_launcher_compiles)."""
-    includes = [f"-I{p}" for p in cpp_extension.include_paths()]
-    if not (Path(cpp_extension.include_paths()[0]) / "c10/cuda/CUDAGuard.h").exists():
-        pytest.skip("this torch ships no c10/cuda headers")
-    nvcc(ROOT / "csrc/cuda/attention.cu", tmp_path / "attention.o", "-std=c++20",
-         "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE", *includes)
+    """csrc/cuda/attention.cu compiles against the installed torch's headers."""
+    compile_launcher(tmp_path, "attention")

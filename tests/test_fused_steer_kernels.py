@@ -7,21 +7,14 @@ only). The CUDA sources are compile-checked with nvcc wherever it is installed.
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-from torch.utils import cpp_extension
+from kernel_checks import compile_header, compile_launcher, compile_triton_sm90, launcher_opt_in, needs_nvcc
 
 from splice.ops import available_backends, backend_for, library
 from splice.ops.steer_layout import ALPHA, BETA, END, HI, LO, NPARAMS, PHASE, START
 from splice.ops.steer_reference import fused_steer_reference
 
-ROOT = Path(__file__).resolve().parents[1]
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TOL = {  # r and out are rounded to x.dtype; low-precision results may differ by one rounding step
     torch.float32: dict(atol=1e-5, rtol=1e-5),
@@ -211,52 +204,22 @@ for dt in ("fp32", "bf16", "fp16"):
 def test_triton_kernel_compiles_for_sm90():
     """The Triton kernel compiles (not interpreted) to sm_90 cubins for every dtype and flag set; no
     GPU is needed. Runs in a subprocess because TRITON_INTERPRET is read when the kernel is defined."""
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", TRITON_SM90], env=env, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
-
-
-NVCC = shutil.which("nvcc") or next((p for p in ("/usr/local/cuda/bin/nvcc",) if os.path.exists(p)), None)
-# The flags torch's BuildExtension gives nvcc, plus setup.py's.
-NVCC_FLAGS = ["-arch=sm_90", "-O3", "--use_fast_math", *cpp_extension.COMMON_NVCC_FLAGS]
-
-
-def nvcc(source: Path, out: Path, *flags: str) -> None:
-    cmd = [NVCC, "-c", *flags, *NVCC_FLAGS, "-I", str(ROOT / "csrc/cpu"), "-I", str(ROOT / "csrc/cuda"),
-           str(source), "-o", str(out)]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stderr}"
-    assert out.stat().st_size > 0
-
-
-@pytest.mark.skipif(NVCC is None, reason="nvcc not found")
+    compile_triton_sm90(TRITON_SM90)
+@needs_nvcc
 def test_cuda_kernel_compiles(tmp_path):
     """fused_steer_kernel.cuh (no torch headers) compiles, warning-free, for all three dtypes."""
-    tu = tmp_path / "fused_steer_kernel_tu.cu"
-    tu.write_text(
+    compile_header(tmp_path, (
         '#include "fused_steer_kernel.cuh"\n'
         + "".join(
             f"template cudaError_t splice::gpu::launch_fused_steer<{t}>("
             f"const splice::gpu::SteerArgs<{t}>&, cudaStream_t);\n"
             for t in ("float", "__nv_bfloat16", "__half")
         )
-    )
-    nvcc(tu, tmp_path / "tu.o", "-std=c++17", "-Xcompiler=-Wall,-Wextra", "-Werror=all-warnings")
+    ))
 
 
-@pytest.mark.skipif(NVCC is None, reason="nvcc not found")
-@pytest.mark.skipif(
-    os.environ.get("SPLICE_TEST_NVCC_LAUNCHER") != "1",
-    reason="compiling the ATen launcher against torch headers takes ~45 CPU-seconds; "
-    "set SPLICE_TEST_NVCC_LAUNCHER=1 to run it",
-)
+@needs_nvcc
+@launcher_opt_in
 def test_cuda_launcher_compiles(tmp_path):
-    """fused_steer.cu compiles against the installed torch's headers. A CPU torch wheel ships the
-    c10/cuda headers but not the generated c10/cuda/impl/cuda_cmake_macros.h, which
-    C10_CUDA_NO_CMAKE_CONFIGURE_FILE skips; torch's headers need C++20, as BuildExtension passes."""
-    includes = [f"-I{p}" for p in cpp_extension.include_paths()]
-    if not (Path(cpp_extension.include_paths()[0]) / "c10/cuda/CUDAGuard.h").exists():
-        pytest.skip("this torch ships no c10/cuda headers")
-    nvcc(ROOT / "csrc/cuda/fused_steer.cu", tmp_path / "fused_steer.o", "-std=c++20",
-         "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE", *includes)
+    """csrc/cuda/fused_steer.cu compiles against the installed torch's headers."""
+    compile_launcher(tmp_path, "fused_steer")

@@ -9,14 +9,10 @@ the C++ CUDA kernel (CUDA only). CUDA sources are compile-checked with nvcc wher
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from test_fused_steer_kernels import NVCC, ROOT, nvcc
+from kernel_checks import compile_header, compile_launcher, compile_triton_sm90, launcher_opt_in, needs_nvcc
 
 from splice.ops import available_backends, backend_for, library, quant_matmul, use_backend
 from splice.ops.quant_matmul_reference import quant_matmul_reference
@@ -334,38 +330,24 @@ for dt in ("fp32", "bf16"):
 
 def test_triton_kernel_compiles_for_sm90():
     """The Triton kernel compiles (not interpreted) to sm_90 cubins for every width and dtype."""
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", TRITON_SM90], env=env, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
+    compile_triton_sm90(TRITON_SM90)
 
 
-@pytest.mark.skipif(NVCC is None, reason="nvcc not found")
+@needs_nvcc
 def test_cuda_kernel_compiles(tmp_path):
     """quant_matmul_kernel.cuh (no torch headers) compiles, warning-free, for both dtypes and all widths."""
-    tu = tmp_path / "quant_matmul_kernel_tu.cu"
-    tu.write_text(
+    compile_header(tmp_path, (
         '#include "quant_matmul_kernel.cuh"\n'
         + "".join(
             f"template cudaError_t splice::gpu::launch_quant_matmul<{t}>("
             f"const splice::gpu::QuantMatmulArgs<{t}>&, cudaStream_t);\n"
             for t in ("float", "__nv_bfloat16")
         )
-    )
-    nvcc(tu, tmp_path / "tu.o", "-std=c++17", "-Xcompiler=-Wall,-Wextra", "-Werror=all-warnings")
+    ))
 
 
-@pytest.mark.skipif(NVCC is None, reason="nvcc not found")
-@pytest.mark.skipif(
-    os.environ.get("SPLICE_TEST_NVCC_LAUNCHER") != "1",
-    reason="compiling the ATen launcher against torch headers takes ~45 CPU-seconds; "
-    "set SPLICE_TEST_NVCC_LAUNCHER=1 to run it",
-)
+@needs_nvcc
+@launcher_opt_in
 def test_cuda_launcher_compiles(tmp_path):
-    """quant_matmul.cu compiles against the installed torch's headers (flags as for fused_steer.cu)."""
-    from torch.utils import cpp_extension
-
-    if not (Path(cpp_extension.include_paths()[0]) / "c10/cuda/CUDAGuard.h").exists():
-        pytest.skip("this torch ships no c10/cuda headers")
-    nvcc(ROOT / "csrc/cuda/quant_matmul.cu", tmp_path / "quant_matmul.o", "-std=c++20",
-         "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE", *[f"-I{p}" for p in cpp_extension.include_paths()])
+    """csrc/cuda/quant_matmul.cu compiles against the installed torch's headers."""
+    compile_launcher(tmp_path, "quant_matmul")

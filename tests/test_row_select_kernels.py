@@ -8,15 +8,10 @@ C++ CUDA kernel (CUDA only). Both ops are exact copies, so results must equal th
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from test_fused_steer_kernels import NVCC, ROOT, nvcc
-from torch.utils import cpp_extension
+from kernel_checks import compile_header, compile_launcher, compile_triton_sm90, launcher_opt_in, needs_nvcc
 
 from splice.ops import available_backends, gather_rows, scatter_rows, use_backend
 from splice.ops.row_select_reference import gather_rows_reference, scatter_rows_reference
@@ -186,36 +181,21 @@ for dt in ("fp32", "bf16", "fp16"):
 def test_triton_kernel_compiles_for_sm90():
     """The Triton kernel compiles (not interpreted) to sm_90 cubins for every dtype, gather and scatter;
     in a subprocess because TRITON_INTERPRET is read when the kernel is defined."""
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", TRITON_SM90], env=env, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
+    compile_triton_sm90(TRITON_SM90)
 
 
-@pytest.mark.skipif(NVCC is None, reason="nvcc not found")
+@needs_nvcc
 def test_cuda_kernel_compiles(tmp_path):
     """row_select_kernel.cuh (no torch headers) compiles warning-free, with and without NDEBUG."""
-    tu = tmp_path / "row_select_kernel_tu.cu"
-    tu.write_text(
+    compile_header(tmp_path, (
         '#include "row_select_kernel.cuh"\n'
         "cudaError_t copy_rows(const splice::gpu::RowCopyArgs& a, cudaStream_t s) {\n"
         "  return splice::gpu::launch_copy_rows(a, s);\n}\n"
-    )
-    for flags in ((), ("-DNDEBUG",)):
-        nvcc(tu, tmp_path / "tu.o", "-std=c++17", "-Xcompiler=-Wall,-Wextra", "-Werror=all-warnings", *flags)
+    ), (), ("-DNDEBUG",))
 
 
-@pytest.mark.skipif(NVCC is None, reason="nvcc not found")
-@pytest.mark.skipif(
-    os.environ.get("SPLICE_TEST_NVCC_LAUNCHER") != "1",
-    reason="compiling the ATen launcher against torch headers takes ~40 CPU-seconds; "
-    "set SPLICE_TEST_NVCC_LAUNCHER=1 to run it",
-)
+@needs_nvcc
+@launcher_opt_in
 def test_cuda_launcher_compiles(tmp_path):
-    """row_select.cu compiles against the installed torch's headers (the flags and header caveats are
-    those of test_fused_steer_kernels.test_cuda_launcher_compiles)."""
-    includes = [f"-I{p}" for p in cpp_extension.include_paths()]
-    if not (Path(cpp_extension.include_paths()[0]) / "c10/cuda/CUDAGuard.h").exists():
-        pytest.skip("this torch ships no c10/cuda headers")
-    nvcc(ROOT / "csrc/cuda/row_select.cu", tmp_path / "row_select.o", "-std=c++20",
-         "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE", *includes)
+    """csrc/cuda/row_select.cu compiles against the installed torch's headers."""
+    compile_launcher(tmp_path, "row_select")
