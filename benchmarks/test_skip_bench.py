@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import splice
-from splice.bench.timing import make_batch
+from splice.bench.timing import decode_step
 from splice.models.loader import load_model
 from splice.skipping.routers import Router
 
@@ -31,22 +31,6 @@ def model():
     return load_model()[0]
 
 
-def _decode_step(model, batch):
-    ids = make_batch(batch, 64, model.config.vocab_size)
-    with torch.inference_mode():
-        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-    token = out.logits[:, -1].argmax(-1, keepdim=True)
-    position = torch.full((batch, 1), 64, dtype=torch.long)
-
-    def step():
-        cache = out.past_key_values
-        cache.crop(64)  # every timed step decodes position 64 over the same 64-token prefix
-        with torch.inference_mode():
-            model(input_ids=token, past_key_values=cache, position_ids=position, use_cache=True)
-
-    return step
-
-
 CASES = [("full", 1), ("skip25", 1), ("full", 8), ("routed_half", 8), ("skip25", 8)]
 
 
@@ -58,6 +42,6 @@ def test_decode_step(benchmark, model, name, batch):
     elif name == "routed_half":
         router = HalfRows(SKIPPED, model.config.num_hidden_layers, model.config.hidden_size)
     with splice.patch(model, *items, router=router):
-        step = _decode_step(model, batch)
-        benchmark.group = f"decode b{batch}"
+        step = decode_step(model, batch)
+        benchmark.group = f"skip: decode b{batch}"
         benchmark.pedantic(step, rounds=20, warmup_rounds=3)

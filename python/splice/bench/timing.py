@@ -47,3 +47,21 @@ def decode_tps(model, ids: torch.Tensor, steps: int) -> float:
         out = model(input_ids=token, past_key_values=cache, position_ids=position, use_cache=True)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
     return batch * steps / (time.perf_counter() - start)
+
+
+def decode_step(model, batch: int, prompt_len: int = 64):
+    """A callable that runs one greedy decode step at position ``prompt_len`` over the same cached
+    prompt every time (the cache is cropped back before each step): for pytest-benchmark."""
+    ids = make_batch(batch, prompt_len, model.config.get_text_config().vocab_size)
+    with torch.inference_mode():
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    position = torch.full((batch, 1), prompt_len, dtype=torch.long)
+
+    def step():
+        cache = out.past_key_values
+        cache.crop(prompt_len)
+        with torch.inference_mode():
+            model(input_ids=token, past_key_values=cache, position_ids=position, use_cache=True)
+
+    return step
