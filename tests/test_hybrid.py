@@ -100,7 +100,7 @@ def test_remove_restores_the_attention_modules():
     ids, mask = left_padded_batch()
     before = logits(model, ids, mask)
     with splice.patch(model, heads=head_map(window=2)):
-        pass
+        assert all("forward" in vars(layer.self_attn) for layer in model.model.layers)
     assert all("forward" not in vars(layer.self_attn) for layer in model.model.layers)
     assert torch.equal(logits(model, ids, mask), before)
 

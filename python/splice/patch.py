@@ -104,10 +104,8 @@ class Patch:
             skip.validate_for(self.adapter)
         parts = skipped_parts(skips, self.adapter.num_layers)
         routed = self._routed_layers()
-        overlap = sorted({l for s in skips for l in s.layers} & set(routed))
-        if overlap:
-            raise ValueError(f"layers {overlap} are both skipped statically and routed per request")
-        self._check_steering_fits([item for items in self.slots.values() for item in items], parts, routed)
+        _check_no_overlap(skips, routed)
+        self._check_steering_fits(self._slot_items(), parts, routed)
         self.skips = list(skips)
         self.runtime.skip.static = parts
 
@@ -117,11 +115,8 @@ class Patch:
         if router is not None:
             router.validate_for(self.adapter)
             self._check_head_map(self.head_map, router)
-            overlap = sorted({l for s in self.skips for l in s.layers} & set(router.layers))
-            if overlap:
-                raise ValueError(f"layers {overlap} are both skipped statically and routed per request")
-            self._check_steering_fits([item for items in self.slots.values() for item in items],
-                                      self.runtime.skip.static, router.layers)
+            _check_no_overlap(self.skips, router.layers)
+            self._check_steering_fits(self._slot_items(), self.runtime.skip.static, router.layers)
         self.router = router
         self.runtime.skip.router = router
         self.runtime.skip.rows = [None] * self.adapter.num_layers
@@ -142,6 +137,9 @@ class Patch:
             if head_map.streaming(idx):
                 layer.self_attn.forward = make_attention_forward(self.adapter, idx, head_map, self.runtime)
                 self._spliced.append(layer.self_attn)
+
+    def _slot_items(self) -> list[tuple[str, float]]:
+        return [item for items in self.slots.values() for item in items]
 
     def _routed_layers(self) -> list[int]:
         return list(self.router.layers) if self.router is not None else []
@@ -221,6 +219,12 @@ class Patch:
         routed = f"; router on layers {list(self.router.layers)}" if self.router is not None else ""
         return (f"Patch({self.adapter.describe()}; {len(self.steers)} interventions; slots {self.slots}"
                 f"{skips}{routed}; {state})")
+
+
+def _check_no_overlap(skips, routed) -> None:
+    overlap = sorted({l for s in skips for l in s.layers} & set(routed))
+    if overlap:
+        raise ValueError(f"layers {overlap} are both skipped statically and routed per request")
 
 
 def patch(model: nn.Module, *items: Steer | Skip, recipe=None, router=None, heads=None, max_slots: int = 8) -> Patch:

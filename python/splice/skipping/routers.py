@@ -16,6 +16,7 @@ A router file (safetensors) names the model shape it was made for and is refused
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 import torch
@@ -30,7 +31,9 @@ def prompt_token_mask(prompt_len: torch.Tensor, seq: int) -> torch.Tensor:
     return (cols[None, :] >= seq - prompt_len[:, None]).float()
 
 
-class Router:
+class Router(ABC):
+    """A routers contract: :meth:`score` one candidate layer from the prefill evidence."""
+
     kind = "base"
 
     def __init__(self, layers, num_layers: int, hidden_size: int, model: str = ""):
@@ -56,9 +59,9 @@ class Router:
         self.device = x_in.device
         self.scores[layer] = self.score(layer, x_in.float(), x_out.float(), prompt_token_mask(prompt_len, x_in.shape[1]))
 
+    @abstractmethod
     def score(self, layer, x_in, x_out, mask) -> torch.Tensor:
         """[batch] scores; a request skips ``layer`` where the score is positive."""
-        raise NotImplementedError
 
     def decide(self) -> torch.Tensor:
         """[batch, num_layers] bool: the layers each request skips while decoding."""
