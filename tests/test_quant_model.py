@@ -11,12 +11,12 @@ from test_skip import identity_layer
 from tiny_models import HEAD_DIM, HEADS, HIDDEN, LAYERS, VOCAB, left_padded_batch, tiny_model
 
 import splice
-from splice.quant.allocate import allocate, plan_for, unit_shapes
+from splice.quant.allocate import allocate, formats, plan_for, unit_shapes
 from splice.quant.apply import quantize_model
 from splice.quant.checkpoint import PLAN, TENSORS, save_quantized
 from splice.quant.linear import QuantLinear
 from splice.quant.plan import QuantPlan, quantizable, unit_of, units
-from splice.quant.sensitivity import Measurements, measure
+from splice.quant.sensitivity import LayerInputs, Measurements, fake_quantized, measure
 
 ATTN = "model.layers.1.self_attn"
 
@@ -124,7 +124,7 @@ def test_plan_json_round_trip(tmp_path):
 def test_measurements_cover_every_unit_and_fall_with_width(measured, tmp_path):
     assert set(measured.kl) == set(measured.lim) == set(measured.zd) == set(units(tied_llama()))
     for unit, kl in measured.kl.items():
-        assert kl["2"] > kl["8"] >= 0, unit
+        assert kl["2g64"] > kl["8g64"] >= 0, unit
         assert 0 <= measured.zd[unit] <= 1
     assert len(measured.layer_lim) == LAYERS and measured.lim["lm_head"] == max(measured.layer_lim)
     again = Measurements.load(measured.save(tmp_path / "m.json"))
@@ -148,7 +148,7 @@ def test_solver_meets_the_budget_and_beats_random(measured, target):
     costs = measured.costs()
     plan = plan_for(model, "measured", target, measured)
     assert plan.bits_per_weight(model) <= target
-    total = lambda p: sum(costs[u][p.entries[names[0]].bits] for u, names in units(model).items())  # noqa: E731
+    total = lambda p: sum(costs[u][(p.entries[names[0]].bits, 64)] for u, names in units(model).items())  # noqa: E731
     for seed in range(5):
         rand = plan_for(model, "random", target, seed=seed)
         assert rand.bits_per_weight(model) <= target
@@ -159,13 +159,50 @@ def test_solver_meets_the_budget_and_beats_random(measured, target):
 
 def test_solver_on_a_hand_made_case():
     shapes = {"a": [(64, 64)], "b": [(64, 64)]}
-    costs = {"a": {2: 10.0, 4: 1.0, 8: 0.0}, "b": {2: 1.0, 4: 0.5, 8: 0.0}}
+    costs = {"a": {(2, 64): 10.0, (4, 64): 1.0, (8, 64): 0.0}, "b": {(2, 64): 1.0, (4, 64): 0.5, (8, 64): 0.0}}
     # 2.5 / 4.5 / 8.5 bits per weight at 2 / 4 / 8 bits (group 64)
-    widths = (2, 4, 8)
-    assert allocate(costs, shapes, 4.5, widths=widths) == {"a": 4, "b": 4}
-    assert allocate(costs, shapes, 5.5, widths=widths) == {"a": 8, "b": 2}  # cost 1.0 < 1.5 (a4 b4)
-    assert allocate(costs, shapes, 8.5, widths=widths) == {"a": 8, "b": 8}
-    assert allocate(costs, shapes, 3.5, widths=widths) == {"a": 4, "b": 2}
+    choices = formats((2, 4, 8), [64])
+    pick = lambda target: {u: f[0] for u, f in allocate(costs, shapes, target, choices).items()}  # noqa: E731
+    assert pick(4.5) == {"a": 4, "b": 4}
+    assert pick(5.5) == {"a": 8, "b": 2}  # cost 1.0 < 1.5 (a4 b4)
+    assert pick(8.5) == {"a": 8, "b": 8}
+    assert pick(3.5) == {"a": 4, "b": 2}
+
+
+def test_solver_trades_group_size_for_bits():
+    """At 4.25 bits per weight, 4-bit in groups of 32 (5.0 bpw) for the sensitive unit and 3-bit in
+    groups of 64 (3.5 bpw) for the other beat 4-bit in groups of 128 (4.25 bpw) for both."""
+    shapes = {"a": [(64, 128)], "b": [(64, 128)]}
+    costs = {"a": {(3, 64): 9.0, (4, 32): 0.0, (4, 128): 3.0}, "b": {(3, 64): 0.5, (4, 32): 0.0, (4, 128): 0.4}}
+    choices = [(3, 64), (4, 32), (4, 128)]
+    assert allocate(costs, shapes, 4.25, choices) == {"a": (4, 32), "b": (3, 64)}
+    plan = QuantPlan.for_units(tied_llama(), {"lm_head": (4, 32), f"{ATTN}.qkv": (3, 64)})
+    assert {(e.bits, e.group_size) for e in plan.entries.values()} == {(4, 32), (3, 64)}
+
+
+def test_measured_plan_mixes_group_sizes_it_measured():
+    model = tied_llama()
+    both = measure(model, windows(1, 16), widths=(2, 4), group_sizes=(32, 128), progress=False)
+    assert set(next(iter(both.kl.values()))) == {"2g32", "2g128", "4g32", "4g128"}
+    plan = plan_for(model, "measured", 4.0, both, widths=(2, 4), group_sizes=(32, 128))
+    assert plan.bits_per_weight(model) <= 4.0
+    assert {e.group_size for e in plan.entries.values()} <= {32, 128}
+    with pytest.raises(ValueError, match="measured at groups"):
+        plan_for(model, "measured", 4.0, both, widths=(2, 4), group_sizes=(64,))
+
+
+def test_runs_from_recorded_layer_inputs_match_full_runs():
+    """The measured cost of a unit is the same whether the model runs whole or from the unit's layer."""
+    model = tied_llama()
+    ids = windows(3, 12)
+    inputs = LayerInputs(model, ids, batch_size=2)
+    with fake_quantized([model.model.layers[2].mlp.down_proj], 2, 32, "rtn"):
+        full = logits(model, ids)
+        with inputs.starting_at(2):
+            partial = logits(model, ids[:2])  # the first chunk of 2
+            partial = torch.cat([partial, logits(model, ids[2:])])
+    torch.testing.assert_close(partial, full, rtol=1e-5, atol=1e-5)
+    assert len(model.model.layers) == LAYERS and not model.model.layers[2]._forward_pre_hooks
 
 
 def test_budget_and_width_errors(measured):
@@ -175,9 +212,9 @@ def test_budget_and_width_errors(measured):
     with pytest.raises(ValueError, match="below the smallest width's"):
         plan_for(model, "uniform", 2.2)
     with pytest.raises(ValueError, match="bits must be one of"):
-        allocate(measured.costs(), unit_shapes(model), 4.0, widths=(2, 5))
+        allocate(measured.costs(), unit_shapes(model), 4.0, [(2, 64), (5, 64)])
     with pytest.raises(ValueError, match="group_size must be one of"):
-        allocate(measured.costs(), unit_shapes(model), 4.0, group_size=48)
+        allocate(measured.costs(), unit_shapes(model), 4.0, [(4, 48)])
     with pytest.raises(ValueError, match="needs measurements"):
         plan_for(model, "lim", 4.0)
     with pytest.raises(ValueError, match="unknown allocation method"):
@@ -341,3 +378,17 @@ def test_quantized_layers_run_outside_inference_mode():
     x = torch.randn(3, 64, requires_grad=True)
     y = layer(x)
     assert y.shape == (3, 32) and not y.requires_grad
+
+
+def test_casting_a_quantized_model_keeps_the_packed_format():
+    """``model.to(torch.bfloat16)`` casts activations and dense weights, never codes, scales or zeros."""
+    model = tied_llama()
+    quantize_model(model, QuantPlan.uniform(model, 4, group_size=32))
+    ref = logits(model)
+    model.to(torch.bfloat16)
+    head = model.lm_head
+    assert (head.qweight.dtype, head.scales.dtype, head.zeros.dtype) == (torch.uint8, torch.float16, torch.float16)
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    out = logits(model)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05 * float(ref.abs().max()))

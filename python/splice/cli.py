@@ -150,6 +150,8 @@ def cmd_quantize(args) -> int:
         torch.set_num_threads(args.threads)
     if Path(args.out).exists() and not args.overwrite:
         raise SystemExit(f"{args.out} exists; pass --overwrite to replace it")
+    if args.method != "measured" and len(args.group_sizes) != 1:
+        raise SystemExit(f"--method {args.method} uses one group size; only measured chooses among several")
     model, tokenizer = _load(args)
     measurements = None
     if args.method in ("measured", "lim", "zd"):
@@ -160,10 +162,11 @@ def cmd_quantize(args) -> int:
         else:
             windows = wikitext_windows(tokenizer, args.windows, args.length)
             widths = args.widths if args.method == "measured" else ()
-            measurements = measure(model, windows, widths, args.group_size, args.quantizer)
+            measurements = measure(model, windows, widths, args.group_sizes, args.quantizer)
             if args.measurements:
                 print(f"wrote {measurements.save(args.measurements)}")
-    plan = plan_for(model, args.method, args.bits, measurements, args.group_size, args.widths, args.seed)
+    plan = plan_for(model, args.method, args.bits, measurements, args.group_sizes[0], args.widths, args.seed,
+                    args.group_sizes)
     evals = reference = full_ppl = None
     if args.eval_windows:
         evals = wikitext_windows(tokenizer, args.eval_windows, args.length, offset=args.windows)
@@ -273,7 +276,8 @@ def parser() -> argparse.ArgumentParser:
     qz.add_argument("--overwrite", action="store_true")
     qz.add_argument("--measurements", help="measurement JSON: reused when it exists, else written there")
     qz.add_argument("--quantizer", default="hqq", choices=["hqq", "rtn", "rtn_sym"])
-    qz.add_argument("--group-size", type=int, default=64, choices=[32, 64, 128])
+    qz.add_argument("--group-sizes", type=int, nargs="+", default=[64], choices=[32, 64, 128],
+                    help="group sizes to choose among (measured; the other methods take one)")
     qz.add_argument("--widths", type=int, nargs="+", default=[2, 3, 4, 8], help="widths to choose from (16: dense)")
     qz.add_argument("--windows", type=int, default=2, help="calibration windows from WikiText-2")
     qz.add_argument("--length", type=int, default=128, help="tokens per window")

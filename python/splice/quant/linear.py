@@ -41,6 +41,16 @@ class QuantLinear(nn.Module):
         with torch.no_grad():
             return cls(PackedWeight.from_quantized(quantize(weight.detach(), bits, group_size, method)), bias)
 
+    def _apply(self, fn, recurse=True):
+        """Follow device moves, but keep the packed format's dtypes when the model is cast
+        (``model.to(torch.bfloat16)`` casts the activations, not the codes, scales or zero points)."""
+        dtypes = {name: buf.dtype for name, buf in self._buffers.items() if buf is not None}
+        super()._apply(fn, recurse)
+        for name, dtype in dtypes.items():
+            if self._buffers[name].dtype != dtype:
+                self._buffers[name] = self._buffers[name].to(dtype)
+        return self
+
     def packed(self) -> PackedWeight:
         return PackedWeight(self.qweight, self.scales, self.zeros, self.bits, self.group_size,
                             (self.out_features, self.in_features))

@@ -117,15 +117,18 @@ class QuantPlan:
 
     # --- construction ----------------------------------------------------------------------
     @classmethod
-    def for_units(cls, model: nn.Module, unit_bits: dict[str, int], group_size: int = 64, **kw) -> QuantPlan:
-        """A plan giving every module of each unit in ``unit_bits`` that unit's width."""
+    def for_units(cls, model: nn.Module, unit_bits: dict[str, int | tuple[int, int]], group_size: int = 64,
+                  **kw) -> QuantPlan:
+        """A plan giving every module of each unit in ``unit_bits`` that unit's width: ``bits`` (at
+        ``group_size``) or ``(bits, group_size)``."""
         members = units(model)
         unknown = sorted(set(unit_bits) - set(members))
         if unknown:
             raise ValueError(f"unknown quantization units {unknown}; the model has e.g. {sorted(members)[:4]}")
         mods = quantizable(model)
-        entries = {name: Entry(int(bits), group_size, module_shape(mods[name]))
-                   for unit, bits in unit_bits.items() for name in members[unit]}
+        fmt = {u: (b, group_size) if isinstance(b, int) else tuple(b) for u, b in unit_bits.items()}
+        entries = {name: Entry(int(fmt[unit][0]), int(fmt[unit][1]), module_shape(mods[name]))
+                   for unit in unit_bits for name in members[unit]}
         return cls(entries, **kw)
 
     @classmethod
@@ -142,12 +145,14 @@ class QuantPlan:
         return total / sum(e.shape[0] * e.shape[1] for e in self.entries.values())
 
     def summary(self) -> str:
-        counts: dict[int, int] = {}
+        counts: dict[tuple[int, int], int] = {}
         for e in self.entries.values():
-            counts[e.bits] = counts.get(e.bits, 0) + e.shape[0] * e.shape[1]
+            key = (e.bits, 0 if e.bits == DENSE else e.group_size)
+            counts[key] = counts.get(key, 0) + e.shape[0] * e.shape[1]
         total = sum(counts.values())
-        parts = ", ".join(f"{b if b != DENSE else 'dense'}: {100 * c / total:.1f}%" for b, c in sorted(counts.items()))
-        return f"{len(self.entries)} modules, {self.bits_per_weight():.3f} bits/weight; weights by width {parts}"
+        parts = ", ".join(f"{f'{b}-bit g{g}' if b != DENSE else 'dense'}: {100 * c / total:.1f}%"
+                          for (b, g), c in sorted(counts.items()))
+        return f"{len(self.entries)} modules, {self.bits_per_weight():.3f} bits/weight; weights by format {parts}"
 
     # --- checks ----------------------------------------------------------------------------
     def validate_for(self, model: nn.Module) -> None:

@@ -9,11 +9,13 @@ Effective Method for Quantizing LLMs Beyond Integer Bit-Levels" (2024):
   gets ``LIM_l``, and ``lm_head`` (no layer) the largest ``LIM`` of the model.
 * ZD (z-score distribution): the fraction of the unit's weights ``w`` with ``|w − μ| > k·σ``
   (``μ``, ``σ`` over that unit's weights; ``k = 1``).
-* measured cost: ``KL_u(b) = mean_tokens KL(p_full || p_u@b)`` of next-token distributions when
-  unit ``u`` alone is quantized to ``b`` bits (everything else full precision), on calibration text.
+* measured cost: ``KL_u(f) = mean_tokens KL(p_full || p_u@f)`` of next-token distributions when
+  unit ``u`` alone is quantized in format ``f = (bits, group_size)`` (everything else full
+  precision), on calibration text. Layers before ``u``'s are unchanged, so each run starts from
+  that layer's recorded input (:class:`LayerInputs`) instead of running the whole model.
 
 A :class:`Measurements` file holds all three with the model's signature and is refused for another
-model. The measured costs feed :func:`splice.quant.allocate.allocate_measured`.
+model. The measured costs feed :func:`splice.quant.allocate.plan_for` (method ``measured``).
 """
 
 from __future__ import annotations
@@ -35,9 +37,18 @@ from .quantizers import METHODS, dequantize_codes, quantize
 ZD_K = 1.0
 
 
+def format_key(bits: int, group_size: int) -> str:
+    return f"{bits}g{group_size}"
+
+
+def format_of(key: str) -> tuple[int, int]:
+    bits, _, group = key.partition("g")
+    return int(bits), int(group)
+
+
 @dataclass
 class Measurements:
-    """Scores and measured costs of every unit of one model (``kl[unit][str(bits)]``)."""
+    """Scores and measured costs of every unit of one model (``kl[unit]["<bits>g<group_size>"]``)."""
 
     model: dict
     units: dict[str, list[str]]
@@ -47,15 +58,15 @@ class Measurements:
     layer_lim: list[float]
     kl: dict[str, dict[str, float]] = field(default_factory=dict)
     method: str = "hqq"
-    group_size: int = 64
+    group_sizes: list[int] = field(default_factory=lambda: [64])
     tokens: int = 0
     full_ppl: float | None = None
 
-    def costs(self) -> dict[str, dict[int, float]]:
-        """``cost[unit][bits]``, the measured KL (raises if this file holds no measured costs)."""
+    def costs(self) -> dict[str, dict[tuple[int, int], float]]:
+        """``cost[unit][(bits, group_size)]``, the measured KL (raises if this file holds none)."""
         if not self.kl:
             raise ValueError("these measurements hold no measured KL costs (measure with widths)")
-        return {u: {int(b): v for b, v in per.items()} for u, per in self.kl.items()}
+        return {u: {format_of(k): v for k, v in per.items()} for u, per in self.kl.items()}
 
     def check_model(self, model: nn.Module) -> None:
         sig = model_signature(model)
@@ -118,6 +129,55 @@ def _layer_of(unit: str, num_layers: int) -> int | None:
     return None
 
 
+class LayerInputs:
+    """Every decoder layer's input hidden states on ``windows`` (per chunk of ``batch_size``), recorded
+    in one forward pass; :meth:`starting_at` then runs the model from a layer's recorded input.
+    """
+
+    def __init__(self, model: nn.Module, windows: torch.Tensor, batch_size: int):
+        self.adapter = Adapter(model)
+        self.inputs: list[list[torch.Tensor]] = [[] for _ in range(self.adapter.num_layers)]
+
+        def record(idx):
+            def fn(module, args, kwargs):
+                self.inputs[idx].append((args[0] if args else kwargs["hidden_states"]).detach().clone())
+            return fn
+
+        layers = self.adapter.layers
+        handles = [layer.register_forward_pre_hook(record(i), with_kwargs=True) for i, layer in enumerate(layers)]
+        try:
+            with torch.inference_mode():
+                for chunk in windows.split(batch_size):
+                    model(input_ids=chunk, use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+
+    @contextmanager
+    def starting_at(self, layer: int):
+        """Within the block, a forward pass over the same chunks, in order, skips layers ``< layer``
+        and gives layer ``layer`` its recorded input: the model's output is unchanged while
+        nothing before ``layer`` changes."""
+        if layer == 0:
+            yield
+            return
+        base = getattr(self.adapter.model, "model", self.adapter.model)
+        full = base.layers
+        calls = iter(self.inputs[layer])
+
+        def inject(module, args, kwargs):
+            hidden = next(calls)
+            return ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
+
+        handle = full[layer].register_forward_pre_hook(inject, with_kwargs=True)
+        base.layers = nn.ModuleList(list(full)[layer:])
+        try:
+            yield
+        finally:
+            base.layers = full
+            handle.remove()
+
+
 @contextmanager
 def fake_quantized(modules: list[nn.Linear], bits: int, group_size: int, method: str):
     """Within the block, each module's weight is its quantized value ``(q − z) · s``.
@@ -136,18 +196,24 @@ def fake_quantized(modules: list[nn.Linear], bits: int, group_size: int, method:
             m.weight = w
 
 
-def measure(model: nn.Module, windows: torch.Tensor, widths=(2, 3, 4, 8), group_size: int = 64,
+def measure(model: nn.Module, windows: torch.Tensor, widths=(2, 3, 4, 8), group_sizes=(64,),
             method: str = "hqq", batch_size: int = 8, progress: bool = True) -> Measurements:
-    """LIM, ZD and (for each width in ``widths``; none: skip) the measured KL of every unit.
+    """LIM, ZD and (for each width in ``widths`` at each of ``group_sizes``; no widths: skip) the
+    measured KL of every unit.
 
-    Costs ``len(units) · len(widths)`` forward passes over ``windows``: keep it to a few hundred tokens.
+    Costs ``len(units) · len(widths) · len(group_sizes)`` partial forward passes over ``windows``
+    (from the unit's layer on): keep it to a few hundred tokens.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    group_sizes = sorted({int(g) for g in group_sizes})
+    if not group_sizes:
+        raise ValueError("measure at least one group size")
     for b in widths:
         if b == DENSE:
             raise ValueError("16 (dense) has no quantization cost to measure; measure widths in 2, 3, 4, 8")
-        check_width(b, group_size)
+        for g in group_sizes:
+            check_width(b, g)
     adapter = Adapter(model)
     mods = quantizable(model)
     done = [n for n, m in mods.items() if not isinstance(m, nn.Linear)]
@@ -164,11 +230,15 @@ def measure(model: nn.Module, windows: torch.Tensor, widths=(2, 3, 4, 8), group_
     reference = log_probs(model, windows, batch_size)
     full_ppl, _ = evaluate(model, windows, None, batch_size)
     kl: dict[str, dict[str, float]] = {}
-    jobs = [(u, b) for u in members for b in widths]
-    for unit, bits in tqdm(jobs, desc="quantization sensitivity", unit="run", disable=not progress):
-        with fake_quantized([mods[n] for n in members[unit]], bits, group_size, method):
+    jobs = [(u, b, g) for u in members for b in widths for g in group_sizes]
+    inputs = LayerInputs(model, windows, batch_size) if jobs else None
+    for unit, bits, group in tqdm(jobs, desc="quantization sensitivity", unit="run", disable=not progress):
+        layer = _layer_of(unit, adapter.num_layers)
+        with fake_quantized([mods[n] for n in members[unit]], bits, group, method), \
+                inputs.starting_at(layer if layer is not None else adapter.num_layers - 1):
             # KL ≥ 0; float sums of near-identical distributions can land a hair below
-            kl.setdefault(unit, {})[str(bits)] = max(0.0, evaluate(model, windows, reference, batch_size)[1])
-    return Measurements(model_signature(model), members, params, lim, zd, lim_l, kl, method, group_size,
+            cost = max(0.0, evaluate(model, windows, reference, batch_size)[1])
+        kl.setdefault(unit, {})[format_key(bits, group)] = cost
+    return Measurements(model_signature(model), members, params, lim, zd, lim_l, kl, method, group_sizes,
                         int(windows.numel()), full_ppl)
 
