@@ -41,3 +41,20 @@ def left_padded_batch(lengths=(7, 4, 5), seed: int = 1):
         ids[row, width - n:] = torch.randint(3, VOCAB, (n,), generator=g)
         mask[row, width - n:] = 1
     return ids, mask
+
+
+class FoldedTokenizer:
+    """A real tokenizer with ids folded into the tiny models' vocabulary (for text-driven code paths)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.pad_token_id = tokenizer.pad_token_id % VOCAB
+
+    def __call__(self, text, **kw):
+        out = self.tokenizer(text, **kw)
+        ids = out["input_ids"]
+        out["input_ids"] = ids % VOCAB if isinstance(ids, torch.Tensor) else [i % VOCAB for i in ids]
+        return out
+
+    def decode(self, ids, **kw):
+        return self.tokenizer.decode(ids, **kw)

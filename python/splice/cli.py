@@ -119,8 +119,19 @@ def cmd_route_train(args) -> int:
     return 0
 
 
+def _report(bench, report: dict, json_path) -> None:
+    """Print ``bench.table(report)``; with ``json_path``, write the JSON and ``bench.plot`` beside it."""
+    from .bench import output
+
+    print(bench.table(report))
+    if json_path:
+        path = output.write(report, json_path, plot=False)[0]
+        bench.plot(report, path.with_suffix(".png"))
+        print(f"wrote {path} and {path.with_suffix('.png')}")
+
+
 def cmd_bench_skip(args) -> int:
-    from .bench import output, skip
+    from .bench import skip
     from .skipping.profile import LayerProfile
 
     if args.threads:
@@ -129,11 +140,34 @@ def cmd_bench_skip(args) -> int:
     profile = LayerProfile.load(args.profile) if args.profile else None
     report = skip.run(model, tokenizer, calib_windows=args.calib_windows, eval_windows=args.eval_windows,
                       repeats=args.repeats, steps=args.steps, new_tokens=args.new_tokens, profile=profile)
-    print(skip.table(report))
-    if args.json:
-        path = output.write(report, args.json, plot=False)[0]
-        skip.plot(report, path.with_suffix(".png"))
-        print(f"wrote {path} and {path.with_suffix('.png')}")
+    _report(skip, report, args.json)
+    return 0
+
+
+def cmd_bench_quant(args) -> int:
+    from .bench import quant
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = _load(args)
+    report = quant.run(model, tokenizer, calib_windows=args.calib_windows, eval_windows=args.eval_windows,
+                       eval_length=args.eval_length, steps=args.steps, repeats=args.repeats, seeds=args.seeds,
+                       measurements_path=args.measurements)
+    _report(quant, report, args.json)
+    return 0
+
+
+def cmd_bench_attention(args) -> int:
+    from .bench import attention
+    from .hybrid.head_map import HeadMap
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = _load(args)
+    report = attention.run(model, tokenizer, HeadMap.load(args.heads), contexts=args.contexts, samples=args.samples,
+                           ppl_windows=args.ppl_windows, ppl_length=args.ppl_length, steps=args.steps,
+                           repeats=args.repeats)
+    _report(attention, report, args.json)
     return 0
 
 
@@ -231,6 +265,33 @@ def parser() -> argparse.ArgumentParser:
     sk.add_argument("--repeats", type=int, default=3, help="timed runs per setting (median reported)")
     sk.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     sk.set_defaults(func=cmd_bench_skip)
+
+    bq = bsub.add_parser("quant", help="quantization: perplexity, bytes and decode speed per width and method")
+    model_args(bq)
+    bq.add_argument("--json", help="write the report here (and a .png plot beside it)")
+    bq.add_argument("--measurements", help="measurement JSON: reused when it exists (widths 2 3 4 8 at group "
+                    "sizes 32 64 128), else written there")
+    bq.add_argument("--calib-windows", type=int, default=2, help="128-token calibration windows")
+    bq.add_argument("--eval-windows", type=int, default=4, help="held-out evaluation windows")
+    bq.add_argument("--eval-length", type=int, default=512, help="tokens per evaluation window")
+    bq.add_argument("--steps", type=int, default=32, help="decode steps timed per run")
+    bq.add_argument("--repeats", type=int, default=3, help="timed runs per setting (median reported)")
+    bq.add_argument("--seeds", type=int, default=3, help="seeds of the random allocation (median perplexity)")
+    bq.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    bq.set_defaults(func=cmd_bench_quant)
+
+    ba = bsub.add_parser("attention", help="hybrid attention: pass-key, perplexity, KV bytes and speed at long context")
+    model_args(ba)
+    ba.add_argument("--json", help="write the report here (and a .png plot beside it)")
+    ba.add_argument("--heads", required=True, help="head map with scores from 'splice profile heads'")
+    ba.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096, 8192], help="pass-key context lengths")
+    ba.add_argument("--samples", type=int, default=3, help="pass-key prompts per context")
+    ba.add_argument("--ppl-windows", type=int, default=2, help="WikiText-2 windows for perplexity")
+    ba.add_argument("--ppl-length", type=int, default=2048, help="tokens per perplexity window")
+    ba.add_argument("--steps", type=int, default=16, help="decode steps timed per run")
+    ba.add_argument("--repeats", type=int, default=3, help="timed runs per setting (median reported)")
+    ba.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    ba.set_defaults(func=cmd_bench_attention)
 
     prof = sub.add_parser("profile", help="measure importance on calibration text")
     psub = prof.add_subparsers(dest="what", required=True)

@@ -38,11 +38,25 @@ def write(report: dict, path: str | Path, plot: bool = True) -> list[Path]:
     return written
 
 
-def plot_decode(report: dict, path: Path) -> Path:
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+    return Path(path)
+
+
+def plot_decode(report: dict, path: Path) -> Path:
+    plt = pyplot()
 
     names = list(report["results"])
     batches = sorted({b for by_batch in report["results"].values() for b in by_batch}, key=lambda b: int(b[1:]))
@@ -55,7 +69,4 @@ def plot_decode(report: dict, path: Path) -> Path:
         ax.set_ylabel("tokens/s (median)")
         ax.tick_params(axis="x", rotation=20)
     fig.suptitle(f"splice bench {report['benchmark']} — {report['model']} ({report['dtype']})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

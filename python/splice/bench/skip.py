@@ -33,7 +33,7 @@ from ..skipping.router_training import fit_influence_router, fit_linear_router, 
 from ..skipping.routers import FixedRouter
 from ..skipping.spec import Skip
 from ..skipping.speculative import search_draft, speculative_generate
-from .output import machine
+from .output import machine, pyplot, save_figure
 from .timing import decode_tps
 
 FRACTIONS = (0.0, 0.10, 0.25, 0.40)
@@ -194,10 +194,7 @@ def table(report: dict) -> str:
 
 
 def plot(report: dict, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     full = report["static"][0]
@@ -213,6 +210,4 @@ def plot(report: dict, path) -> None:
     ax2.set_ylabel("decode tokens/s (batch 1)")
     ax1.legend(fontsize=8)
     fig.suptitle(f"splice bench skip — {report['model']} ({report['dtype']})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)

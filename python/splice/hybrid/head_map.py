@@ -11,6 +11,7 @@ sliding window (no sinks). All non-full heads of a map share ``kind``, ``sinks``
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,6 +62,14 @@ class HeadMap:
         for _, l, h in keep:
             full[l].add(h)
         return cls(layers, heads, full, sinks, window, model, scores, kind)
+
+    def random_like(self, seed: int = 0) -> "HeadMap":
+        """A map with as many full heads, chosen uniformly at random (the control for a measured map)."""
+        count = sum(len(self.full_heads(l)) for l in range(self.num_layers))
+        heads = [(l, h) for l in range(self.num_layers) for h in range(self.num_kv_heads)]
+        chosen = random.Random(seed).sample(heads, count)
+        full = {l: {h for ll, h in chosen if ll == l} for l in range(self.num_layers)}
+        return HeadMap(self.num_layers, self.num_kv_heads, full, self.sinks, self.window, self.model, kind=self.kind)
 
     def streaming(self, layer: int) -> list[int]:
         return [h for h in range(self.num_kv_heads) if h not in self.full.get(layer, frozenset())]

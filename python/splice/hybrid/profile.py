@@ -45,11 +45,9 @@ def head_scores(model, sequences: list[tuple[torch.Tensor, int]], sinks: int = 4
 
 def plot_head_map(head_map: HeadMap, path) -> None:
     """Heat map of the head scores (layers × KV heads), full heads outlined."""
-    import matplotlib
+    from ..bench.output import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     scores = torch.tensor(head_map.scores)
     fig, ax = plt.subplots(figsize=(2 + 0.6 * head_map.num_kv_heads, 1 + 0.22 * head_map.num_layers))
     image = ax.imshow(scores.clamp_min(1e-6).log10(), aspect="auto", cmap="viridis")
@@ -60,6 +58,4 @@ def plot_head_map(head_map: HeadMap, path) -> None:
     ax.set_ylabel("layer")
     fig.colorbar(image, label="log10 KL when streaming")
     ax.set_title(f"full heads (red): {head_map.full_fraction:.0%}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
