@@ -23,6 +23,7 @@ def test_report_covers_every_configuration_and_frees_kv(real_model):
     assert list(rows) == ["full", "hybrid25", "random25", "hybrid50", "random50"]
     assert rows["hybrid50"]["full_fraction"] == 0.5 and rows["random50"]["full_fraction"] == 0.5
     assert set(rows["random25"]["passkey"]) == {"96", "160"} and "b1" not in rows["random25"]
+    assert "b1" in rows["hybrid50"] and "b4" not in rows["hybrid50"]
     full, h25 = rows["full"], rows["hybrid25"]
     assert 3.9 * h25["b1"]["kv_bytes"] < h25["b4"]["kv_bytes"] <= 4 * h25["b1"]["kv_bytes"] < full["b4"]["kv_bytes"]
     assert math.isclose(report["ratios"]["hybrid25_kv_bytes"], h25["b1"]["kv_bytes"] / full["b1"]["kv_bytes"])
