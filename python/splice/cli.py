@@ -269,7 +269,7 @@ def parser() -> argparse.ArgumentParser:
     bq = bsub.add_parser("quant", help="quantization: perplexity, bytes and decode speed per width and method")
     model_args(bq)
     bq.add_argument("--json", help="write the report here (and a .png plot beside it)")
-    bq.add_argument("--measurements", help="measurement JSON: reused when it exists (widths 2 3 4 8 at group "
+    bq.add_argument("--measurements", help="measurement JSON: reused when it exists (widths 2 3 4 at group "
                     "sizes 32 64 128), else written there")
     bq.add_argument("--calib-windows", type=int, default=2, help="128-token calibration windows")
     bq.add_argument("--eval-windows", type=int, default=4, help="held-out evaluation windows")

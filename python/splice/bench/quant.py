@@ -6,7 +6,7 @@ Rows, every one scored on the same held-out WikiText-2 windows:
   baseline of every ratio);
 * ``uniform`` 8, 4 and 3 bits (group 64);
 * ``mixed`` at 3.5 and 4.25 bits per weight by each allocation method: ``measured`` (choosing
-  bits and group size among 32/64/128), ``measured-g64`` (bits only, group 64: the same costs
+  2, 3 or 4 bits and group size 32, 64 or 128), ``measured-g64`` (bits only, group 64: the same costs
   without the group-size choice), ``lim``, ``zd`` and ``random`` (the control; perplexity is the
   median over seeds, speed and bytes are the first seed's).
 
@@ -44,6 +44,7 @@ BUDGETS = (3.5, 4.25)
 UNIFORM = (8, 4, 3)
 GROUP = 64
 MEASURED_GROUPS = (32, 64, 128)
+MEASURED_WIDTHS = (2, 3, 4)  # 8 bits (8.5+ bits/weight) cannot pay for itself under these budgets
 SCORED = ("lim", "zd", "random")
 
 
@@ -89,8 +90,9 @@ def run(model, tokenizer, calib_windows: int = 2, calib_length: int = 128, eval_
         measurements_path=None, progress: bool = True) -> dict:
     """The report (module docstring); ``model`` is the fp32 model (left unchanged).
 
-    ``measurements_path``: a measurement file to reuse when it exists (it must hold widths 2, 3, 4, 8
-    at group sizes 32, 64, 128), else where the measurements made here are written.
+    ``measurements_path``: a measurement file to reuse when it exists (widths 2, 3, 4 at group sizes
+    32, 64, 128; measured allocation chooses among the formats it holds), else where the
+    measurements made here are written.
     """
     adapter = Adapter(model)
     calib = wikitext_windows(tokenizer, calib_windows, calib_length)
@@ -101,7 +103,7 @@ def run(model, tokenizer, calib_windows: int = 2, calib_length: int = 128, eval_
         measurements = Measurements.load(measurements_path)
         measurements.check_model(model)
     else:
-        measurements = measure(model, calib, (2, 3, 4, 8), MEASURED_GROUPS, quantizer, progress=progress)
+        measurements = measure(model, calib, MEASURED_WIDTHS, MEASURED_GROUPS, quantizer, progress=progress)
         if measurements_path is not None:
             measurements.save(measurements_path)
     reference = log_probs(model, evals)
