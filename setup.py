@@ -68,6 +68,7 @@ setup(
         "tqdm",
         "rich",
         "numpy",
+        "compressed-tensors>=0.17",
     ],
     extras_require={
         "triton": ["triton"],

@@ -82,7 +82,7 @@ def assert_matches(y, args):
 
 
 @pytest.mark.parametrize("bits", BITS)
-@pytest.mark.parametrize("method", ["rtn", "rtn_sym"])
+@pytest.mark.parametrize("method", ["rtn", "rtn_sym", "rtn_int"])
 @pytest.mark.parametrize("k,group_size", [(96, 64), (576, 128), (100, 32)])
 def test_round_to_nearest_error_bound(bits, method, k, group_size):
     """Every weight is within s/2 of (q − z)·s, up to the float16 rounding of s and z."""
@@ -96,6 +96,8 @@ def test_round_to_nearest_error_bound(bits, method, k, group_size):
     assert bool((err <= s * (0.5 + 2**bits * 2**-10)).all())
     if method == "rtn_sym":
         assert bool((q.zeros == 2 ** (bits - 1)).all())
+    if method == "rtn_int":
+        assert bool((q.zeros == q.zeros.round()).all() and (q.zeros >= 0).all() and (q.zeros < 2**bits).all())
 
 
 def test_symmetric_vs_asymmetric():

@@ -1,5 +1,5 @@
 """The ``splice`` command line: ``demo``, ``extract``, ``profile layers``, ``route train``, ``bench steer|skip``,
-``quantize``."""
+``quantize``, ``export``."""
 
 from __future__ import annotations
 
@@ -217,6 +217,14 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .quant.compressed_tensors_export import export_compressed_tensors
+
+    out = export_compressed_tensors(args.source, args.to, overwrite=args.overwrite)
+    print(f"wrote {out} (compressed-tensors pack-quantized; load it with vllm.LLM({str(out)!r}))")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="splice", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -336,7 +344,7 @@ def parser() -> argparse.ArgumentParser:
     qz.add_argument("--out", required=True, help="checkpoint directory to write")
     qz.add_argument("--overwrite", action="store_true")
     qz.add_argument("--measurements", help="measurement JSON: reused when it exists, else written there")
-    qz.add_argument("--quantizer", default="hqq", choices=["hqq", "rtn", "rtn_sym"])
+    qz.add_argument("--quantizer", default="hqq", choices=["hqq", "rtn", "rtn_sym", "rtn_int"])
     qz.add_argument("--group-sizes", type=int, nargs="+", default=[64], choices=[32, 64, 128],
                     help="group sizes to choose among (measured; the other methods take one)")
     qz.add_argument("--widths", type=int, nargs="+", default=[2, 3, 4, 8], help="widths to choose from (16: dense)")
@@ -346,6 +354,12 @@ def parser() -> argparse.ArgumentParser:
     qz.add_argument("--seed", type=int, default=0, help="seed of --method random")
     qz.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     qz.set_defaults(func=cmd_quantize)
+
+    exp = sub.add_parser("export", help="convert a quantized checkpoint to compressed-tensors (vLLM)")
+    exp.add_argument("--from", dest="source", required=True, help="checkpoint directory from 'splice quantize'")
+    exp.add_argument("--to", required=True, help="Hugging Face directory to write (pack-quantized)")
+    exp.add_argument("--overwrite", action="store_true")
+    exp.set_defaults(func=cmd_export)
     return p
 
 

@@ -46,7 +46,7 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def quantize_model(model: nn.Module, plan: QuantPlan, method: str = "hqq") -> QuantReport:
-    """Quantize every module of ``plan`` below 16 bits with ``method`` (rtn, rtn_sym, hqq), in place."""
+    """Quantize every module of ``plan`` below 16 bits with ``method`` (rtn, rtn_sym, rtn_int, hqq), in place."""
     if hasattr(model, ATTRIBUTE):
         raise RuntimeError("model is patched by splice; remove the patch, quantize, then patch again")
     plan.validate_for(model)

@@ -22,6 +22,8 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -74,12 +76,10 @@ def _tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]
     return tensors, aliases
 
 
-def save_quantized(model: nn.Module, plan: QuantPlan, directory: str | os.PathLike, tokenizer=None,
-                   overwrite: bool = False) -> Path:
-    """Write the quantized ``model`` (quantized with ``plan``) to ``directory``, atomically."""
-    if hasattr(model, ATTRIBUTE):
-        raise RuntimeError("model is patched by splice; save it unpatched (remove the patch first)")
-    _check_quantized(model, plan)
+@contextmanager
+def atomic_directory(directory: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary directory beside ``directory``; when the block succeeds, rename it to
+    ``directory`` (replacing it only with ``overwrite``). On an exception nothing is left behind."""
     target = Path(directory)
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
@@ -87,6 +87,25 @@ def save_quantized(model: nn.Module, plan: QuantPlan, directory: str | os.PathLi
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
     tmp.mkdir()
     try:
+        yield tmp
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.{uuid.uuid4().hex}.old")
+            os.rename(target, old)
+        os.rename(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_quantized(model: nn.Module, plan: QuantPlan, directory: str | os.PathLike, tokenizer=None,
+                   overwrite: bool = False) -> Path:
+    """Write the quantized ``model`` (quantized with ``plan``) to ``directory``, atomically."""
+    if hasattr(model, ATTRIBUTE):
+        raise RuntimeError("model is patched by splice; save it unpatched (remove the patch first)")
+    _check_quantized(model, plan)
+    with atomic_directory(directory, overwrite) as tmp:
         tensors, aliases = _tensors(model)
         (tmp / TENSORS).write_bytes(save({k: v.cpu() for k, v in tensors.items()}, metadata={"format": "pt"}))
         model.config.save_pretrained(tmp)
@@ -97,16 +116,7 @@ def save_quantized(model: nn.Module, plan: QuantPlan, directory: str | os.PathLi
         manifest = {"format": FORMAT, "plan": plan.to_dict(), "files": {TENSORS: _sha256(tmp / TENSORS)},
                     "aliases": aliases}
         (tmp / PLAN).write_text(json.dumps(manifest, indent=1))
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.{uuid.uuid4().hex}.old")
-            os.rename(target, old)
-        os.rename(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return Path(directory)
 
 
 def read_manifest(directory: str | os.PathLike) -> tuple[dict, QuantPlan]:

@@ -1,4 +1,4 @@
-"""Group-wise weight quantizers: round-to-nearest (asymmetric, symmetric) and HQQ refinement.
+"""Group-wise weight quantizers: round-to-nearest (asymmetric, integer-zero, symmetric) and HQQ refinement.
 
 A weight ``W`` [N, K] is cut along K into groups of ``group_size`` columns (the last group of a row is
 partial when K is not a multiple). Each group gets a scale ``s`` and zero point ``z`` (stored as
@@ -8,6 +8,11 @@ float16) and each weight an integer code ``q`` in ``[0, 2**bits − 1]``::
 
 * ``rtn`` (asymmetric): ``s = (max − min) / (2**bits − 1)``, ``z = −min / s`` (not rounded), so every
   weight is within ``s / 2`` of its reconstruction (plus the float16 rounding of ``s`` and ``z``).
+* ``rtn_int`` (asymmetric, integer zero points, as GPTQ / AWQ checkpoints store them): the range is
+  widened to include 0 (``min ≤ 0 ≤ max``), ``s = (max − min) / (2**bits − 1)`` and
+  ``z = round(−min / s)``, an integer code in ``[0, 2**bits − 1]``; the grid, shifted by at most
+  ``s / 2``, still ends within ``s / 2`` of ``min`` and ``max``, so again ``|w − ŵ| ≤ s / 2``. This is
+  the form compressed-tensors and vLLM load (:mod:`splice.quant.compressed_tensors_export`).
 * ``rtn_sym`` (symmetric): ``z = 2**(bits − 1)`` and ``s = 2 · max|w| / (2**bits − 1)``; again
   ``|w − ŵ| ≤ s / 2``.
 * ``hqq``: starts from ``rtn`` and refines the zero points without calibration data (half-quadratic
@@ -26,7 +31,7 @@ import torch
 
 BITS = (2, 3, 4, 8)
 GROUP_SIZES = (32, 64, 128)
-METHODS = ("rtn", "rtn_sym", "hqq")
+METHODS = ("rtn", "rtn_sym", "rtn_int", "hqq")
 
 
 @dataclass(frozen=True)
@@ -68,8 +73,9 @@ def _as_stored(s: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return s.to(torch.float16).to(torch.float32), z.to(torch.float16).to(torch.float32)
 
 
-def _rtn_params(wg: torch.Tensor, mask: torch.Tensor, bits: int, symmetric: bool):
+def _rtn_params(wg: torch.Tensor, mask: torch.Tensor, bits: int, method: str):
     qmax = 2**bits - 1
+    symmetric = method == "rtn_sym"
     if symmetric:
         amax = wg.abs().amax(-1)
         s = 2 * amax / qmax
@@ -77,11 +83,15 @@ def _rtn_params(wg: torch.Tensor, mask: torch.Tensor, bits: int, symmetric: bool
     else:
         lo = torch.where(mask, wg, torch.inf).amin(-1)
         hi = torch.where(mask, wg, -torch.inf).amax(-1)
+        if method == "rtn_int":
+            lo, hi = lo.clamp(max=0), hi.clamp(min=0)
         s = (hi - lo) / qmax
         z = -lo / torch.where(s > 0, s, 1.0)
     s = torch.where(s > 0, s, 1.0)  # constant (or all-zero) groups: any scale reproduces them
     if not symmetric:
         z = torch.where((hi - lo) > 0, z, -lo)
+    if method == "rtn_int":
+        z = torch.round(z)
     return s, z
 
 
@@ -121,7 +131,7 @@ def quantize(w: torch.Tensor, bits: int, group_size: int, method: str = "rtn", *
         raise ValueError("w has non-finite values")
     n, k = w.shape
     wg, mask = _grouped(w, group_size)
-    s, z = _rtn_params(wg, mask, bits, symmetric=method == "rtn_sym")
+    s, z = _rtn_params(wg, mask, bits, method)
     s, z = _as_stored(s, z)
     if method == "hqq":
         s, z = _as_stored(s, _hqq_zeros(wg, mask, s, z, bits, iters))
