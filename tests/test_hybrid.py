@@ -166,3 +166,33 @@ def test_passkey_prompts_hide_the_key_at_the_asked_depth():
         text = tokenizer.decode(task.ids[0])
         assert task.answer in text and abs(task.ids.shape[1] - 300) < 40
         assert text.index(task.answer) / len(text) == pytest.approx(task.depth, abs=0.15)
+
+
+def test_hybrid_steering_skipping_and_quantization_in_one_patch():
+    """A quantized model patched with hybrid heads, a steering vector and a skipped MLP at once gives
+    the tokens and logits of the same patch on its dense equivalent (weights = the dequantized codes)."""
+    import copy
+
+    from splice.quant.apply import quantize_model, set_module
+    from splice.quant.linear import QuantLinear
+    from splice.quant.plan import QuantPlan
+
+    quantized = tiny_model("llama")
+    quantize_model(quantized, QuantPlan.uniform(quantized, 4, group_size=32))
+    dense = copy.deepcopy(quantized)
+    for name, m in list(dense.named_modules()):
+        if isinstance(m, QuantLinear):
+            linear = torch.nn.Linear(m.in_features, m.out_features, bias=False)
+            linear.weight.data = m.dequantize()
+            set_module(dense, name, linear)
+    ids, mask = left_padded_batch()
+    vector = torch.randn(HIDDEN, generator=torch.Generator().manual_seed(1))
+    items = (splice.Steer(vector, layers=[1], scale=2.0), splice.Skip([2], "mlp"))
+    results = []
+    for model in (quantized, dense):
+        with splice.patch(model, *items, heads=head_map(window=4)), torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6,
+                                 do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+        results.append(out)
+    assert torch.equal(results[0].sequences, results[1].sequences)
+    torch.testing.assert_close(torch.stack(results[0].logits), torch.stack(results[1].logits), atol=1e-4, rtol=1e-4)
