@@ -102,3 +102,16 @@ def test_loader_options_split_off_splice_keys():
         ServeOptions.split({})
     with pytest.raises(RecipeError, match="max_vectors_per_request"):
         ServeOptions.split({"recipe": "r.yaml", "max_vectors_per_request": 0})
+
+
+def test_steered_requests_that_bypass_the_middleware_are_refused():
+    pytest.importorskip("vllm", reason="vLLM is not installed (pip install '.[vllm]')")
+    from vllm import SamplingParams
+
+    from splice.serving import middleware
+    from splice.serving.request_rows import SteeringRows
+
+    assert not middleware.installed()  # no HTTP server in this process
+    SteeringRows.validate_params(SamplingParams(max_tokens=1))
+    with pytest.raises(ValueError, match="vllm_xargs.splice_vector: this server cannot steer"):
+        SteeringRows.validate_params(SamplingParams(max_tokens=1, extra_args={"splice_vector": "v0"}))

@@ -1,5 +1,9 @@
 """End to end behind a real vLLM server (the default model): steering per request, isolation between
-requests, prefix-cache separation, HTTP 400s and refusals. One patched server serves the session."""
+requests, prefix-cache separation, HTTP 400s and refusals. One patched server serves the session.
+
+Servers run in float32: in bfloat16 vLLM's own greedy output already depends on what else is in the
+batch and on prefix-cache hits (different matmul shapes round differently), which would hide
+whether one request's steering leaks into another."""
 
 import importlib.util
 import json
@@ -80,7 +84,7 @@ def server(recipe, tmp_path_factory):
     port, model = _free_port(), str(default_model_dir())
     log = tmp_path_factory.mktemp("logs") / "splice-server.log"
     cmd = launch.command(recipe, ["--model", model, "--port", str(port), "--max-model-len", "2048",
-                                  "--enable-prompt-tokens-details"])
+                                  "--dtype", "float32", "--enable-prompt-tokens-details"])
     proc = _serve(cmd, log, port)
     yield Server(port, model)
     launch.stop(proc)
@@ -153,7 +157,7 @@ def test_unsteered_requests_match_an_unpatched_server(server, tmp_path):
     patched = [server.completion(p) for p in prompts]
     port = _free_port()
     cmd = [launch.sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", server.model,
-           "--port", str(port), "--max-model-len", "2048"]
+           "--port", str(port), "--max-model-len", "2048", "--dtype", "float32"]
     proc = _serve(cmd, tmp_path / "plain.log", port)
     try:
         plain = Server(port, server.model)
@@ -175,3 +179,54 @@ def test_recipe_that_does_not_fit_the_model_refuses_to_start(tmp_path):
     assert done.returncode != 0
     assert "RecipeError" in done.stdout + done.stderr
     assert "out of range: the model has layers 0..29" in done.stdout + done.stderr
+
+
+def test_float32_server_matches_hugging_face_with_the_same_recipe(recipe, tmp_path):
+    """Static skips (a whole layer, an attention, an MLP) and steering at ``out`` (add) and ``mlp``
+    (ablate) behind vLLM give the greedy text splice.patch gives on the Hugging Face model."""
+    import torch
+    import yaml
+
+    import splice
+    from splice.models.loader import load_model
+    from splice.serving import launch
+
+    data = yaml.safe_load(recipe.read_text())
+    vectors = data["steering"]["vectors"]
+    for cfg in vectors.values():  # splice refuses steering a skipped part
+        cfg["layers"] = [l for l in range(30) if l != 20]
+    vectors["flat"]["layers"] = [10, 11, 12]
+    data["skip"] = {"layers": [20], "attn": [5], "mlp": [7]}
+    skip_recipe = recipe.with_name("skip.yaml")
+    skip_recipe.write_text(yaml.safe_dump(data))
+    prompts, cases = ["Hello, my name is", "The best way to learn a language is"], [None, [("v0", 6.0), ("flat", 1.0)]]
+
+    model, tok = load_model()
+    expected = []
+    with splice.patch(model, recipe=skip_recipe) as p:
+        for items in cases:
+            p.set_slot(1, items or [])
+            for prompt in prompts:
+                ids = tok(prompt, return_tensors="pt").input_ids
+                with torch.no_grad():
+                    out = model.generate(ids, max_new_tokens=12, do_sample=False)
+                expected.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+
+    port = _free_port()
+    cmd = launch.command(skip_recipe, ["--model", str(model.config._name_or_path), "--port", str(port),
+                                       "--max-model-len", "512", "--dtype", "float32"])
+    proc = _serve(cmd, tmp_path / "fp32.log", port)
+    try:
+        server = Server(port, str(model.config._name_or_path))
+        got = []
+        for items in cases:
+            xargs = None if items is None else {"splice_vector": [n for n, _ in items],
+                                                "splice_scale": [s for _, s in items]}
+            for prompt in prompts:
+                r = server.client.completions.create(model=server.model, prompt=prompt, max_tokens=12,
+                                                     temperature=0, extra_body={"vllm_xargs": xargs} if xargs else {})
+                got.append(r.choices[0].text)
+    finally:
+        launch.stop(proc)
+    assert got == expected
+    assert expected[:2] != expected[2:]

@@ -17,18 +17,19 @@ import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 
 from . import middleware, steering_state
-from .request_params import parse
+from .request_params import parse, wants_steering
 
 
 class SteeringRows(LogitsProcessor):
     @classmethod
     def validate_params(cls, sampling_params) -> None:
-        if parse(sampling_params.extra_args) is None:
+        if not wants_steering(sampling_params.extra_args):
             return
         if not middleware.installed():
             raise ValueError("vllm_xargs.splice_vector: this server cannot steer requests; start it with "
                              "`splice serve` (or vllm serve --load-format splice --middleware "
                              f"{middleware.IMPORT_PATH})")
+        parse(sampling_params.extra_args)  # the middleware's canonical form; raises if it was altered
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
         pass
