@@ -104,14 +104,17 @@ def test_loader_options_split_off_splice_keys():
         ServeOptions.split({"recipe": "r.yaml", "max_vectors_per_request": 0})
 
 
-def test_steered_requests_that_bypass_the_middleware_are_refused():
+def test_steered_requests_without_the_middleware_mark_are_refused():
     pytest.importorskip("vllm", reason="vLLM is not installed (pip install '.[vllm]')")
     from vllm import SamplingParams
 
     from splice.serving import middleware
     from splice.serving.request_rows import SteeringRows
 
-    assert not middleware.installed()  # no HTTP server in this process
+    xargs = {"splice_vector": ["a"], "splice_scale": [2.0]}
     SteeringRows.validate_params(SamplingParams(max_tokens=1))
-    with pytest.raises(ValueError, match="vllm_xargs.splice_vector: this server cannot steer"):
-        SteeringRows.validate_params(SamplingParams(max_tokens=1, extra_args={"splice_vector": "v0"}))
+    for mark in ({}, {"splice_token": "0" * 32}, {"splice_token": middleware.token(parse({"splice_vector": ["b"], "splice_scale": [2.0]}))}):
+        with pytest.raises(ValueError, match="vllm_xargs.splice_vector: steering is served through"):
+            SteeringRows.validate_params(SamplingParams(max_tokens=1, extra_args={**xargs, **mark}))
+    marked = {**xargs, "splice_token": middleware.token(parse(xargs))}
+    SteeringRows.validate_params(SamplingParams(max_tokens=1, extra_args=marked))

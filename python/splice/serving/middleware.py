@@ -4,26 +4,37 @@ For a completion, chat completion or responses request whose ``vllm_xargs`` has 
 it checks the steering against the served recipe and answers HTTP 400 naming the field when it is
 wrong; otherwise it rewrites the request with the canonical steering (explicit names and scales)
 and a ``cache_salt`` derived from that steering and the client's own salt. vLLM's prefix cache
-keys blocks by that salt, so differently steered prompts never share blocks. Other requests pass
+keys blocks by that salt, so differently steered prompts never share blocks. It also adds
+``splice_token``, an HMAC of the steering under a secret of this process, which vLLM's request
+validation (:mod:`.request_rows`) requires: a steered request that reached vLLM any other way (an
+endpoint without ``cache_salt``, a server without the middleware) is refused. Other requests pass
 through untouched.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+import secrets
 
 from ..recipe import RecipeError
 from .options import ServeOptions, load_serving_recipe
-from .request_params import VECTOR, RequestSteering, SteeringParamError, parse, wants_steering
+from .request_params import TOKEN, VECTOR, RequestSteering, SteeringParamError, parse, wants_steering
 
 IMPORT_PATH = "splice.serving.middleware.SteeringMiddleware"
 PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
-_INSTALLED = False
+_SECRET = secrets.token_bytes(32)
 
 
-def installed() -> bool:
-    """Whether this process's HTTP server runs the middleware."""
-    return _INSTALLED
+def token(steering: RequestSteering) -> str:
+    """The middleware's mark on a request it salted (valid in this process only)."""
+    return hmac.new(_SECRET, steering.key.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def vouches(extra_args: dict, steering: RequestSteering) -> bool:
+    """Whether ``extra_args`` carries this process's middleware mark for ``steering``."""
+    return hmac.compare_digest(str(extra_args.get(TOKEN, "")), token(steering))
 
 
 def _error(message: str, field: str) -> bytes:
@@ -33,8 +44,6 @@ def _error(message: str, field: str) -> bytes:
 
 class SteeringMiddleware:
     def __init__(self, app):
-        global _INSTALLED
-        _INSTALLED = True
         self.app = app
         self.catalog: tuple[dict[str, float], int] | None = None
 
@@ -82,7 +91,7 @@ class SteeringMiddleware:
                             "headers": [(b"content-type", b"application/json"),
                                         (b"content-length", str(len(payload)).encode())]})
                 return await send({"type": "http.response.body", "body": payload})
-            data["vllm_xargs"].update(steering.to_xargs())
+            data["vllm_xargs"].update(steering.to_xargs(), **{TOKEN: token(steering)})
             client_salt = data.get("cache_salt")
             data["cache_salt"] = steering.cache_salt(client_salt if isinstance(client_salt, str) else None)
             body = json.dumps(data).encode()

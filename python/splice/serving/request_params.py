@@ -1,8 +1,9 @@
 """The steering one request asks for, read from ``vllm_xargs`` (vLLM's ``SamplingParams.extra_args``).
 
 ``splice_vector`` is a name or a list of names (applied in that order); ``splice_scale`` a number
-or a list of numbers of the same length (absent: each vector's scale from the recipe). Any other
-``splice_*`` key is refused. Errors are :class:`SteeringParamError`, whose message names the field.
+or a list of numbers of the same length (absent: each vector's scale from the recipe);
+``splice_token`` is written by the middleware (see :mod:`.middleware`). Any other ``splice_*`` key
+is refused. Errors are :class:`SteeringParamError`, whose message names the field.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import json
 import math
 from dataclasses import dataclass
 
-VECTOR, SCALE = "splice_vector", "splice_scale"
-FIELDS = (VECTOR, SCALE)
+VECTOR, SCALE, TOKEN = "splice_vector", "splice_scale", "splice_token"
+FIELDS = (VECTOR, SCALE, TOKEN)
 PREFIX = "splice_"
 
 

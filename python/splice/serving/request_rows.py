@@ -1,8 +1,8 @@
 """The ``vllm.logits_processors`` entry point, used for its two hooks and not for logits:
 
 * ``validate_params`` runs where vLLM admits a request (the API server process): a malformed
-  ``vllm_xargs`` steering request becomes an HTTP 400 naming the field, and a steered request that
-  did not pass through :class:`~splice.serving.middleware.SteeringMiddleware` (which sets its cache
+  ``vllm_xargs`` steering request becomes an HTTP 400 naming the field, and a steered request
+  without the mark of :class:`~splice.serving.middleware.SteeringMiddleware` (which set its cache
   salt) is refused, so steered prompts never share prefix-cache blocks with other configurations.
 * ``update_state`` runs in the worker before every step that changes the batch: it hands vLLM's
   ``BatchUpdate`` to the served model's :class:`~splice.serving.steering_state.ServeSteering`.
@@ -17,19 +17,17 @@ import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 
 from . import middleware, steering_state
-from .request_params import parse, wants_steering
+from .request_params import parse
 
 
 class SteeringRows(LogitsProcessor):
     @classmethod
     def validate_params(cls, sampling_params) -> None:
-        if not wants_steering(sampling_params.extra_args):
-            return
-        if not middleware.installed():
-            raise ValueError("vllm_xargs.splice_vector: this server cannot steer requests; start it with "
-                             "`splice serve` (or vllm serve --load-format splice --middleware "
-                             f"{middleware.IMPORT_PATH})")
-        parse(sampling_params.extra_args)  # the middleware's canonical form; raises if it was altered
+        steering = parse(sampling_params.extra_args)
+        if steering is not None and not middleware.vouches(sampling_params.extra_args, steering):
+            raise ValueError(f"vllm_xargs.splice_vector: steering is served through splice's middleware on "
+                             f"{', '.join(middleware.PATHS)}; start the server with `splice serve` (or vllm serve "
+                             f"--load-format splice --middleware {middleware.IMPORT_PATH})")
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
         pass
