@@ -8,4 +8,5 @@
 * :mod:`.request_rows`    the ``vllm.logits_processors`` entry: batch rows -> steering slots
 * :mod:`.steering_state`  the worker-side tables, slot pool and per-token buffers
 * :mod:`.model`           what is installed on vLLM's model (steering sites, static skips)
+* :mod:`.launch`          the server command (``splice serve``), start / wait / stop
 """
