@@ -230,3 +230,45 @@ def test_float32_server_matches_hugging_face_with_the_same_recipe(recipe, tmp_pa
         launch.stop(proc)
     assert got == expected
     assert expected[:2] != expected[2:]
+
+
+def test_a_quantized_export_serves_with_per_request_steering(recipe, tmp_path):
+    """4-bit weights reach vLLM through the compressed-tensors export (float16, vLLM's CPU kernel),
+    under the same recipe: unsteered greedy text equals splice's own quantized model's, and a
+    request's vector changes its output."""
+    import torch
+
+    from splice.models.loader import load_model
+    from splice.quant.apply import quantize_model
+    from splice.quant.compressed_tensors_export import export_compressed_tensors
+    from splice.quant.plan import QuantPlan
+    from splice.serving import launch
+
+    model, tok = load_model()
+    quantize_model(model, QuantPlan.uniform(model, 4, group_size=64), "rtn_int")
+    out = export_compressed_tensors(model, tmp_path / "ct", tokenizer=tok)
+    prompt = "The capital of France is"
+    ids = tok(prompt, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+    expected = tok.decode(expected[0, ids.shape[1]:], skip_special_tokens=True)
+
+    port = _free_port()
+    proc = _serve(launch.command(recipe, ["--model", str(out), "--port", str(port), "--max-model-len", "512"]),
+                  tmp_path / "quant.log", port)
+    try:
+        server = Server(port, str(out))
+
+        def complete(xargs=None):
+            r = server.client.completions.create(model=server.model, prompt=prompt, max_tokens=8, temperature=0,
+                                                 extra_body={"vllm_xargs": xargs} if xargs else {})
+            return r.choices[0].text
+
+        plain = complete()
+        steered = complete({"splice_vector": "v0", "splice_scale": 8.0})
+        assert complete() == plain
+    finally:
+        launch.stop(proc)
+    assert "compressed-tensors" in (tmp_path / "quant.log").read_text()
+    assert plain == expected
+    assert steered != plain
