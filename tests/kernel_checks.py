@@ -35,6 +35,16 @@ launcher_opt_in = pytest.mark.skipif(
 )
 
 
+# (device, backend) pairs of an op with every backend, its reference included.
+BACKENDS = [
+    pytest.param("cpu", "cpp", id="cpu-cpp"),
+    pytest.param("cpu", "triton", id="cpu-triton"),
+    pytest.param("cpu", "reference", id="cpu-reference"),
+    pytest.param("cuda", "cuda", id="cuda-cuda"),
+    pytest.param("cuda", "triton", id="cuda-triton"),
+]
+
+
 def nvcc(source: Path, out: Path, *flags: str) -> None:
     cmd = [NVCC, "-c", *flags, *NVCC_FLAGS, "-I", str(ROOT / "csrc/cpu"), "-I", str(ROOT / "csrc/cuda"),
            str(source), "-o", str(out)]

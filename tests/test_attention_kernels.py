@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_checks import compile_header, compile_launcher, compile_triton_sm90, launcher_opt_in, needs_nvcc
+from kernel_checks import BACKENDS, compile_header, compile_launcher, compile_triton_sm90, launcher_opt_in, needs_nvcc
 
 from splice.ops import available_backends, band_attention, decode_attention, use_backend
 from splice.ops.attention_reference import band_attention_reference, decode_attention_reference
@@ -21,13 +21,6 @@ from splice.ops.attention_reference import band_attention_reference, decode_atte
 DTYPES = (torch.float32, torch.bfloat16)
 # fp32 sums in another order; bf16 outputs are rounded once (and bf16 inputs feed fp32 math everywhere).
 TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2)}
-BACKENDS = [
-    pytest.param("cpu", "cpp", id="cpu-cpp"),
-    pytest.param("cpu", "triton", id="cpu-triton"),
-    pytest.param("cpu", "reference", id="cpu-reference"),
-    pytest.param("cuda", "cuda", id="cuda-cuda"),
-    pytest.param("cuda", "triton", id="cuda-triton"),
-]
 # (B, Hq, Hkv, T, D): GQA 6/2 and MHA 3/3, T not a multiple of any block size (16, 32, 64), odd D.
 BAND_SHAPES = [(2, 6, 2, 37, 16), (3, 3, 3, 70, 24), (1, 6, 2, 5, 8)]
 # Per KV head (sinks, window): full; sinks + window; window only; a window longer than T.

@@ -11,19 +11,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_checks import compile_header, compile_launcher, compile_triton_sm90, launcher_opt_in, needs_nvcc
+from kernel_checks import BACKENDS, compile_header, compile_launcher, compile_triton_sm90, launcher_opt_in, needs_nvcc
 
 from splice.ops import available_backends, gather_rows, scatter_rows, use_backend
 from splice.ops.row_select_reference import gather_rows_reference, scatter_rows_reference
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-BACKENDS = [
-    pytest.param("cpu", "cpp", id="cpu-cpp"),
-    pytest.param("cpu", "triton", id="cpu-triton"),
-    pytest.param("cpu", "reference", id="cpu-reference"),
-    pytest.param("cuda", "cuda", id="cuda-cuda"),
-    pytest.param("cuda", "triton", id="cuda-triton"),
-]
 # Row shapes: single elements, odd sizes, SmolLM2's hidden size, and [seq, hidden] rows of a prefill.
 ROWS = [(1,), (7,), (576,), (1000,), (3, 37)]
 

@@ -30,7 +30,7 @@ class SteeringRows(LogitsProcessor):
                              f"--load-format splice --middleware {middleware.IMPORT_PATH})")
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
-        pass
+        """vLLM's constructor signature; the state lives in the served model's ServeSteering."""
 
     def is_argmax_invariant(self) -> bool:
         return True

@@ -46,7 +46,7 @@ class FixedTables(SteeringTables):
                                f"entries per slot, {entries} needed")
 
     def _drop_if_unused(self, key: Key) -> None:
-        pass
+        """Never drop a table: the compiled graph reads every table the recipe declared."""
 
 
 class SlotPool:
