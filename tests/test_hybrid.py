@@ -152,6 +152,58 @@ def test_head_scores_rank_heads_by_what_streaming_costs():
     assert HeadMap.from_scores(scores, 0.5).full_fraction == 0.5
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_streaming_deltas_equal_the_change_streaming_one_head_makes(family):
+    """Each delta score is what patching that head alone to stream does to its layer's attention
+    output, relative to the residual entering the layer, averaged over the queries past the window."""
+    from splice.hybrid.profile import streaming_deltas
+
+    model = tiny_model(family)
+    seqs = [torch.randint(3, 100, (1, 24), generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    scores = streaming_deltas(model, seqs, sinks=1, window=4, stride=1, progress=False)
+    assert len(scores) == LAYERS and all(len(row) == KV_HEADS for row in scores)
+    layer, head = 1, 0
+    captured = {}
+    block = model.model.layers[layer]
+    hooks = [block.register_forward_pre_hook(lambda m, a, k: captured.__setitem__("x", (a or [k["hidden_states"]])[0]),
+                                             with_kwargs=True),
+             block.self_attn.register_forward_hook(lambda m, a, out: captured.__setitem__("attn", out[0]))]
+    full = {l: set(range(KV_HEADS)) for l in range(LAYERS)}
+    full[layer] = full[layer] - {head}
+    moved = []
+    for ids in seqs:
+        logits(model, ids, torch.ones_like(ids))
+        reference = captured["attn"]
+        with splice.patch(model, heads=HeadMap(LAYERS, KV_HEADS, full, sinks=1, window=4)):
+            logits(model, ids, torch.ones_like(ids))
+        change = (captured["attn"] - reference).norm(dim=-1) / captured["x"].norm(dim=-1)
+        moved.append(change[0, 5:].mean())
+    for hook in hooks:
+        hook.remove()
+    assert scores[layer][head] == pytest.approx(float(torch.stack(moved).mean()), rel=1e-4)
+    assert all(s > 0 for row in scores for s in row)
+
+
+def test_streaming_deltas_refuse_short_sequences_and_sandwich_families():
+    from splice.hybrid.profile import streaming_deltas
+
+    with pytest.raises(ValueError, match="never reach past sinks"):
+        streaming_deltas(tiny_model("llama"), [torch.arange(3, 8)[None]], sinks=1, window=4, progress=False)
+    with pytest.raises(ValueError, match="pre-norm families"):
+        streaming_deltas(tiny_model("gemma2"), [torch.arange(3, 30)[None]], sinks=1, window=4, progress=False)
+
+
+def test_interleave_takes_the_top_heads_of_every_score_table_in_turn():
+    from splice.hybrid.profile import interleave
+
+    a, b = [[3.0, 2.0], [1.0, 0.0]], [[0.0, 1.0], [2.0, 3.0]]
+    assert interleave(a, b) == [[4.0, 2.0], [1.0, 3.0]]
+    assert HeadMap.from_scores(interleave(a, b), 0.5).full == {0: {0}, 1: {1}}
+    assert interleave(a, a) == [[4.0, 3.0], [2.0, 1.0]]
+    with pytest.raises(ValueError, match="different shapes"):
+        interleave(a, [[1.0, 2.0, 3.0]])
+
+
 @pytest.mark.real_model
 def test_passkey_prompts_hide_the_key_at_the_asked_depth():
     from transformers import AutoTokenizer
@@ -196,3 +248,18 @@ def test_hybrid_steering_skipping_and_quantization_in_one_patch():
         results.append(out)
     assert torch.equal(results[0].sequences, results[1].sequences)
     torch.testing.assert_close(torch.stack(results[0].logits), torch.stack(results[1].logits), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.real_model
+def test_profile_heads_cli_writes_a_scored_map_for_the_default_model(tmp_path):
+    from splice.cli import main
+
+    path = tmp_path / "heads.json"
+    assert main(["profile", "heads", "--json", str(path), "--context", "320", "200", "--window", "64", "--passkeys", "1",
+                 "--windows", "1", "--full-fraction", "0.25"]) == 0
+    head_map = HeadMap.load(path)
+    assert (head_map.num_layers, head_map.num_kv_heads, head_map.window) == (30, 3, 64)
+    assert round(head_map.full_fraction * 90) == 22 and path.with_suffix(".png").stat().st_size > 0
+    ranked = sorted(s for row in head_map.scores for s in row)
+    chosen = [head_map.scores[l][h] for l in range(30) for h in head_map.full_heads(l)]
+    assert min(chosen) >= ranked[-22] and ranked[-1] > ranked[0] >= 0

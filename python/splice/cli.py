@@ -84,16 +84,29 @@ def cmd_profile_heads(args) -> int:
     from .calibration.passkey import passkey_set
     from .calibration.text import wikitext_windows
     from .hybrid.head_map import HeadMap
-    from .hybrid.profile import head_scores, plot_head_map
+    from .hybrid.profile import head_scores, interleave, plot_head_map, streaming_deltas
 
     model, tokenizer = _load(args)
+    if args.merge:
+        merge = HeadMap.load(args.merge)
+        merge.validate_for(Adapter(model))
+        if merge.scores is None:
+            raise SystemExit(f"{args.merge} holds no head scores to merge")
     sequences = []
-    for task in passkey_set(tokenizer, args.context, args.passkeys):
-        answer = tokenizer(" " + task.answer, return_tensors="pt", add_special_tokens=False).input_ids
-        sequences.append((torch.cat([task.ids, answer], 1), answer.shape[1]))
-    for window in wikitext_windows(tokenizer, args.windows, args.context):
-        sequences.append((window[None], args.context // 2))
-    scores = head_scores(model, sequences, args.sinks, args.window)
+    for context in args.context:
+        for task in passkey_set(tokenizer, context, args.passkeys):
+            answer = tokenizer(" " + task.answer, return_tensors="pt", add_special_tokens=False).input_ids
+            sequences.append((torch.cat([task.ids, answer], 1), answer.shape[1]))
+    longest = max(args.context)
+    skip = -(-8192 // longest)  # past the first 8192 tokens: 'splice bench attention' scores perplexity there
+    for window in wikitext_windows(tokenizer, args.windows, longest, offset=skip):
+        sequences.append((window[None], longest // 2))
+    if args.method == "delta":
+        scores = streaming_deltas(model, [ids for ids, _ in sequences], args.sinks, args.window, args.stride)
+    else:
+        scores = head_scores(model, sequences, args.sinks, args.window)
+    if args.merge:
+        scores = interleave(scores, merge.scores)
     head_map = HeadMap.from_scores(scores, args.full_fraction, args.sinks, args.window, Adapter(model).name)
     path = head_map.save(args.json)
     plot_head_map(head_map, path.with_suffix(".png"))
@@ -351,9 +364,16 @@ def parser() -> argparse.ArgumentParser:
     ph.add_argument("--full-fraction", type=float, default=0.25, help="fraction of KV heads kept full")
     ph.add_argument("--sinks", type=int, default=4)
     ph.add_argument("--window", type=int, default=256)
-    ph.add_argument("--context", type=int, default=1024, help="tokens per calibration sequence")
-    ph.add_argument("--passkeys", type=int, default=2, help="pass-key prompts")
-    ph.add_argument("--windows", type=int, default=2, help="WikiText-2 windows")
+    ph.add_argument("--method", choices=("delta", "kl"), default="delta",
+                    help="delta: residual change per head, one pass per sequence (scores at long context); "
+                         "kl: output KL, one pass per head and sequence")
+    ph.add_argument("--stride", type=int, default=32, help="delta: score every stride-th query position")
+    ph.add_argument("--merge", help="a scored head map (e.g. from --method kl): rank heads round-robin over "
+                                    "its scores and this run's")
+    ph.add_argument("--context", type=int, nargs="+", default=[8192],
+                    help="pass-key prompt lengths (WikiText-2 windows take the longest)")
+    ph.add_argument("--passkeys", type=int, default=2, help="pass-key prompts per context")
+    ph.add_argument("--windows", type=int, default=1, help="WikiText-2 windows")
     ph.set_defaults(func=cmd_profile_heads)
 
     route = sub.add_parser("route", help="per-request layer routing")

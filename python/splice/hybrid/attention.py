@@ -49,6 +49,11 @@ def band_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, k_ok: torch.Tensor, sink
     return seen[:, None]
 
 
+def model_window(adapter, attn) -> int:
+    """The sliding window the model's own attention has in this layer (0: none)."""
+    return int(getattr(attn, "sliding_window", None) or getattr(adapter.config, "sliding_window", None) or 0)
+
+
 def make_attention_forward(adapter, layer_idx: int, head_map, runtime):
     attn = adapter.layers[layer_idx].self_attn
     hq, hkv, d = adapter.num_heads, adapter.num_kv_heads, adapter.head_dim
@@ -58,7 +63,7 @@ def make_attention_forward(adapter, layer_idx: int, head_map, runtime):
     q_stream = [h for g in stream for h in range(g * group, (g + 1) * group)]
     order = torch.argsort(torch.tensor(q_full + q_stream))
     sinks, window = head_map.sinks, head_map.window
-    full_window = int(getattr(attn, "sliding_window", None) or getattr(adapter.config, "sliding_window", None) or 0)
+    full_window = model_window(adapter, attn)
     head_sinks = torch.tensor([0 if g in full else sinks for g in range(hkv)])
     head_window = torch.tensor([full_window if g in full else window for g in range(hkv)])
     state = runtime.state
