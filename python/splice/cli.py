@@ -12,8 +12,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def _load(args):
+    """The model and tokenizer ``args`` name, after applying ``--threads`` where the command has it."""
     from .models.loader import load_model
 
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
     return load_model(args.model, dtype=DTYPES[args.dtype])
 
 
@@ -47,8 +50,6 @@ def cmd_extract(args) -> int:
 def cmd_bench_steer(args) -> int:
     from .bench import output, steer
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     model, _ = _load(args)
     report = steer.run(model, batches=tuple(args.batches), prompt_len=args.prompt_len, steps=args.steps,
                        repeats=args.repeats)
@@ -147,8 +148,6 @@ def cmd_bench_skip(args) -> int:
     from .bench import skip
     from .skipping.profile import LayerProfile
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     model, tokenizer = _load(args)
     profile = LayerProfile.load(args.profile) if args.profile else None
     report = skip.run(model, tokenizer, calib_windows=args.calib_windows, eval_windows=args.eval_windows,
@@ -160,8 +159,6 @@ def cmd_bench_skip(args) -> int:
 def cmd_bench_quant(args) -> int:
     from .bench import quant
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     model, tokenizer = _load(args)
     report = quant.run(model, tokenizer, calib_windows=args.calib_windows, eval_windows=args.eval_windows,
                        eval_length=args.eval_length, steps=args.steps, repeats=args.repeats, seeds=args.seeds,
@@ -174,8 +171,6 @@ def cmd_bench_attention(args) -> int:
     from .bench import attention
     from .hybrid.head_map import HeadMap
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     model, tokenizer = _load(args)
     report = attention.run(model, tokenizer, HeadMap.load(args.heads), contexts=args.contexts, samples=args.samples,
                            ppl_windows=args.ppl_windows, ppl_length=args.ppl_length, steps=args.steps,
@@ -193,8 +188,6 @@ def cmd_quantize(args) -> int:
     from .quant.checkpoint import save_quantized
     from .quant.sensitivity import Measurements, measure
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if Path(args.out).exists() and not args.overwrite:
         raise SystemExit(f"{args.out} exists; pass --overwrite to replace it")
     if args.method != "measured" and len(args.group_sizes) != 1:
