@@ -38,14 +38,6 @@ def test_bad_steering_names_the_field(xargs, field):
     assert info.value.field == field and f"vllm_xargs.{field}" in str(info.value)
 
 
-def test_cache_salt_differs_per_configuration_and_client_salt():
-    a, a2 = parse({"splice_vector": "a"}, SCALES), parse({"splice_vector": "a", "splice_scale": 2.0}, SCALES)
-    b = parse({"splice_vector": "a", "splice_scale": 3.0}, SCALES)
-    assert a.cache_salt(None) == a2.cache_salt(None) != b.cache_salt(None)
-    assert a.cache_salt("tenant1") != a.cache_salt(None)
-    assert len(a.cache_salt("x" * 128)) <= 128
-
-
 def test_slot_pool_reuses_released_slots_least_recent_first():
     from splice.serving.steering_state import SlotPool
 
@@ -108,13 +100,18 @@ def test_steered_requests_without_the_middleware_mark_are_refused():
     pytest.importorskip("vllm", reason="vLLM is not installed (pip install '.[vllm]')")
     from vllm import SamplingParams
 
-    from splice.serving import middleware
+    from splice.serving import salts
     from splice.serving.request_rows import SteeringRows
 
     xargs = {"splice_vector": ["a"], "splice_scale": [2.0]}
+    key, other = parse(xargs).key, parse({"splice_vector": ["b"], "splice_scale": [2.0]}).key
+    salt = salts.steered_salt(key, None)
     SteeringRows.validate_params(SamplingParams(max_tokens=1))
-    for mark in ({}, {"splice_token": "0" * 32}, {"splice_token": middleware.token(parse({"splice_vector": ["b"], "splice_scale": [2.0]}))}):
+    for mark in ({}, {"splice_token": "0" * 32, "splice_salt": salt},
+                 {"splice_token": salts.mark(other, salt), "splice_salt": salt},  # another configuration's mark
+                 {"splice_token": salts.mark(key, salt)},  # no salt to bind it to
+                 {"splice_token": salts.mark(key, salt), "splice_salt": salts.steered_salt(key, "t")}):  # other salt
         with pytest.raises(ValueError, match="vllm_xargs.splice_vector: steering is served through"):
             SteeringRows.validate_params(SamplingParams(max_tokens=1, extra_args={**xargs, **mark}))
-    marked = {**xargs, "splice_token": middleware.token(parse(xargs))}
+    marked = {**xargs, "splice_token": salts.mark(key, salt), "splice_salt": salt}
     SteeringRows.validate_params(SamplingParams(max_tokens=1, extra_args=marked))

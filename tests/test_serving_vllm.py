@@ -20,6 +20,7 @@ pytestmark = [
 ]
 
 PROMPT = "Tell me about your weekend."
+SECRET = "5a" * 32  # the servers' salt secret (SPLICE_SERVE_SECRET), known here to play the strongest attacker
 
 
 def _free_port() -> int:
@@ -31,6 +32,7 @@ def _free_port() -> int:
 def _env() -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # conftest sets it for kernels
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    env["SPLICE_SERVE_SECRET"] = SECRET
     return env
 
 
@@ -53,8 +55,10 @@ class Server:
         self.port, self.model = port, model
         self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=300)
 
-    def chat(self, xargs=None, prompt=PROMPT, max_tokens=24, **kw):
+    def chat(self, xargs=None, prompt=PROMPT, max_tokens=24, salt=None, **kw):
         extra = {"vllm_xargs": xargs} if xargs is not None else {}
+        if salt is not None:
+            extra["cache_salt"] = salt
         r = self.client.chat.completions.create(model=self.model, messages=[{"role": "user", "content": prompt}],
                                                 max_tokens=max_tokens, temperature=0, extra_body=extra, **kw)
         return r
@@ -128,6 +132,35 @@ def test_prefix_cache_is_never_shared_across_steering(server):
     assert cached({"splice_vector": "v0"}) > 0  # same steering shares its own blocks
     assert cached({"splice_vector": "v0", "splice_scale": 2.0}) == 0
     assert cached({"splice_vector": "v1"}) == 0
+
+
+def test_an_unsteered_request_cannot_plant_blocks_for_a_steered_one(server, monkeypatch):
+    """Issue 13's attack: an unsteered request carrying the salt a steered configuration gets (as the
+    old public formula computed it, and as this server derives it, which an attacker knowing the
+    secret could compute) fills the prefix cache over a popular prompt. The steered request that
+    follows must find no cached block and give the text it gives under a fresh salt of its own."""
+    import hashlib
+    import uuid
+
+    from splice.serving import salts
+    from splice.serving.request_params import parse
+
+    prompt = "Every tenant of this server starts with the same long instructions. " * 24 + "Now say hello."
+    steer = {"splice_vector": "v0", "splice_scale": 8.0}
+    key = parse(steer).key
+    monkeypatch.setattr(salts, "_SECRET", bytes.fromhex(SECRET))
+    public = "splice-" + hashlib.sha256(json.dumps([key, None]).encode()).hexdigest()[:48]
+    for planted in (public, salts.steered_salt(key, None)):
+        server.chat(None, prompt=prompt, max_tokens=2, salt=planted)
+        assert server.chat(None, prompt=prompt, max_tokens=2, salt=planted).usage.prompt_tokens_details.cached_tokens
+
+    victim = server.chat(steer, prompt=prompt)
+    assert (victim.usage.prompt_tokens_details.cached_tokens or 0) == 0
+    fresh = server.chat(steer, prompt=prompt, salt=uuid.uuid4().hex)
+    assert victim.choices[0].message.content == fresh.choices[0].message.content
+    again = server.chat(steer, prompt=prompt)
+    assert again.usage.prompt_tokens_details.cached_tokens > 0  # its own configuration still shares blocks
+    assert again.choices[0].message.content == victim.choices[0].message.content
 
 
 @pytest.mark.parametrize("body, field", [

@@ -234,11 +234,11 @@ def cmd_export(args) -> int:
 def cmd_serve(args) -> int:
     import os
 
-    from .serving.launch import command
+    from .serving.launch import command, server_env
 
     cmd = command(args.recipe, args.vllm_args)
     print("splice: " + " ".join(cmd), flush=True)
-    os.execv(cmd[0], cmd)
+    os.execve(cmd[0], cmd, server_env())
 
 
 def cmd_bench_serve(args) -> int:

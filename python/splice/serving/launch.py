@@ -15,6 +15,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from . import salts
 from .middleware import IMPORT_PATH
 from .options import load_serving_recipe
 
@@ -33,10 +34,19 @@ def command(recipe: str | os.PathLike, vllm_args: list[str]) -> list[str]:
             "--model-loader-extra-config", json.dumps({"recipe": recipe}), "--middleware", IMPORT_PATH, *args]
 
 
+def server_env(env: dict | None = None) -> dict:
+    """``env`` (default: this process's) with the salt secret every process of one server shares:
+    its own ``SPLICE_SERVE_SECRET`` if set, else a fresh one."""
+    env = dict(os.environ if env is None else env)
+    env.setdefault(salts.ENV, salts.new_secret())
+    return env
+
+
 def start(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
     """Run ``cmd`` in its own process group (stop it with :func:`stop`), output to ``log``."""
     with open(log, "wb") as out:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=server_env(env),
+                                start_new_session=True)
 
 
 def wait_ready(proc: subprocess.Popen, port: int, log: Path, timeout: float = 900) -> None:

@@ -1,40 +1,57 @@
 """ASGI middleware for vLLM's OpenAI server (``--middleware``; ``splice serve`` adds it).
 
-For a completion, chat completion or responses request whose ``vllm_xargs`` has ``splice_*`` keys
-it checks the steering against the served recipe and answers HTTP 400 naming the field when it is
-wrong; otherwise it rewrites the request with the canonical steering (explicit names and scales)
-and a ``cache_salt`` derived from that steering and the client's own salt. vLLM's prefix cache
-keys blocks by that salt, so differently steered prompts never share blocks. It also adds
-``splice_token``, an HMAC of the steering under a secret of this process, which vLLM's request
-validation (:mod:`.request_rows`) requires: a steered request that reached vLLM any other way (an
-endpoint without ``cache_salt``, a server without the middleware) is refused. Other requests pass
-through untouched.
+It sees every HTTP request and decides every request's prefix-cache salt (:mod:`.salts`):
+
+* a POST whose JSON body has ``vllm_xargs`` with ``splice_*`` keys must go to one of
+  :data:`PATHS`; its steering is checked against the served recipe (HTTP 400 naming the field
+  when wrong), then the body is rewritten with the canonical steering (explicit names and scales),
+  the steered ``cache_salt`` (derived under the server's secret from the configuration and the
+  client's own salt), ``splice_salt`` (that salt) and ``splice_token`` (the mark binding the
+  configuration to the salt), which vLLM's request validation (:mod:`.request_rows`) requires;
+* any other POST whose JSON body carries a ``cache_salt`` gets it namespaced (``splice-c-…``), so
+  no client can pick a salt that steered requests use;
+* everything else passes through untouched.
+
+A client's ``cache_salt`` is checked as vLLM checks it (a non-empty string of at most 128
+characters without ``@``, ``/``, ``\\`` or NUL) before it is namespaced.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
-import secrets
 
 from ..recipe import RecipeError
+from . import salts
 from .options import ServeOptions, load_serving_recipe
-from .request_params import TOKEN, VECTOR, RequestSteering, SteeringParamError, parse, wants_steering
+from .request_params import SALT, TOKEN, VECTOR, RequestSteering, SteeringParamError, parse, wants_steering
 
 IMPORT_PATH = "splice.serving.middleware.SteeringMiddleware"
 PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
-_SECRET = secrets.token_bytes(32)
+SALT_FIELD = "cache_salt"
+_MAX_SALT, _FORBIDDEN_IN_SALT = 128, set("@/\\\0")
 
 
-def token(steering: RequestSteering) -> str:
-    """The middleware's mark on a request it salted (valid in this process only)."""
-    return hmac.new(_SECRET, steering.key.encode(), hashlib.sha256).hexdigest()[:32]
+class RequestError(ValueError):
+    """A request refused with HTTP 400; ``field`` names the offending body field."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
 
 
 def vouches(extra_args: dict, steering: RequestSteering) -> bool:
-    """Whether ``extra_args`` carries this process's middleware mark for ``steering``."""
-    return hmac.compare_digest(str(extra_args.get(TOKEN, "")), token(steering))
+    """Whether ``extra_args`` carries this server's mark for ``steering`` under its ``splice_salt``."""
+    return salts.vouches(extra_args.get(TOKEN), steering.key, extra_args.get(SALT))
+
+
+def _client_salt(data: dict) -> str | None:
+    salt = data.get(SALT_FIELD)
+    if salt is None:
+        return None
+    if not isinstance(salt, str) or not salt or len(salt) > _MAX_SALT or _FORBIDDEN_IN_SALT & set(salt):
+        raise RequestError(SALT_FIELD, f"{SALT_FIELD} must be a non-empty string of at most {_MAX_SALT} "
+                                       "characters without '@', '/', '\\' or NUL")
+    return salt
 
 
 def _error(message: str, field: str) -> bytes:
@@ -66,8 +83,24 @@ class SteeringMiddleware:
                                              f"{per_request} per request (max_vectors_per_request)")
         return steering
 
+    def _rewrite(self, scope, data: dict) -> bool:
+        """Set ``data``'s salt (and steering) in place; whether anything changed. Raises on bad input."""
+        client_salt = _client_salt(data)
+        if not wants_steering(data.get("vllm_xargs")):
+            if client_salt is None:
+                return False
+            data[SALT_FIELD] = salts.client_salt(client_salt)
+            return True
+        if scope["path"] not in PATHS:
+            raise SteeringParamError(VECTOR, f"steering is served on {', '.join(PATHS)} only")
+        steering = self._steering(scope, data)
+        salt = salts.steered_salt(steering.key, client_salt)
+        data["vllm_xargs"].update(steering.to_xargs(), **{SALT: salt, TOKEN: salts.mark(steering.key, salt)})
+        data[SALT_FIELD] = salt
+        return True
+
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in PATHS:
+        if scope["type"] != "http" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
         chunks, more = [], True
         while more:
@@ -80,23 +113,20 @@ class SteeringMiddleware:
         try:
             data = json.loads(body)
         except ValueError:
-            data = None  # vLLM answers malformed JSON itself
-        if isinstance(data, dict) and wants_steering(data.get("vllm_xargs")):
+            data = None  # not JSON: vLLM refuses it, or reads it as a form, which has no salt
+        if isinstance(data, dict):
             try:
-                steering = self._steering(scope, data)
-            except (SteeringParamError, RecipeError) as exc:
-                field = getattr(exc, "field", VECTOR)
-                payload = _error(str(exc), field)
+                changed = self._rewrite(scope, data)
+            except (RequestError, SteeringParamError, RecipeError) as exc:
+                payload = _error(str(exc), getattr(exc, "field", VECTOR))
                 await send({"type": "http.response.start", "status": 400,
                             "headers": [(b"content-type", b"application/json"),
                                         (b"content-length", str(len(payload)).encode())]})
                 return await send({"type": "http.response.body", "body": payload})
-            data["vllm_xargs"].update(steering.to_xargs(), **{TOKEN: token(steering)})
-            client_salt = data.get("cache_salt")
-            data["cache_salt"] = steering.cache_salt(client_salt if isinstance(client_salt, str) else None)
-            body = json.dumps(data).encode()
-            headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
-            scope = dict(scope, headers=headers + [(b"content-length", str(len(body)).encode())])
+            if changed:
+                body = json.dumps(data).encode()
+                headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
+                scope = dict(scope, headers=headers + [(b"content-length", str(len(body)).encode())])
         replayed = False
 
         async def replay():

@@ -2,8 +2,9 @@
 
 ``splice_vector`` is a name or a list of names (applied in that order); ``splice_scale`` a number
 or a list of numbers of the same length (absent: each vector's scale from the recipe);
-``splice_token`` is written by the middleware (see :mod:`.middleware`). Any other ``splice_*`` key
-is refused. Errors are :class:`SteeringParamError`, whose message names the field.
+``splice_salt`` and ``splice_token`` are written by the middleware (see :mod:`.middleware`; a
+client's values are replaced). Any other ``splice_*`` key is refused. Errors are
+:class:`SteeringParamError`, whose message names the field.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import json
 import math
 from dataclasses import dataclass
 
-VECTOR, SCALE, TOKEN = "splice_vector", "splice_scale", "splice_token"
-FIELDS = (VECTOR, SCALE, TOKEN)
+VECTOR, SCALE, SALT, TOKEN = "splice_vector", "splice_scale", "splice_salt", "splice_token"
+FIELDS = (VECTOR, SCALE, SALT, TOKEN)
 PREFIX = "splice_"
 
 
@@ -36,11 +37,6 @@ class RequestSteering:
     def key(self) -> str:
         """A digest of the configuration: equal for equal steering, different otherwise."""
         return hashlib.sha256(json.dumps(self.items).encode()).hexdigest()[:32]
-
-    def cache_salt(self, client_salt: str | None) -> str:
-        """vLLM ``cache_salt`` for this steering, keeping a client's own salt apart too."""
-        text = json.dumps([self.key, client_salt])
-        return "splice-" + hashlib.sha256(text.encode()).hexdigest()[:48]
 
     def to_xargs(self) -> dict:
         """The canonical ``vllm_xargs`` form (explicit lists)."""

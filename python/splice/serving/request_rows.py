@@ -2,8 +2,8 @@
 
 * ``validate_params`` runs where vLLM admits a request (the API server process): a malformed
   ``vllm_xargs`` steering request becomes an HTTP 400 naming the field, and a steered request
-  without the mark of :class:`~splice.serving.middleware.SteeringMiddleware` (which set its cache
-  salt) is refused, so steered prompts never share prefix-cache blocks with other configurations.
+  without the mark of :class:`~splice.serving.middleware.SteeringMiddleware` for its configuration
+  and salt is refused, so steered prompts only ever reach vLLM under the salt the middleware derived.
 * ``update_state`` runs in the worker before every step that changes the batch: it hands vLLM's
   ``BatchUpdate`` to the served model's :class:`~splice.serving.steering_state.ServeSteering`.
 
