@@ -2,7 +2,11 @@
 
 The contract is :func:`splice.ops.steer_reference.fused_steer_reference` (fp32 math, ``r`` rounded
 once to ``x.dtype``, ``out`` computed from the rounded ``r``); the ``params`` layout is
-:mod:`splice.ops.steer_layout`. Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1``.
+:mod:`splice.ops.steer_layout`. Arguments are checked as the reference checks them
+(:func:`splice.ops.steer_reference.check_fused_steer`; slot values on the host for CPU tensors only);
+on the device a token whose slot is out of range fails a device assert (compiled in with
+``TRITON_DEBUG=1``), is left unsteered and reads no table row. Runs on CUDA tensors, and on CPU
+tensors under ``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import triton
 import triton.language as tl
 
 from splice.ops import steer_layout as L
+from splice.ops.steer_reference import check_fused_steer, check_steer_slots
 
 _ALPHA = tl.constexpr(L.ALPHA)
 _BETA = tl.constexpr(L.BETA)
@@ -31,7 +36,7 @@ _PHASE_GENERATED = tl.constexpr(float(L.PHASE_GENERATED))
 @triton.jit
 def _fused_steer_kernel(
     x_ptr, d_ptr, v_ptr, p_ptr, slot_ptr, pos_ptr, gen_ptr, w_ptr, r_ptr, o_ptr,
-    H, K, eps, weight_offset,
+    H, K, S, eps, weight_offset,
     HAS_DELTA: tl.constexpr, HAS_VECS: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -45,7 +50,9 @@ def _fused_steer_kernel(
         u = x
     if HAS_VECS:
         s = tl.load(slot_ptr + row).to(tl.int64)
-        if s != 0:
+        in_range = (s >= 0) & (s < S)
+        tl.device_assert(in_range, "fused_steer: slot value out of range")
+        if (s != 0) & in_range:
             posf = tl.load(pos_ptr + row).to(tl.float32)
             gen = tl.load(gen_ptr + row)
             for k in range(K):
@@ -75,21 +82,29 @@ def _fused_steer_kernel(
 
 def fused_steer_triton(x, delta, vecs, params, slot, pos, gen, weight, eps, weight_offset):
     """Same signature and results as ``torch.ops.splice.fused_steer``; returns ``(r, out)``."""
+    check_fused_steer(x, delta, vecs, params, slot, pos, gen, weight)
+    check_steer_slots(slot, vecs)
+    return _launch(x, delta, vecs, params, slot, pos, gen, weight, eps, weight_offset)
+
+
+def _launch(x, delta, vecs, params, slot, pos, gen, weight, eps, weight_offset):
+    """Run the kernel on checked arguments (slot values unchecked: the kernel guards them)."""
     t, h = x.shape
     x = x.contiguous()
     r = torch.empty_like(x)
     out = torch.empty_like(x) if weight is not None else x.new_empty(0)
     if t == 0 or h == 0:
         return r, out
-    has_vecs = vecs is not None and vecs.shape[1] > 0
+    has_vecs = vecs is not None
+    has_rows = has_vecs and vecs.numel() > 0
     block = triton.next_power_of_2(h)
     device = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
     with device:
         _fused_steer_kernel[(t,)](
             x,
             delta.contiguous() if delta is not None else x,
-            vecs.contiguous() if has_vecs else x,
-            params.contiguous() if has_vecs else x,
+            vecs.contiguous() if has_rows else x,
+            params.contiguous() if has_rows else x,
             slot.contiguous(),
             pos.contiguous(),
             gen.contiguous().view(torch.uint8),
@@ -98,6 +113,7 @@ def fused_steer_triton(x, delta, vecs, params, slot, pos, gen, weight, eps, weig
             out if weight is not None else r,
             h,
             vecs.shape[1] if has_vecs else 0,
+            vecs.shape[0] if has_vecs else 0,
             float(eps),
             float(weight_offset),
             HAS_DELTA=delta is not None,

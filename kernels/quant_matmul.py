@@ -2,8 +2,9 @@
 
 The contract is :func:`splice.ops.quant_matmul_reference.quant_matmul_reference` (fp32 math, ``y``
 rounded once to ``x.dtype``); the packed layout is :mod:`splice.quant.packing`. One program computes a
-``BLOCK_T × BLOCK_N`` tile of ``y``, walking K in steps of ``BLOCK_K``. Runs on CUDA tensors, and on
-CPU tensors under ``TRITON_INTERPRET=1``.
+``BLOCK_T × BLOCK_N`` tile of ``y``, walking K in steps of ``BLOCK_K``. Arguments are checked as the
+reference checks them (:func:`splice.ops.quant_matmul_reference.check_quant_matmul`). Runs on CUDA
+tensors, and on CPU tensors under ``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from splice.ops.quant_matmul_reference import check_quant_matmul
 from splice.quant.packing import padded_k
 
 
@@ -66,6 +68,7 @@ def _quant_matmul_kernel(
 
 def quant_matmul_triton(x, qweight, scales, zeros, bias, bits, group_size, out_features, in_features):
     """Same signature and result as ``torch.ops.splice.quant_matmul``."""
+    check_quant_matmul(x, qweight, scales, zeros, bias, bits, group_size, out_features, in_features)
     t = x.shape[0]
     x = x.contiguous()
     y = x.new_empty((t, out_features))

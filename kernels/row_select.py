@@ -1,9 +1,10 @@
 """Triton kernels of ``splice::gather_rows`` / ``splice::scatter_rows``: one program per (index, block
 of a row) copies that block from ``src[s]`` to ``dst[d]``.
 
-The contract is :mod:`splice.ops.row_select_reference`. Index values are checked by a device assert
-(compiled in with ``TRITON_DEBUG=1``); an out-of-range index never reads or writes memory. Runs on
-CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1``.
+The contract is :mod:`splice.ops.row_select_reference`. Index values are checked on the host for CPU
+tensors, as the reference checks them; on the device by a device assert (compiled in with
+``TRITON_DEBUG=1``), and an out-of-range index never reads or writes memory. Runs on CUDA tensors, and
+on CPU tensors under ``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from splice.ops.row_select_reference import check_gather_rows, check_scatter_rows
+from splice.ops.row_select_reference import check_gather_rows, check_row_indices, check_scatter_rows
 
 MAX_BLOCK = 4096
 
@@ -52,6 +53,7 @@ def _copy_rows(src: torch.Tensor, dst: torch.Tensor, idx: torch.Tensor, rows: in
 def gather_rows_triton(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Same signature and result as ``torch.ops.splice.gather_rows``."""
     check_gather_rows(x, idx)
+    check_row_indices(idx, x.shape[0], "gather_rows")
     x = x.contiguous()
     out = x.new_empty((idx.shape[0], *x.shape[1:]))
     _copy_rows(x, out, idx, x.shape[0], gather=True)
@@ -61,6 +63,7 @@ def gather_rows_triton(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 def scatter_rows_triton(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Same signature and result as ``torch.ops.splice.scatter_rows``."""
     check_scatter_rows(x, y, idx)
+    check_row_indices(idx, x.shape[0], "scatter_rows")
     out = x.clone(memory_format=torch.contiguous_format)
     _copy_rows(y.contiguous(), out, idx, out.shape[0], gather=False)
     return out

@@ -1,4 +1,13 @@
-"""Compile checks shared by the kernel test files (no GPU here, so compiling is what can be checked):
+"""Backend lists and compile checks shared by the kernel test files.
+
+* ``BACKENDS``: the (device, backend) pairs of the kernels, each compared with the reference;
+  ``ALL_BACKENDS`` adds the reference itself, for tests whose expected results do not come from it
+  (hand-derived results, argument errors);
+* ``skip_unless_runs(device, backend)``: skips a backend that cannot run here, except that the C++
+  CPU backend must run wherever splice._C was built (unless ``SPLICE_NO_EXT=1``): a missing or broken
+  extension fails instead of skipping.
+
+No GPU here, so compiling is what can be checked of the CUDA kernels:
 
 * ``compile_triton_sm90(script)``: a script that compiles Triton kernels (not interpreted) to sm_90
   cubins, run in a subprocess because TRITON_INTERPRET is read when kernels are defined;
@@ -20,7 +29,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from torch.utils import cpp_extension
+
+from splice.ops import available_backends, library
 
 ROOT = Path(__file__).resolve().parents[1]
 NVCC = shutil.which("nvcc") or next((p for p in ("/usr/local/cuda/bin/nvcc",) if os.path.exists(p)), None)
@@ -35,14 +47,28 @@ launcher_opt_in = pytest.mark.skipif(
 )
 
 
-# (device, backend) pairs of an op with every backend, its reference included.
 BACKENDS = [
     pytest.param("cpu", "cpp", id="cpu-cpp"),
     pytest.param("cpu", "triton", id="cpu-triton"),
-    pytest.param("cpu", "reference", id="cpu-reference"),
     pytest.param("cuda", "cuda", id="cuda-cuda"),
     pytest.param("cuda", "triton", id="cuda-triton"),
 ]
+ALL_BACKENDS = [*BACKENDS, pytest.param("cpu", "reference", id="cpu-reference")]
+
+
+def extension_expected() -> bool:
+    """Whether splice._C must have loaded: always, unless the build skipped it (SPLICE_NO_EXT=1)."""
+    return os.environ.get("SPLICE_NO_EXT") != "1"
+
+
+def skip_unless_runs(device: str, backend: str) -> None:
+    """Skip unless ``backend`` can run on ``device`` here; fail if that is because splice._C is missing."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if backend == "cpp" and not library.extension_loaded() and extension_expected():
+        pytest.fail(f"splice._C did not load: {library.extension_error()}")
+    if backend not in available_backends(device):
+        pytest.skip(f"backend {backend!r} cannot run on {device} here")
 
 
 def nvcc(source: Path, out: Path, *flags: str) -> None:

@@ -3,19 +3,28 @@ reference, the reference against plain causal attention, opcheck, bad arguments,
 the Triton and CUDA kernels.
 
 Backends are forced with :func:`splice.ops.use_backend`: the C++ CPU kernel, the Triton kernel (on CPU
-under ``TRITON_INTERPRET=1``, set in conftest.py, at small shapes; on CUDA when present), the reference,
-and the C++ CUDA kernel (CUDA only).
+under ``TRITON_INTERPRET=1``, set in conftest.py, at small shapes; on CUDA when present), the C++ CUDA
+kernel (CUDA only) and, for argument errors, the reference. The reference itself is checked against
+SDPA and against the contract written out as loops.
 """
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_checks import BACKENDS, compile_header, compile_launcher, compile_triton_sm90, launcher_opt_in, needs_nvcc
+from kernel_checks import (
+    ALL_BACKENDS,
+    BACKENDS,
+    compile_header,
+    compile_launcher,
+    compile_triton_sm90,
+    launcher_opt_in,
+    needs_nvcc,
+    skip_unless_runs,
+)
 
-from splice.ops import available_backends, band_attention, decode_attention, use_backend
+from splice.ops import band_attention, decode_attention, use_backend
 from splice.ops.attention_reference import band_attention_reference, decode_attention_reference
 
 DTYPES = (torch.float32, torch.bfloat16)
@@ -29,10 +38,7 @@ HEAD_KINDS = [(0, 0), (3, 8), (0, 5), (2, 1000), (4, -1), (1, 1)]
 
 def run(device: str, backend: str, fn, *args):
     """``fn(*args)`` (CPU tensors moved to ``device``) with ``backend`` forced, or skip where it cannot run."""
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    if backend not in available_backends(device):
-        pytest.skip(f"backend {backend!r} cannot run on {device} here")
+    skip_unless_runs(device, backend)
     with use_backend(backend):
         return fn(*(a.to(device) if isinstance(a, torch.Tensor) else a for a in args))
 
@@ -105,6 +111,47 @@ def test_reference_is_causal_attention():
     assert torch.equal(out[1, :, :4], torch.zeros_like(out[1, :, :4]))
 
 
+def loop_attention(q, k, v, scale, may_read):
+    """out[b, h, i] by the contract, one query at a time in float64: softmax over the keys j with
+    ``may_read(b, g, i, j)`` of scale * q.k, times v; 0 where no key may be read."""
+    b_count, hq, t, d = q.shape
+    group = hq // k.shape[1]
+    out = torch.zeros(b_count, hq, t, d, dtype=torch.float64)
+    for b in range(b_count):
+        for h in range(hq):
+            g = h // group
+            for i in range(t):
+                keys = [j for j in range(k.shape[2]) if may_read(b, g, i, j)]
+                if keys:
+                    s = torch.stack([scale * q[b, h, i].double() @ k[b, g, j].double() for j in keys])
+                    out[b, h, i] = torch.softmax(s, 0) @ v[b, g, keys].double()
+    return out
+
+
+def test_band_reference_is_the_contract():
+    """Mixed heads (full, sinks + window, window only, window 1), a left-padded row and positions that
+    start above 0, against the contract's rule written out per (query, key) pair."""
+    q, k, v, pos, valid, sinks, window, scale = band_case(2, 8, 4, 11, 4, torch.float32, pads=[0, 3],
+                                                          kinds=[(0, 0), (2, 3), (0, 4), (0, 1)])
+    pos = pos + 4 * torch.tensor([[1], [0]])
+
+    def may_read(b, g, i, j):
+        near = window[g] <= 0 or pos[b, i] - pos[b, j] < window[g] or pos[b, j] < sinks[g]
+        return bool(valid[b, j]) and j <= i and bool(near)
+
+    expected = loop_attention(q, k, v, scale, may_read)
+    torch.testing.assert_close(band_attention_reference(q, k, v, pos, valid, sinks, window, scale).double(), expected,
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_decode_reference_is_the_contract():
+    """One query per row over the valid slots of the cache (a row with none gives 0), GQA."""
+    q, k, v, valid, scale = decode_case(3, 6, 2, 9, 4, torch.float32)
+    expected = loop_attention(q[:, :, None], k, v, scale, lambda b, g, i, j: bool(valid[b, j]))[:, :, 0]
+    torch.testing.assert_close(decode_attention_reference(q, k, v, valid, scale).double(), expected,
+                               atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("device,backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(3, 6, 2, 45, 16), (2, 3, 3, 200, 24), (1, 6, 2, 1, 8)], ids=str)
@@ -170,7 +217,7 @@ BAD_ARGS = {  # name: ((op, *args), message)
 }
 
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
 @pytest.mark.parametrize("case", BAD_ARGS)
 def test_bad_arguments_raise(device, backend, case):
     (op, *args), message = BAD_ARGS[case]

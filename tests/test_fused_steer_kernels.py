@@ -1,17 +1,28 @@
-"""Every backend of ``splice::fused_steer`` against the fp32 reference, opcheck, and nvcc checks.
+"""Every backend of ``splice::fused_steer`` against the fp32 reference, the reference (and every
+backend) against hand-derived results, bad arguments, opcheck, and nvcc checks.
 
 Backends: the C++ CPU kernel (through the dispatcher), the Triton kernel (on CPU under
-``TRITON_INTERPRET=1``, set in conftest.py; on CUDA when present) and the C++ CUDA kernel (CUDA
-only). The CUDA sources are compile-checked with nvcc wherever it is installed.
+``TRITON_INTERPRET=1``, set in conftest.py; on CUDA when present), the C++ CUDA kernel (CUDA only)
+and, where the expected result does not come from it, the reference. The CUDA sources are
+compile-checked with nvcc wherever it is installed.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from kernel_checks import compile_header, compile_launcher, compile_triton_sm90, launcher_opt_in, needs_nvcc
+from kernel_checks import (
+    ALL_BACKENDS,
+    BACKENDS,
+    compile_header,
+    compile_launcher,
+    compile_triton_sm90,
+    launcher_opt_in,
+    needs_nvcc,
+    skip_unless_runs,
+)
 
-from splice.ops import available_backends, backend_for, library
+from splice.ops import backend_for, fused_steer, use_backend
 from splice.ops.steer_layout import ALPHA, BETA, END, HI, LO, NPARAMS, PHASE, START
 from splice.ops.steer_reference import fused_steer_reference
 
@@ -26,29 +37,17 @@ KINDS = (
     (2.0, 0.0, 0.0, 0.0), (0.0, 1.0, 0.0, 0.0), (0.0, 1.0, -0.25, 0.25), (0.5, 0.5, -1.0, 0.1), (0.0, 0.0, 0.0, 0.0)
 )
 
-BACKENDS = [
-    pytest.param("cpu", "cpp", id="cpu-cpp"),
-    pytest.param("cpu", "triton", id="cpu-triton"),
-    pytest.param("cuda", "cuda", id="cuda-cuda"),
-    pytest.param("cuda", "triton", id="cuda-triton"),
-]
-
 
 def run(device: str, backend: str, args):
     """``fused_steer(*args)`` (CPU tensors, moved to ``device``) on ``backend``, or skip where it
-    cannot run here."""
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
+    cannot run here. Compiled kernels run through the dispatcher, Triton and the reference directly."""
+    skip_unless_runs(device, backend)
     if backend == "triton":
-        if "triton" not in available_backends(device):
-            pytest.skip("triton is not installed, or TRITON_INTERPRET=1 is not set for CPU tensors")
         from splice.kernels.fused_steer import fused_steer_triton
 
         return fused_steer_triton(*to(device, args))
-    if backend == "cpp" and not library.extension_loaded():
-        pytest.skip("splice._C is not built")
-    if backend == "cuda" and not library.with_cuda_kernels():
-        pytest.skip("splice._C was built without CUDA kernels")
+    if backend == "reference":
+        return fused_steer_reference(*args)
     assert backend_for("fused_steer", device) == backend
     return torch.ops.splice.fused_steer(*to(device, args))
 
@@ -131,7 +130,7 @@ def test_case_exercises_windows_and_phases():
         assert active[on_phase].any() and not active[on_phase].all()
 
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
 @pytest.mark.parametrize("phase,rows", [(0, [2, 3]), (1, [2]), (2, [3])], ids=["all", "prompt", "generated"])
 def test_window_and_phase_select_rows(device, backend, phase, rows):
     """One add entry with window [2, 4): only rows in the window whose phase matches change."""
@@ -147,7 +146,7 @@ def test_window_and_phase_select_rows(device, backend, phase, rows):
     torch.testing.assert_close(r.cpu()[rows], x[rows] + 1.0)
 
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
 @pytest.mark.parametrize("lo,hi", [(0.0, 0.0), (-0.5, 0.5)], ids=["ablate", "clamp"])
 def test_clamp_and_ablate_projection(device, backend, lo, hi):
     """beta = 1 on a unit v clamps <r, v> into [lo, hi] and leaves the orthogonal part alone."""
@@ -164,6 +163,103 @@ def test_clamp_and_ablate_projection(device, backend, lo, hi):
     proj, proj_x = r @ v, x @ v
     torch.testing.assert_close(proj, proj_x.clamp(lo, hi), atol=1e-5, rtol=0)
     torch.testing.assert_close(r - proj[:, None] * v, x - proj_x[:, None] * v, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+def test_hand_computed_case(device, backend):
+    """Two entries applied in order (add along e0, then ablate along v = (0.6, 0.8)) to delta, added
+    to x, then RMSNorm with weight + offset; worked out by hand. Token 1 is outside the entries'
+    window [0, 5) and token 2 is in slot 0, so both are x + delta.
+
+    Token 0: u = (3, 4) + e0 = (4, 4); <u, v> = 5.6, u -= 5.6 v -> (0.64, -0.48); r = (0, 0) + u.
+    out = r / sqrt(mean(r^2)) * (w + 0.5) = r / sqrt(0.32) * (1.5, 2.5) = (1.697056, -2.121320).
+    Tokens 1, 2: r = (4, 5), out = (4, 5) / sqrt(20.5) * (1.5, 2.5) = (1.325178, 2.760788).
+    (Ablating first would give r = (1, 0) for token 0.)"""
+    params = torch.zeros(2, 2, NPARAMS)
+    params[1, 0, [ALPHA, END]] = torch.tensor([1.0, 5.0])
+    params[1, 1, [BETA, END]] = torch.tensor([1.0, 5.0])
+    vecs = torch.tensor([[[0.0, 0.0], [0.0, 0.0]], [[1.0, 0.0], [0.6, 0.8]]])
+    x = torch.tensor([[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]])
+    delta = torch.tensor([[3.0, 4.0]]).expand(3, 2).contiguous()
+    args = (x, delta, vecs, params, torch.tensor([1, 1, 0], dtype=torch.int32), torch.tensor([0, 5, 0]),
+            torch.zeros(3, dtype=torch.bool), torch.tensor([1.0, 2.0]), 0.0, 0.5)
+    r, out = run(device, backend, args)
+    torch.testing.assert_close(r.cpu(), torch.tensor([[0.64, -0.48], [4.0, 5.0], [4.0, 5.0]]), atol=1e-6, rtol=1e-6)
+    expected = torch.tensor([[1.697056, -2.121320], [1.325178, 2.760788], [1.325178, 2.760788]])
+    torch.testing.assert_close(out.cpu(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+def test_slot_ignored_without_table(device, backend):
+    """Without vecs/params nothing is steered and slot values index nothing, so any value is allowed."""
+    x = torch.randn(3, 37)
+    args = (x, None, None, None, torch.tensor([0, 7, -3], dtype=torch.int32), torch.arange(3),
+            torch.zeros(3, dtype=torch.bool), None, 1e-6, 0.0)
+    r, _ = run(device, backend, args)
+    assert torch.equal(r.cpu(), x)
+
+
+def _bad(**over):
+    """make_case's arguments (4 slots, 5 entries, 3 tokens, hidden 8) with some replaced by name."""
+    names = ("x", "delta", "vecs", "params", "slot", "pos", "gen", "weight", "eps", "weight_offset")
+    args = dict(zip(names, make_case(3, 8, torch.float32)))
+    args.update(over)
+    return tuple(args.values())
+
+
+BAD_ARGS = {  # name: (args, exception, message)
+    "slot = slots": (_bad(slot=torch.tensor([1, 4, 0], dtype=torch.int32)), IndexError,
+                     r"slot\[1\] = 4 is out of range for 4 slots"),
+    "slot negative": (_bad(slot=torch.tensor([0, 1, -1], dtype=torch.int32)), IndexError,
+                      r"slot\[2\] = -1 is out of range for 4 slots"),
+    "slot, table of no entries": (_bad(vecs=torch.zeros(4, 0, 8), params=torch.zeros(4, 0, NPARAMS),
+                                       slot=torch.tensor([0, 9, 0], dtype=torch.int32)), IndexError,
+                                  r"slot\[1\] = 9 is out of range for 4 slots"),
+    "x 1-d": (_bad(x=torch.zeros(8), delta=None), RuntimeError, r"x must be \[tokens, hidden\]"),
+    "x int": (_bad(x=torch.zeros(3, 8, dtype=torch.int32), delta=None), RuntimeError, "x must be float32"),
+    "delta shape": (_bad(delta=torch.zeros(3, 7)), RuntimeError, "delta must match x"),
+    "delta dtype": (_bad(delta=torch.zeros(3, 8, dtype=torch.float16)), RuntimeError, "delta must match x"),
+    "vecs alone": (_bad(params=None), RuntimeError, "vecs and params go together"),
+    "vecs float64": (_bad(vecs=torch.zeros(4, 5, 8, dtype=torch.float64)), RuntimeError, "vecs must be float32"),
+    "vecs hidden": (_bad(vecs=torch.zeros(4, 5, 7)), RuntimeError, "vecs must be float32"),
+    "params width": (_bad(params=torch.zeros(4, 5, NPARAMS - 1)), RuntimeError, "params must be float32"),
+    "params slots": (_bad(params=torch.zeros(3, 5, NPARAMS)), RuntimeError, "params must be float32"),
+    "slot int64": (_bad(slot=torch.zeros(3, dtype=torch.int64)), RuntimeError, "slot must be int32"),
+    "slot length": (_bad(slot=torch.zeros(2, dtype=torch.int32)), RuntimeError, "slot must be int32"),
+    "pos int32": (_bad(pos=torch.zeros(3, dtype=torch.int32)), RuntimeError, "pos must be int64"),
+    "gen uint8": (_bad(gen=torch.zeros(3, dtype=torch.uint8)), RuntimeError, "gen must be bool"),
+    "weight length": (_bad(weight=torch.ones(7)), RuntimeError, r"weight must be \[hidden\]"),
+}
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+@pytest.mark.parametrize("case", BAD_ARGS)
+def test_bad_arguments_raise(device, backend, case):
+    """Every backend, forced through the entry point, raises the C++ kernels' error."""
+    args, error, message = BAD_ARGS[case]
+    skip_unless_runs(device, backend)
+    with use_backend(backend), pytest.raises(error, match=message):
+        fused_steer(*to(device, args))
+
+
+def test_triton_kernel_leaves_out_of_range_slot_unsteered():
+    """Past the host checks (which CUDA tensors skip), the Triton kernel itself reads no table row for
+    an out-of-range slot and leaves its token unsteered. The table is rows 1-2 of a 4-slot one whose
+    rows 0 and 3 (what slots -1 and 2 would read) steer every token, so a stray read shows."""
+    skip_unless_runs("cpu", "triton")
+    from splice.kernels.fused_steer import _launch
+
+    x, delta, vecs, params, _, pos, gen, weight, eps, offset = make_case(4, 37, torch.float32)
+    params[[0, 3], :, ALPHA] = 1.0
+    params[[0, 3], :, START], params[[0, 3], :, END], params[[0, 3], :, PHASE] = 0.0, 1e6, 0.0
+    slot = torch.tensor([1, 2, -1, 0], dtype=torch.int32)
+    r, out = _launch(x, delta, vecs[1:3], params[1:3], slot, pos, gen, weight, eps, offset)
+    ref_r, _ = fused_steer_reference(x, delta, vecs[1:3], params[1:3], slot.clamp(0, 1), pos, gen, weight,
+                                           eps, offset)
+    plain_r, plain_out = fused_steer_reference(x, delta, None, None, slot, pos, gen, weight, eps, offset)
+    torch.testing.assert_close(r[[0, 3]], ref_r[[0, 3]], **TOL[torch.float32])
+    torch.testing.assert_close(r[1:3], plain_r[1:3], **TOL[torch.float32])
+    torch.testing.assert_close(out[1:3], plain_out[1:3], **TOL[torch.float32])
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
@@ -194,7 +290,7 @@ from splice.kernels.fused_steer import _fused_steer_kernel as kernel
 for dt in ("fp32", "bf16", "fp16"):
     for flag in (True, False):
         types = [f"*{dt}", f"*{dt}", "*fp32", "*fp32", "*i32", "*i64", "*u8", "*fp32", f"*{dt}", f"*{dt}",
-                 "i32", "i32", "fp32", "fp32", "constexpr", "constexpr", "constexpr", "constexpr"]
+                 "i32", "i32", "i32", "fp32", "fp32", "constexpr", "constexpr", "constexpr", "constexpr"]
         constexprs = dict(HAS_DELTA=flag, HAS_VECS=flag, HAS_WEIGHT=flag, BLOCK=1024)
         source = ASTSource(kernel, dict(zip(kernel.arg_names, types)), constexprs)
         assert triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["cubin"]
@@ -205,6 +301,8 @@ def test_triton_kernel_compiles_for_sm90():
     """The Triton kernel compiles (not interpreted) to sm_90 cubins for every dtype and flag set; no
     GPU is needed. Runs in a subprocess because TRITON_INTERPRET is read when the kernel is defined."""
     compile_triton_sm90(TRITON_SM90)
+
+
 @needs_nvcc
 def test_cuda_kernel_compiles(tmp_path):
     """fused_steer_kernel.cuh (no torch headers) compiles, warning-free, for all three dtypes."""

@@ -1,5 +1,6 @@
 """Quantizers, the packed format, every backend of ``splice::quant_matmul`` against the fp32
-reference, opcheck, QuantLinear, and nvcc / Triton compile checks.
+reference, the reference against a hand-written dequantization, bad arguments, opcheck, QuantLinear,
+and nvcc / Triton compile checks.
 
 Backends: the C++ CPU kernel (through the dispatcher; decode and prefill paths), the Triton kernel
 (on CPU under ``TRITON_INTERPRET=1``, set in conftest.py, at small shapes; on CUDA when present) and
@@ -12,9 +13,18 @@ import math
 
 import pytest
 import torch
-from kernel_checks import compile_header, compile_launcher, compile_triton_sm90, launcher_opt_in, needs_nvcc
+from kernel_checks import (
+    ALL_BACKENDS,
+    BACKENDS,
+    compile_header,
+    compile_launcher,
+    compile_triton_sm90,
+    launcher_opt_in,
+    needs_nvcc,
+    skip_unless_runs,
+)
 
-from splice.ops import available_backends, backend_for, library, quant_matmul, use_backend
+from splice.ops import backend_for, quant_matmul, use_backend
 from splice.ops.quant_matmul_reference import quant_matmul_reference
 from splice.quant.linear import QuantLinear
 from splice.quant.packing import PackedWeight, pack_codes, padded_k, row_bytes, unpack_codes
@@ -23,13 +33,6 @@ from splice.quant.quantizers import BITS, GROUP_SIZES, dequantize_codes, quantiz
 DTYPES = (torch.float32, torch.bfloat16)
 # Every backend sums in fp32 in its own order; y is rounded once to x.dtype. Errors are relative to max |y|.
 TOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2}
-
-BACKENDS = [
-    pytest.param("cpu", "cpp", id="cpu-cpp"),
-    pytest.param("cpu", "triton", id="cpu-triton"),
-    pytest.param("cuda", "cuda", id="cuda-cuda"),
-    pytest.param("cuda", "triton", id="cuda-triton"),
-]
 
 
 def heavy_tailed(n: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -54,18 +57,11 @@ def to(device, args):
 
 def run(device: str, backend: str, args):
     """``quant_matmul(*args)`` (CPU tensors, moved to ``device``) on ``backend``, or skip."""
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
+    skip_unless_runs(device, backend)
     if backend == "triton":
-        if "triton" not in available_backends(device):
-            pytest.skip("triton is not installed, or TRITON_INTERPRET=1 is not set for CPU tensors")
         from splice.kernels.quant_matmul import quant_matmul_triton
 
         return quant_matmul_triton(*to(device, args))
-    if backend == "cpp" and not library.extension_loaded():
-        pytest.skip("splice._C is not built")
-    if backend == "cuda" and not library.with_cuda_kernels():
-        pytest.skip("splice._C was built without CUDA kernels")
     assert backend_for("quant_matmul", device) == backend
     return torch.ops.splice.quant_matmul(*to(device, args))
 
@@ -242,16 +238,41 @@ def test_smollm_shape_decode_and_prefill():
         assert_matches(run("cpu", "cpp", args), args)
 
 
-def test_empty_tokens():
-    args = make_case(0, 7, 96, 4, 64, torch.float32)
-    assert run("cpu", "cpp", args).shape == (0, 7)
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_empty_tokens(device, backend):
+    """No tokens: an empty [0, N] result in x's dtype (nothing else to compare)."""
+    args = make_case(0, 7, 96, 4, 64, torch.bfloat16)
+    y = run(device, backend, args)
+    assert (y.shape, y.dtype) == ((0, 7), torch.bfloat16)
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpp"])
-def test_forced_backend_through_entry(backend):
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_forced_backend_through_entry(device, backend):
+    """splice.ops.quant_matmul with the backend forced (the path library.call takes)."""
+    skip_unless_runs(device, backend)
     args = make_case(2, 7, 96, 8, 32, torch.float32)
     with use_backend(backend):
-        assert_matches(quant_matmul(*args), args)
+        y = quant_matmul(*to(device, args))
+    assert_matches(y, args)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_reference_is_dequantized_matmul(bits):
+    """The reference against W written out element by element from the codes before packing, with a
+    partial last group (K = 40, group 32) and bias; in float64."""
+    g = torch.Generator().manual_seed(bits)
+    n, k, group = 3, 40, 32
+    codes = torch.randint(0, 2**bits, (n, k), generator=g, dtype=torch.uint8)
+    scales = (torch.rand(n, 2, generator=g) + 0.5).half()
+    zeros = (torch.rand(n, 2, generator=g) * 2**bits).half()
+    x, bias = torch.randn(5, k, generator=g), torch.randn(n, generator=g)
+    w = torch.zeros(n, k, dtype=torch.float64)
+    for i in range(n):
+        for j in range(k):
+            w[i, j] = (int(codes[i, j]) - float(zeros[i, j // group])) * float(scales[i, j // group])
+    expected = x.double() @ w.T + bias.double()
+    y = quant_matmul_reference(x, pack_codes(codes, bits), scales, zeros, bias, bits, group, n, k)
+    torch.testing.assert_close(y.double(), expected, atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
@@ -271,6 +292,7 @@ def test_opcheck(device, t, bits, group_size, dtype, bias):
     [
         (0, torch.randn(3, 95), "x must be"),
         (0, torch.randn(3, 96, dtype=torch.float16), "float32 or bfloat16"),
+        (0, torch.randn(96), "x must be"),
         (1, torch.zeros(7, 47, dtype=torch.uint8), "qweight must be"),
         (1, torch.zeros(7, 48, dtype=torch.int8), "qweight must be"),
         (2, torch.zeros(7, 2), "scales must be"),
@@ -278,13 +300,17 @@ def test_opcheck(device, t, bits, group_size, dtype, bias):
         (4, torch.zeros(6), "bias must be"),
         (5, 5, "bits must be"),
         (6, 16, "group_size must be"),
+        (7, 0, "must be positive"),
     ],
 )
-def test_cpp_rejects_bad_input(index, value, match):
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+def test_bad_arguments_raise(device, backend, index, value, match):
+    """Every backend, forced through the entry point, raises the C++ kernels' error."""
+    skip_unless_runs(device, backend)
     args = list(make_case(3, 7, 96, 4, 64, torch.float32))
     args[index] = value
-    with pytest.raises(RuntimeError, match=match):
-        run("cpu", "cpp", tuple(args))
+    with use_backend(backend), pytest.raises(RuntimeError, match=match):
+        quant_matmul(*to(device, args))
 
 
 # ---- QuantLinear -----------------------------------------------------------------------------

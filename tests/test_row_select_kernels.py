@@ -1,9 +1,11 @@
-"""Every backend of ``splice::gather_rows`` / ``splice::scatter_rows`` against the reference, opcheck,
-and compile checks of the Triton and CUDA kernels.
+"""Every backend of ``splice::gather_rows`` / ``splice::scatter_rows`` against the reference and
+indexing, the reference against indexing, bad arguments, opcheck, and compile checks of the Triton
+and CUDA kernels.
 
 Backends are forced with :func:`splice.ops.use_backend`: the C++ CPU kernel, the Triton kernel (on
-CPU under ``TRITON_INTERPRET=1``, set in conftest.py; on CUDA when present), the reference, and the
-C++ CUDA kernel (CUDA only). Both ops are exact copies, so results must equal the reference bit for bit.
+CPU under ``TRITON_INTERPRET=1``, set in conftest.py; on CUDA when present), the C++ CUDA kernel
+(CUDA only) and, for argument errors, the reference. Both ops are exact copies, so results must
+equal the reference bit for bit.
 """
 
 from __future__ import annotations
@@ -11,9 +13,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_checks import BACKENDS, compile_header, compile_launcher, compile_triton_sm90, launcher_opt_in, needs_nvcc
+from kernel_checks import (
+    ALL_BACKENDS,
+    BACKENDS,
+    compile_header,
+    compile_launcher,
+    compile_triton_sm90,
+    launcher_opt_in,
+    needs_nvcc,
+    skip_unless_runs,
+)
 
-from splice.ops import available_backends, gather_rows, scatter_rows, use_backend
+from splice.ops import gather_rows, scatter_rows, use_backend
 from splice.ops.row_select_reference import gather_rows_reference, scatter_rows_reference
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -24,10 +35,7 @@ ROWS = [(1,), (7,), (576,), (1000,), (3, 37)]
 def run(device: str, backend: str, fn, *args):
     """``fn(*args)`` (CPU tensors, moved to ``device``) with ``backend`` forced, or skip where it cannot
     run here."""
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    if backend not in available_backends(device):
-        pytest.skip(f"backend {backend!r} cannot run on {device} here")
+    skip_unless_runs(device, backend)
     with use_backend(backend):
         return fn(*(a.to(device) for a in args))
 
@@ -63,6 +71,22 @@ def test_matches_reference(device, backend, dtype, row, kind):
     expected[idx] = y
     assert torch.equal(scattered.cpu(), expected)
     assert torch.equal(x, x_before) and torch.equal(y, y_before)
+
+
+def test_reference_is_indexing():
+    """The reference is ``x[idx]`` and indexed assignment, for scrambled, repeated (gather only) and
+    no indices, on a non-contiguous x; its results are new contiguous tensors."""
+    x = make_x(6, (2, 9), torch.bfloat16)[:, :, ::2]
+    y = make_x(3, (2, 5), torch.bfloat16, seed=1)
+    for idx in (torch.tensor([5, 0, 3]), torch.tensor([1, 1, 4, 1]), torch.empty(0, dtype=torch.int64)):
+        gathered = gather_rows_reference(x, idx)
+        assert torch.equal(gathered, x[idx]) and gathered.is_contiguous()
+    idx = torch.tensor([4, 0, 2])
+    expected = x.clone()
+    expected[idx] = y
+    scattered = scatter_rows_reference(x, y, idx)
+    assert torch.equal(scattered, expected) and scattered.is_contiguous()
+    assert scattered.data_ptr() != x.data_ptr()
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
@@ -113,7 +137,7 @@ BAD_ARGS = {  # name: (op, x, y or None, idx, message)
 }
 
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
 @pytest.mark.parametrize("case", BAD_ARGS)
 def test_bad_arguments_raise(device, backend, case):
     op, x, y, idx, message = BAD_ARGS[case]
@@ -122,17 +146,16 @@ def test_bad_arguments_raise(device, backend, case):
         run(device, backend, op, *args)
 
 
-@pytest.mark.parametrize("backend", ["cpp", "reference"])
+@pytest.mark.parametrize("backend", ["cpp", "triton", "reference"])
 @pytest.mark.parametrize("bad", [4, -1])
 def test_index_out_of_range_raises(backend, bad):
-    """Backends that run on the host check every index before copying. On CUDA the Triton and CUDA
-    kernels check them with a device assert instead (Triton's only under TRITON_DEBUG=1), which the
-    interpreter does not run, so they are not tested here."""
+    """On CPU tensors every backend checks every index on the host before copying, with the C++
+    kernels' message. On CUDA the Triton and CUDA kernels check them with a device assert instead
+    (Triton's only under TRITON_DEBUG=1), which cannot be run here."""
     x, y, idx = torch.zeros(4, 3), torch.ones(2, 3), torch.tensor([0, bad])
-    with pytest.raises(IndexError, match="out of (range|bounds)"):
-        run("cpu", backend, gather_rows, x, idx)
-    with pytest.raises(IndexError, match="out of (range|bounds)"):
-        run("cpu", backend, scatter_rows, x, y, idx)
+    for op, args in (("gather_rows", (gather_rows, x, idx)), ("scatter_rows", (scatter_rows, x, y, idx))):
+        with pytest.raises(IndexError, match=rf"{op}: idx\[1\] = {bad} is out of range for 4 rows"):
+            run("cpu", backend, *args)
     assert torch.equal(x, torch.zeros(4, 3))
 
 

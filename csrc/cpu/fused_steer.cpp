@@ -119,6 +119,7 @@ std::tuple<at::Tensor, at::Tensor> fused_steer_cpu(
   const c10::optional<at::Tensor> vc = vecs.has_value() ? c10::optional<at::Tensor>(vecs->contiguous()) : vecs;
   const c10::optional<at::Tensor> pc = params.has_value() ? c10::optional<at::Tensor>(params->contiguous()) : params;
   const at::Tensor sc = slot.contiguous(), posc = pos.contiguous(), gc = gen.contiguous();
+  if (vecs.has_value()) check_fused_steer_slots(sc.data_ptr<int32_t>(), sc.size(0), vecs->size(0));
   at::Tensor resid = at::empty_like(xc);
   at::Tensor out = weight.has_value() ? at::empty_like(xc) : xc.new_empty({0});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fused_steer_cpu", [&] {

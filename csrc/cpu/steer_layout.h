@@ -1,5 +1,6 @@
 // Argument checks shared by the CPU and CUDA kernels of splice::fused_steer; the steering-table
-// layout itself lives in steer_params.h.
+// layout itself lives in steer_params.h. python/splice/ops/steer_reference.py mirrors these checks
+// (same messages) for the reference and the Triton kernel.
 #pragma once
 
 #include <torch/types.h>
@@ -8,12 +9,16 @@
 
 namespace splice {
 
+// Shapes, dtypes and devices (no values: nothing here reads device memory).
 inline void check_fused_steer_args(const at::Tensor& x, const c10::optional<at::Tensor>& delta,
                                    const c10::optional<at::Tensor>& vecs,
                                    const c10::optional<at::Tensor>& params, const at::Tensor& slot,
                                    const at::Tensor& pos, const at::Tensor& gen,
                                    const c10::optional<at::Tensor>& weight) {
   TORCH_CHECK(x.dim() == 2, "fused_steer: x must be [tokens, hidden], got ", x.sizes());
+  const at::ScalarType dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
+              "fused_steer: x must be float32, float64, bfloat16 or float16, got ", dt);
   const int64_t t = x.size(0), h = x.size(1);
   if (delta.has_value())
     TORCH_CHECK(delta->sizes() == x.sizes() && delta->scalar_type() == x.scalar_type(),
@@ -35,6 +40,23 @@ inline void check_fused_steer_args(const at::Tensor& x, const c10::optional<at::
               "fused_steer: gen must be bool [tokens]");
   if (weight.has_value())
     TORCH_CHECK(weight->dim() == 1 && weight->size(0) == h, "fused_steer: weight must be [hidden]");
+  const auto on_x = [&](const at::Tensor& other, const char* name) {
+    TORCH_CHECK(other.device() == x.device(), "fused_steer: ", name, " must be on ", x.device(), ", got ",
+                other.device());
+  };
+  for (const auto& [opt, name] : {std::pair{&delta, "delta"}, std::pair{&vecs, "vecs"},
+                                  std::pair{&params, "params"}, std::pair{&weight, "weight"}})
+    if (opt->has_value()) on_x(**opt, name);
+  on_x(slot, "slot");
+  on_x(pos, "pos");
+  on_x(gen, "gen");
+}
+
+// Raises IndexError unless every slot[i] lies in [0, slots). Reads the values: host memory only.
+inline void check_fused_steer_slots(const int32_t* slot, int64_t tokens, int64_t slots) {
+  for (int64_t i = 0; i < tokens; ++i)
+    TORCH_CHECK_INDEX(slot[i] >= 0 && slot[i] < slots, "fused_steer: slot[", i, "] = ", slot[i],
+                      " is out of range for ", slots, " slots");
 }
 
 }  // namespace splice

@@ -1,5 +1,6 @@
 // ATen launcher of the CUDA kernel of splice::fused_steer (kernel: fused_steer_kernel.cuh; math:
-// python/splice/ops/steer_reference.py). Supports float32, bfloat16 and float16 x.
+// python/splice/ops/steer_reference.py). Supports float32, bfloat16 and float16 x. Slot values are
+// checked by the kernel (a device assert), so nothing here waits for the GPU.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -12,14 +13,8 @@
 namespace splice {
 namespace {
 
-at::Tensor contiguous_on(const at::Tensor& t, const at::Device& device, const char* name) {
-  TORCH_CHECK(t.device() == device, "fused_steer: ", name, " must be on ", device, ", got ", t.device());
-  return t.contiguous();
-}
-
-c10::optional<at::Tensor> contiguous_on(const c10::optional<at::Tensor>& t, const at::Device& device,
-                                        const char* name) {
-  return t.has_value() ? c10::optional<at::Tensor>(contiguous_on(*t, device, name)) : t;
+c10::optional<at::Tensor> contiguous(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? c10::optional<at::Tensor>(t->contiguous()) : t;
 }
 
 template <typename T, typename ATenT>
@@ -43,6 +38,7 @@ void launch(const at::Tensor& x, const c10::optional<at::Tensor>& delta,
   a.tokens = x.size(0);
   a.hidden = x.size(1);
   a.entries = steered ? vecs->size(1) : 0;
+  a.slots = vecs.has_value() ? vecs->size(0) : -1;
   a.eps = static_cast<float>(eps);
   a.weight_offset = static_cast<float>(weight_offset);
   C10_CUDA_CHECK(gpu::launch_fused_steer(a, c10::cuda::getCurrentCUDAStream()));
@@ -53,18 +49,13 @@ std::tuple<at::Tensor, at::Tensor> fused_steer_cuda(
     const c10::optional<at::Tensor>& params, const at::Tensor& slot, const at::Tensor& pos,
     const at::Tensor& gen, const c10::optional<at::Tensor>& weight, double eps, double weight_offset) {
   check_fused_steer_args(x, delta, vecs, params, slot, pos, gen, weight);
-  const at::Device dev = x.device();
-  TORCH_CHECK(dev.is_cuda(), "fused_steer: x must be a CUDA tensor");
-  const c10::cuda::CUDAGuard guard(dev);
+  TORCH_CHECK(x.device().is_cuda(), "fused_steer: x must be a CUDA tensor");
+  const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous();
-  const auto dc = contiguous_on(delta, dev, "delta");
-  const auto vc = contiguous_on(vecs, dev, "vecs");
-  const auto pc = contiguous_on(params, dev, "params");
-  const at::Tensor sc = contiguous_on(slot, dev, "slot"), posc = contiguous_on(pos, dev, "pos"),
-                   gc = contiguous_on(gen, dev, "gen");
+  const auto dc = contiguous(delta), vc = contiguous(vecs), pc = contiguous(params);
+  const at::Tensor sc = slot.contiguous(), posc = pos.contiguous(), gc = gen.contiguous();
   const c10::optional<at::Tensor> wf =
-      weight.has_value() ? c10::optional<at::Tensor>(contiguous_on(*weight, dev, "weight").to(at::kFloat))
-                         : weight;
+      weight.has_value() ? c10::optional<at::Tensor>(weight->contiguous().to(at::kFloat)) : weight;
   at::Tensor resid = at::empty_like(xc);
   at::Tensor out = weight.has_value() ? at::empty_like(xc) : xc.new_empty({0});
   switch (x.scalar_type()) {

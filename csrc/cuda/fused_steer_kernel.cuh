@@ -14,8 +14,9 @@
 namespace splice {
 namespace gpu {
 
-// Row-major, contiguous operands. delta, vecs/params, weight/out may be null (absent).
-// slot must index a row of vecs/params; weight is float32 (offset not yet added).
+// Row-major, contiguous operands. delta, vecs/params, weight/out may be null (absent); vecs/params
+// are also null for a table of no entries. slot values must lie in [0, slots) wherever a table was
+// given (slots >= 0; -1: no table); weight is float32 (offset not yet added).
 template <typename T>
 struct SteerArgs {
   const T* x;             // [tokens, hidden]
@@ -28,7 +29,7 @@ struct SteerArgs {
   const float* weight;    // [hidden] or null
   T* resid;               // [tokens, hidden]
   T* out;                 // [tokens, hidden], null iff weight is null
-  int64_t tokens, hidden, entries;
+  int64_t tokens, hidden, entries, slots;
   float eps, weight_offset;
 };
 
@@ -73,7 +74,11 @@ __global__ void fused_steer_kernel(const SteerArgs<T> a) {
   for (int64_t i = threadIdx.x; i < h; i += blockDim.x) u[i] = to_float(src[i]);
 
   const int32_t s = a.slot[t];
-  if (a.vecs && s != 0) {
+  const bool in_range = a.slots < 0 || (s >= 0 && s < a.slots);
+  // An out-of-range slot fails a device-side assert, kept under NDEBUG like torch's CUDA_KERNEL_ASSERT
+  // (the next synchronising CUDA call raises); its token is left unsteered and no table row is read.
+  if (!in_range) __assert_fail("fused_steer: slot value out of range", __FILE__, __LINE__, __func__);
+  if (a.vecs && s != 0 && in_range) {
     const float* vs = a.vecs + s * a.entries * h;
     const float* ps = a.params + s * a.entries * kNumParams;
     const int64_t pos = a.pos[t];

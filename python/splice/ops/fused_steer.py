@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import library
-from .steer_reference import fused_steer_reference
+from .steer_reference import check_fused_steer, fused_steer_reference
 
 SCHEMA = (
     "fused_steer(Tensor x, Tensor? delta, Tensor? vecs, Tensor? params, Tensor slot, Tensor pos, "
@@ -14,6 +14,7 @@ SCHEMA = (
 
 
 def _fake(x, delta, vecs, params, slot, pos, gen, weight, eps, weight_offset):
+    check_fused_steer(x, delta, vecs, params, slot, pos, gen, weight)
     return x.new_empty(x.shape), (x.new_empty(x.shape) if weight is not None else x.new_empty(0))
 
 

@@ -11,6 +11,9 @@ Every kernel is one op ``torch.ops.splice.<name>`` defined here. Its backends, b
 The dispatcher picks the compiled kernel for the tensor's device; the reference is registered as
 the CompositeExplicitAutograd kernel, so it runs only where nothing better exists, and
 :func:`backend_for` says so. ``SPLICE_BACKEND=<name>`` or :func:`use_backend` forces a backend.
+
+Where ``splice._C`` does not import, :func:`extension_error` says why; an extension that is present
+but fails to load (a broken build) also warns, while one never built (``SPLICE_NO_EXT=1``) does not.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import contextlib
 import importlib
 import importlib.util
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -30,9 +34,15 @@ _LIB = torch.library.Library("splice", "DEF")
 
 
 def _load_extension():
+    """splice._C, or None with the reason kept in ``_EXT_ERROR`` (and a warning if it exists but fails)."""
+    global _EXT_ERROR
     try:
         return importlib.import_module("splice._C")
-    except ImportError:
+    except ImportError as e:
+        _EXT_ERROR = f"{type(e).__name__}: {e}"
+        if not (isinstance(e, ModuleNotFoundError) and e.name == "splice._C"):
+            warnings.warn(f"splice._C failed to load; its kernels are off ({_EXT_ERROR})", RuntimeWarning,
+                          stacklevel=2)
         return None
 
 
@@ -85,10 +95,16 @@ def load_kernels() -> None:
 
 
 _EXT = None
+_EXT_ERROR: str | None = None
 
 
 def extension_loaded() -> bool:
     return _EXT is not None
+
+
+def extension_error() -> str | None:
+    """Why splice._C did not import (the ImportError as text), or None if it did or was not tried yet."""
+    return _EXT_ERROR
 
 
 def with_cuda_kernels() -> bool:
@@ -127,11 +143,22 @@ def backend_for(name: str, device: torch.device | str) -> str:
         if forced not in BACKENDS:
             raise ValueError(f"SPLICE_BACKEND={forced!r}: choose one of {BACKENDS}")
         if forced not in available:
-            raise RuntimeError(f"backend {forced!r} cannot run on {device}; available: {available}")
+            raise RuntimeError(
+                f"backend {forced!r} cannot run on {device}; available: {available}{_missing(forced)}"
+            )
         return forced
     if torch.device(device).type == "cpu":  # the interpreter is for tests, never chosen unasked
         available = [b for b in available if b != "triton"]
     return available[0]
+
+
+def _missing(backend: str) -> str:
+    """Why the extension cannot supply ``backend``, if that is the reason, for an error message."""
+    if backend in ("cpp", "cuda") and _EXT is None:
+        return f" (splice._C did not load: {_EXT_ERROR})"
+    if backend == "cuda" and not with_cuda_kernels():
+        return " (splice._C was built without CUDA kernels)"
+    return ""
 
 
 def call(spec: OpSpec, *args):

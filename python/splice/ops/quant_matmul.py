@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import library
-from .quant_matmul_reference import quant_matmul_reference
+from .quant_matmul_reference import check_quant_matmul, quant_matmul_reference
 
 SCHEMA = (
     "quant_matmul(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor? bias, int bits, int group_size, "
@@ -14,6 +14,7 @@ SCHEMA = (
 
 
 def _fake(x, qweight, scales, zeros, bias, bits, group_size, out_features, in_features):
+    check_quant_matmul(x, qweight, scales, zeros, bias, bits, group_size, out_features, in_features)
     return x.new_empty((x.shape[0], out_features))
 
 

@@ -12,13 +12,16 @@ Contract (``B`` rows of ``x``, each row the ``N`` elements of its trailing dims,
 Both return new contiguous tensors, exact copies. Precondition of ``scatter_rows``: the values of
 ``idx`` are distinct (it is not checked; with repeats, which ``y`` row lands is unspecified). The
 checks below look at shapes and dtypes only, so they also run on fake tensors. Index values are
-checked by each backend: on the host for CPU tensors (IndexError), by a device assert on CUDA (for
-Triton, only under ``TRITON_DEBUG=1``), so that nothing waits for the GPU.
+checked on the host for CPU tensors (IndexError, :func:`check_row_indices`, the C++ kernels' message),
+by a device assert on CUDA (for Triton, only under ``TRITON_DEBUG=1``), so that nothing waits for the
+GPU.
 """
 
 from __future__ import annotations
 
 import torch
+
+from .host_checks import first_out_of_range
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -46,13 +49,23 @@ def check_scatter_rows(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> N
     torch._check(y.device == x.device, lambda: f"scatter_rows: y must be on {x.device}, got {y.device}")
 
 
+def check_row_indices(idx: torch.Tensor, rows: int, op: str) -> None:
+    """Raise IndexError unless every ``idx`` value lies in ``[0, rows)``; for CPU tensors only (see
+    :func:`first_out_of_range`)."""
+    i = first_out_of_range(idx, rows)
+    if i is not None:
+        raise IndexError(f"{op}: idx[{i}] = {int(idx[i])} is out of range for {rows} rows")
+
+
 def gather_rows_reference(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``out[i] = x[idx[i]]``; see the module docstring."""
     check_gather_rows(x, idx)
+    check_row_indices(idx, x.shape[0], "gather_rows")
     return x.contiguous().index_select(0, idx)
 
 
 def scatter_rows_reference(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """A contiguous copy of ``x`` with ``out[idx[i]] = y[i]``; see the module docstring."""
     check_scatter_rows(x, y, idx)
+    check_row_indices(idx, x.shape[0], "scatter_rows")
     return x.contiguous().index_copy(0, idx, y)

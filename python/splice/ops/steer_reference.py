@@ -20,13 +20,63 @@ An entry is active when ``start <= pos < end`` and its phase admits the token
 ``alpha = scale, beta = 0``; ablation is ``beta = 1, lo = hi = 0`` on a unit vector; clamping
 the projection to ``[lo, hi]`` is ``beta = 1`` on a unit vector. Without ``weight`` the second
 output is an empty tensor.
+
+Arguments: ``x`` is float32, float64, bfloat16 or float16 (the CUDA kernel takes the last three),
+every tensor lies on x's device, and where ``vecs`` is given every ``slot`` value lies in ``[0, S)``.
+:func:`check_fused_steer` checks shapes, dtypes and devices (RuntimeError), so it also runs on fake
+tensors; its messages are those of the C++ kernels (csrc/cpu/steer_layout.h). Slot values are checked
+on the host for CPU tensors (IndexError, :func:`check_steer_slots`); on CUDA only on the device, so
+that nothing waits for the GPU: the CUDA and Triton kernels leave such a token unsteered and fail a
+device assert (Triton's only under ``TRITON_DEBUG=1``), the reference's ``index_select`` asserts.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .steer_layout import ALPHA, BETA, END, HI, LO, PHASE, PHASE_GENERATED, PHASE_PROMPT, START
+from .host_checks import first_out_of_range
+from .steer_layout import ALPHA, BETA, END, HI, LO, NPARAMS, PHASE, PHASE_GENERATED, PHASE_PROMPT, START
+
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def check_fused_steer(x, delta, vecs, params, slot, pos, gen, weight) -> None:
+    """Raise RuntimeError unless the arguments fit the contract (shapes, dtypes, devices)."""
+    op = "fused_steer"
+    torch._check(x.dim() == 2, lambda: f"{op}: x must be [tokens, hidden], got {list(x.shape)}")
+    torch._check(x.dtype in DTYPES, lambda: f"{op}: x must be float32, float64, bfloat16 or float16, got {x.dtype}")
+    t, h = x.shape
+    if delta is not None:
+        torch._check(delta.shape == x.shape and delta.dtype == x.dtype,
+                     lambda: f"{op}: delta must match x in shape and dtype")
+    torch._check((vecs is None) == (params is None), lambda: f"{op}: vecs and params go together")
+    if vecs is not None:
+        torch._check(vecs.dim() == 3 and vecs.shape[2] == h and vecs.dtype == torch.float32,
+                     lambda: f"{op}: vecs must be float32 [slots, entries, hidden]")
+        torch._check(
+            params.dim() == 3 and params.shape[:2] == vecs.shape[:2] and params.shape[2] == NPARAMS
+            and params.dtype == torch.float32,
+            lambda: f"{op}: params must be float32 [slots, entries, {NPARAMS}]",
+        )
+    for name, tensor, dtype in (("slot", slot, torch.int32), ("pos", pos, torch.int64), ("gen", gen, torch.bool)):
+        torch._check(tensor.dim() == 1 and tensor.shape[0] == t and tensor.dtype == dtype,
+                     lambda: f"{op}: {name} must be {str(dtype).removeprefix('torch.')} [tokens]")
+    if weight is not None:
+        torch._check(weight.dim() == 1 and weight.shape[0] == h, lambda: f"{op}: weight must be [hidden]")
+    named = (("delta", delta), ("vecs", vecs), ("params", params), ("weight", weight), ("slot", slot),
+             ("pos", pos), ("gen", gen))
+    for name, tensor in named:
+        if tensor is not None:
+            torch._check(tensor.device == x.device,
+                         lambda: f"{op}: {name} must be on {x.device}, got {tensor.device}")
+
+
+def check_steer_slots(slot: torch.Tensor, vecs: torch.Tensor | None) -> None:
+    """Raise IndexError unless every ``slot`` value lies in ``[0, vecs.shape[0])`` (nothing to check
+    without ``vecs``); for CPU tensors only (see :func:`first_out_of_range`)."""
+    i = first_out_of_range(slot, vecs.shape[0]) if vecs is not None else None
+    if i is not None:
+        raise IndexError(f"fused_steer: slot[{i}] = {int(slot[i])} is out of range for {vecs.shape[0]} slots")
 
 
 def entry_active(params: torch.Tensor, pos: torch.Tensor, gen: torch.Tensor) -> torch.Tensor:
@@ -67,6 +117,8 @@ def fused_steer_reference(
     weight_offset: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Residual add + steering + RMSNorm, computed in fp32 and rounded once; see module docstring."""
+    check_fused_steer(x, delta, vecs, params, slot, pos, gen, weight)
+    check_steer_slots(slot, vecs)
     xf = x.to(torch.float32)
     u = steer_reference(delta.to(torch.float32) if delta is not None else xf, vecs, params, slot, pos, gen)
     r = (xf + u if delta is not None else u).to(x.dtype)
