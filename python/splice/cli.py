@@ -393,7 +393,8 @@ def parser() -> argparse.ArgumentParser:
     qz.add_argument("--out", required=True, help="checkpoint directory to write")
     qz.add_argument("--overwrite", action="store_true")
     qz.add_argument("--measurements", help="measurement JSON: reused when it exists (refused unless made with the "
-                    "same calibration windows and, for measured, quantizer, widths and group sizes), else written there")
+                    "same calibration windows and, for measured, quantizer, widths and group sizes), else "
+                    "written there")
     qz.add_argument("--quantizer", default="hqq", choices=["hqq", "rtn", "rtn_sym", "rtn_int"])
     qz.add_argument("--group-sizes", type=int, nargs="+", default=[64], choices=[32, 64, 128],
                     help="group sizes to choose among (measured; the other methods take one)")
