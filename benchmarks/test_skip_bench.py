@@ -1,10 +1,13 @@
 """pytest-benchmark suite: one decode step of the default model with layers skipped.
 
-Groups compare, within one run: the full model vs 25% of the layers skipped statically
-(batch 1), and at batch 8 the full model vs a router that sends half the rows through
-``gather_rows``/``scatter_rows`` around the same layers. ``splice bench skip`` gives the full
+Groups compare, within one run: the unpatched model vs the model patched with no items (the
+patch's idle cost) vs 25% of the layers skipped statically (batch 1), and at batch 8 the
+unpatched model vs a router that sends half the rows through ``gather_rows``/``scatter_rows``
+around the same layers. ``splice bench skip`` gives the full
 quality/speed report as JSON with ratios.
 """
+
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -31,7 +34,7 @@ def model():
     return load_model()[0]
 
 
-CASES = [("full", 1), ("skip25", 1), ("full", 8), ("routed_half", 8), ("skip25", 8)]
+CASES = [("unpatched", 1), ("patch_idle", 1), ("skip25", 1), ("unpatched", 8), ("routed_half", 8), ("skip25", 8)]
 
 
 @pytest.mark.parametrize("name,batch", CASES, ids=[f"{n}-b{b}" for n, b in CASES])
@@ -41,7 +44,7 @@ def test_decode_step(benchmark, model, name, batch):
         items = [splice.Skip(SKIPPED)]
     elif name == "routed_half":
         router = HalfRows(SKIPPED, model.config.num_hidden_layers, model.config.hidden_size)
-    with splice.patch(model, *items, router=router):
+    with nullcontext() if name == "unpatched" else splice.patch(model, *items, router=router):
         step = decode_step(model, batch)
         benchmark.group = f"skip: decode b{batch}"
         benchmark.pedantic(step, rounds=20, warmup_rounds=3)

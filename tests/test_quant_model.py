@@ -134,6 +134,32 @@ def test_measurements_cover_every_unit_and_fall_with_width(measured, tmp_path):
         again.check_model(tiny_model("qwen2"))
 
 
+def test_reuse_with_other_settings_is_refused_naming_the_setting(measured, tmp_path):
+    model = tied_llama()
+    again = Measurements.load(measured.save(tmp_path / "m.json"))
+    assert again.calibration == {"windows": 2, "length": 24, "tokens_sha256": again.calibration["tokens_sha256"]}
+    assert again.widths == [2, 3, 4, 8] and again.group_sizes == [64] and again.method == "hqq"
+    again.check_reuse(model, windows(), "hqq", (8, 4, 3, 2), (64,))
+    again.check_reuse(model, windows())  # settings not given are not compared
+    for other, setting in [(dict(windows=windows(2, 24, seed=1)), "tokens_sha256"),
+                           (dict(windows=windows(2, 16)), "length"), (dict(windows=windows(3, 24)), "windows"),
+                           (dict(method="rtn"), "quantizer hqq"), (dict(widths=(2, 4)), r"widths \[2, 3, 4, 8\]"),
+                           (dict(group_sizes=(32, 64)), r"group sizes \[64\]")]:
+        args = {"windows": windows(), "method": "hqq", "widths": (2, 3, 4, 8), "group_sizes": (64,), **other}
+        with pytest.raises(ValueError, match=setting):
+            again.check_reuse(model, **args)
+    with pytest.raises(ValueError, match="these measurements are for"):
+        again.check_reuse(tiny_model("qwen2"), windows())
+
+
+def test_a_measurement_file_without_its_settings_is_refused(measured, tmp_path):
+    data = json.loads(measured.save(tmp_path / "m.json").read_text())
+    del data["calibration"], data["widths"]
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"calibration, widths; made by an older splice\): re-measure"):
+        Measurements.load(tmp_path / "old.json")
+
+
 def test_measuring_leaves_the_model_unchanged():
     model = tied_llama()
     before = {k: v.clone() for k, v in model.state_dict().items()}

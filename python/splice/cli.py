@@ -195,13 +195,18 @@ def cmd_quantize(args) -> int:
     model, tokenizer = _load(args)
     measurements = None
     if args.method in ("measured", "lim", "zd"):
+        windows = wikitext_windows(tokenizer, args.windows, args.length)
+        widths = args.widths if args.method == "measured" else ()
         if args.measurements and Path(args.measurements).is_file():
-            measurements = Measurements.load(args.measurements)
-            measurements.check_model(model)
+            kl_used = args.method == "measured"  # lim and zd read no KL: quantizer and formats do not matter
+            try:
+                measurements = Measurements.load(args.measurements)
+                measurements.check_reuse(model, windows,
+                                         *((args.quantizer, widths, args.group_sizes) if kl_used else ()))
+            except ValueError as exc:
+                raise SystemExit(f"{args.measurements}: {exc}") from exc
             print(f"reusing measurements from {args.measurements}")
         else:
-            windows = wikitext_windows(tokenizer, args.windows, args.length)
-            widths = args.widths if args.method == "measured" else ()
             measurements = measure(model, windows, widths, args.group_sizes, args.quantizer)
             if args.measurements:
                 print(f"wrote {measurements.save(args.measurements)}")
@@ -305,8 +310,8 @@ def parser() -> argparse.ArgumentParser:
     bq = bsub.add_parser("quant", help="quantization: perplexity, bytes and decode speed per width and method")
     model_args(bq)
     bq.add_argument("--json", help="write the report here (and a .png plot beside it)")
-    bq.add_argument("--measurements", help="measurement JSON: reused when it exists (widths 2 3 4 at group "
-                    "sizes 32 64 128), else written there")
+    bq.add_argument("--measurements", help="measurement JSON: reused when it exists (refused unless made on the same "
+                    "calibration windows, quantizer hqq, widths 2 3 4, group sizes 32 64 128), else written there")
     bq.add_argument("--calib-windows", type=int, default=2, help="128-token calibration windows")
     bq.add_argument("--eval-windows", type=int, default=4, help="held-out evaluation windows")
     bq.add_argument("--eval-length", type=int, default=512, help="tokens per evaluation window")
@@ -387,7 +392,9 @@ def parser() -> argparse.ArgumentParser:
     qz.add_argument("--method", default="measured", choices=["measured", "lim", "zd", "random", "uniform"])
     qz.add_argument("--out", required=True, help="checkpoint directory to write")
     qz.add_argument("--overwrite", action="store_true")
-    qz.add_argument("--measurements", help="measurement JSON: reused when it exists, else written there")
+    qz.add_argument("--measurements", help="measurement JSON: reused when it exists (refused unless made with the "
+                    "same calibration windows and, for measured, quantizer, widths and group sizes), else "
+                    "written there")
     qz.add_argument("--quantizer", default="hqq", choices=["hqq", "rtn", "rtn_sym", "rtn_int"])
     qz.add_argument("--group-sizes", type=int, nargs="+", default=[64], choices=[32, 64, 128],
                     help="group sizes to choose among (measured; the other methods take one)")

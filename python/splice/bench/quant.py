@@ -4,7 +4,7 @@ Rows, every one scored on the same held-out WikiText-2 windows:
 
 * ``fp32`` (the loaded model, the reference of every KL) and ``bf16`` (it cast to bfloat16: the
   baseline of every ratio);
-* ``uniform`` 8, 4 and 3 bits (group 64);
+* ``uniform`` 8, 4 and 3 bits (group 64), every unit at that width;
 * ``mixed`` at 3.5 and 4.25 bits per weight by each allocation method: ``measured`` (choosing
   2, 3 or 4 bits and group size 32, 64 or 128), ``measured-g64`` (bits only, group 64: the same costs
   without the group-size choice), ``lim``, ``zd`` and ``random`` (the control; perplexity is the
@@ -16,15 +16,25 @@ Each row reports perplexity, KL to fp32, ``model_bytes`` (every parameter and bu
 holds, shared storage once; the input embedding stays dense), ``linear_bytes`` (the Linear
 weights only) and decode tokens/s at batch 1 and 8.
 
-Ratios (medians, same run, ÷ bf16): ``q4_decode_speedup`` (and ``_b8``), ``uniform3_ppl_ratio``,
-``mixed35_ppl_ratio`` and ``mixed425_ppl_ratio`` (measured), ``mixed35_bytes_ratio``, and
-``measured{35,425}_beats_{uniform,random}`` (1.0 when measured allocation has the lower perplexity).
+Decode is timed after every row is built, all models interleaved round by round after a discarded
+warm-up round (:func:`splice.bench.timing.interleaved`); each row keeps its runs.
+
+Ratios (medians, same run, ÷ bf16 unless named): ``q4_decode_speedup`` (and ``_b8``),
+``q4_decode_vs_fp32_b1`` / ``_b8`` (÷ fp32: plain ``F.linear`` in fp32 is faster than bf16 on
+CPU), ``uniform3_ppl_ratio``, ``mixed35_ppl_ratio`` and ``mixed425_ppl_ratio`` (measured),
+``mixed35_bytes_ratio``; per budget ``B``, against the uniform rows on both sides of it (the
+largest with bits per weight ≤ ``B``, the smallest with ≥ ``B``; named in the report's
+``uniform_neighbours``; a side without one is left out):
+``measured{35,425}_ppl_vs_uniform_{below,above}`` (perplexity ÷ that row's) and
+``measured{35,425}_beats_uniform_{below,above}``; and ``measured{35,425}_beats_random`` (1.0 when
+measured allocation has the lower perplexity).
 """
 
 from __future__ import annotations
 
 import copy
 import statistics
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -35,10 +45,10 @@ from ..calibration.text import evaluate, log_probs, wikitext_windows
 from ..quant.allocate import plan_for
 from ..quant.apply import quantize_model
 from ..quant.linear import QuantLinear
-from ..quant.plan import quantizable
+from ..quant.plan import QuantPlan, quantizable
 from ..quant.sensitivity import Measurements, measure
-from .output import machine, pyplot, save_figure
-from .timing import decode_tps
+from .output import provenance, pyplot, save_figure
+from .timing import decode_tps, interleaved
 
 BUDGETS = (3.5, 4.25)
 UNIFORM = (8, 4, 3)
@@ -64,19 +74,24 @@ def linear_bytes(model: torch.nn.Module) -> int:
                for m in quantizable(model).values())
 
 
-def _speed(model, decode_ids, steps: int, repeats: int) -> dict:
-    return {f"decode_tps_b{ids.shape[0]}": statistics.median(decode_tps(model, ids, steps) for _ in range(repeats))
-            for ids in decode_ids}
-
-
-def _row(name, model, evals, reference, decode_ids, steps, repeats, plan=None, timed=True) -> dict:
+def _row(name, model, evals, reference, plan=None) -> dict:
     ppl, kl = evaluate(model, evals, reference)
     row = {"name": name, "ppl": ppl, "kl": kl, "model_bytes": model_bytes(model), "linear_bytes": linear_bytes(model)}
     if plan is not None:
         row.update(bits_per_weight=plan.bits_per_weight(), plan=plan.summary())
-    if timed:
-        row.update(_speed(model, decode_ids, steps, repeats))
     return row
+
+
+def _time_rows(rows: list[dict], models: dict, decode_ids, steps: int, repeats: int, progress: bool) -> None:
+    """Decode tokens/s of every model in ``models`` (by row name), interleaved; adds runs and medians to the rows."""
+    def measure(name):
+        return {f"b{ids.shape[0]}": decode_tps(models[name], ids, steps) for ids in decode_ids}
+
+    runs = interleaved([(name, nullcontext) for name in models], measure, repeats, "decode timing", progress)
+    for row in rows:
+        for batch, values in runs[row["name"]].items():
+            row[f"decode_runs_{batch}"] = values
+            row[f"decode_tps_{batch}"] = statistics.median(values)
 
 
 def _quantized(model, plan, quantizer):
@@ -90,9 +105,9 @@ def run(model, tokenizer, calib_windows: int = 2, calib_length: int = 128, eval_
         measurements_path=None, progress: bool = True) -> dict:
     """The report (module docstring); ``model`` is the fp32 model (left unchanged).
 
-    ``measurements_path``: a measurement file to reuse when it exists (widths 2, 3, 4 at group sizes
-    32, 64, 128; measured allocation chooses among the formats it holds), else where the
-    measurements made here are written.
+    ``measurements_path``: a measurement file to reuse when it exists (refused unless measured on
+    the same calibration windows with the same quantizer, widths 2, 3, 4 and group sizes 32, 64,
+    128), else where the measurements made here are written.
     """
     adapter = Adapter(model)
     calib = wikitext_windows(tokenizer, calib_windows, calib_length)
@@ -101,7 +116,7 @@ def run(model, tokenizer, calib_windows: int = 2, calib_length: int = 128, eval_
     decode_ids = [evals[:1, :64], evals[torch.arange(8) % eval_windows, :64]]
     if measurements_path is not None and Path(measurements_path).is_file():
         measurements = Measurements.load(measurements_path)
-        measurements.check_model(model)
+        measurements.check_reuse(model, calib, quantizer, MEASURED_WIDTHS, MEASURED_GROUPS)
     else:
         measurements = measure(model, calib, MEASURED_WIDTHS, MEASURED_GROUPS, quantizer, progress=progress)
         if measurements_path is not None:
@@ -110,46 +125,75 @@ def run(model, tokenizer, calib_windows: int = 2, calib_length: int = 128, eval_
     jobs = [("fp32", None, None), ("bf16", None, None)]
     jobs += [(f"uniform{b}", "uniform", b + 32 / GROUP) for b in UNIFORM]
     jobs += [(f"{m}{t}", m, t) for t in BUDGETS for m in ("measured", "measured-g64", *SCORED)]
-    rows = []
+    rows, timed = [], {}
     for name, method, target in tqdm(jobs, desc="quantized models", disable=not progress):
         if method is None:
-            m = model if name == "fp32" else copy.deepcopy(model).to(torch.bfloat16)
-            rows.append(_row(name, m, evals, reference, decode_ids, steps, repeats))
+            timed[name] = model if name == "fp32" else copy.deepcopy(model).to(torch.bfloat16)
+            rows.append(_row(name, timed[name], evals, reference))
             continue
         seeds_here = range(seeds) if method == "random" else [0]
         found = []
         for seed in seeds_here:
             groups = MEASURED_GROUPS if method == "measured" else (GROUP,)
-            plan = plan_for(model, method.removesuffix("-g64"), target, measurements, GROUP, seed=seed,
-                            group_sizes=groups)
-            found.append(_row(name, _quantized(model, plan, quantizer), evals, reference, decode_ids, steps, repeats,
-                              plan, timed=seed == 0))
+            plan = (QuantPlan.uniform(model, int(name.removeprefix("uniform")), GROUP) if method == "uniform" else
+                    plan_for(model, method.removesuffix("-g64"), target, measurements, GROUP, seed=seed,
+                             group_sizes=groups))
+            quantized = _quantized(model, plan, quantizer)
+            found.append(_row(name, quantized, evals, reference, plan))
+            if seed == 0:  # speed and bytes are the first seed's
+                timed[name] = quantized
         row = found[0]
         if len(found) > 1:
             row["ppl_by_seed"] = [r["ppl"] for r in found]
             row["ppl"] = statistics.median(row["ppl_by_seed"])
         rows.append({**row, "method": method, "target_bpw": target})
+    _time_rows(rows, timed, decode_ids, steps, repeats, progress)
+    return {
+        "benchmark": "quant", "model": adapter.name, "architecture": adapter.describe(), **provenance(),
+        "quantizer": quantizer, "eval_tokens": evals.numel(), "calibration_tokens": calib.numel(),
+        "repeats": repeats, "decode_steps": steps, "random_seeds": seeds, "rows": rows,
+        "uniform_neighbours": {str(t): {side: r and r["name"] for side, r in zip(("below", "above"),
+                                                                                 uniform_neighbours(rows, t))}
+                               for t in BUDGETS},
+        "ratios": ratios(rows),
+    }
+
+
+def uniform_neighbours(rows: list[dict], budget: float) -> tuple[dict | None, dict | None]:
+    """The uniform rows on both sides of ``budget``: the largest with bits per weight ≤ ``budget`` and
+    the smallest with ≥ ``budget`` (the same row when one sits exactly on it; None where no row is)."""
+    uniform = [r for r in rows if r.get("method") == "uniform"]
+    if not uniform:
+        raise ValueError("no uniform rows to compare with")
+    below = [r for r in uniform if r["bits_per_weight"] <= budget]
+    above = [r for r in uniform if r["bits_per_weight"] >= budget]
+    return (max(below, key=lambda r: r["bits_per_weight"]) if below else None,
+            min(above, key=lambda r: r["bits_per_weight"]) if above else None)
+
+
+def ratios(rows: list[dict]) -> dict[str, float]:
+    """The report's ratios (module docstring) from its rows."""
     by = {r["name"]: r for r in rows}
-    bf16 = by["bf16"]
-    ratios = {
-        "q4_decode_speedup": by["uniform4"]["decode_tps_b1"] / bf16["decode_tps_b1"],
-        "q4_decode_speedup_b8": by["uniform4"]["decode_tps_b8"] / bf16["decode_tps_b8"],
+    bf16, fp32, q4 = by["bf16"], by["fp32"], by["uniform4"]
+    out = {
+        "q4_decode_speedup": q4["decode_tps_b1"] / bf16["decode_tps_b1"],
+        "q4_decode_speedup_b8": q4["decode_tps_b8"] / bf16["decode_tps_b8"],
+        "q4_decode_vs_fp32_b1": q4["decode_tps_b1"] / fp32["decode_tps_b1"],
+        "q4_decode_vs_fp32_b8": q4["decode_tps_b8"] / fp32["decode_tps_b8"],
         "uniform3_ppl_ratio": by["uniform3"]["ppl"] / bf16["ppl"],
         "mixed35_ppl_ratio": by["measured3.5"]["ppl"] / bf16["ppl"],
         "mixed425_ppl_ratio": by["measured4.25"]["ppl"] / bf16["ppl"],
         "mixed35_bytes_ratio": by["measured3.5"]["model_bytes"] / bf16["model_bytes"],
     }
     for t in BUDGETS:
-        tag = str(t).replace(".", "")
-        uniform = max((r for r in rows if r.get("method") == "uniform" and r["bits_per_weight"] <= t),
-                      key=lambda r: r["bits_per_weight"])
-        ratios[f"measured{tag}_beats_uniform"] = float(by[f"measured{t}"]["ppl"] < uniform["ppl"])
-        ratios[f"measured{tag}_beats_random"] = float(by[f"measured{t}"]["ppl"] < by[f"random{t}"]["ppl"])
-    return {
-        "benchmark": "quant", "model": adapter.name, "architecture": adapter.describe(), "machine": machine(),
-        "quantizer": quantizer, "eval_tokens": evals.numel(), "calibration_tokens": calib.numel(),
-        "repeats": repeats, "decode_steps": steps, "random_seeds": seeds, "rows": rows, "ratios": ratios,
-    }
+        tag, measured = str(t).replace(".", ""), by[f"measured{t}"]["ppl"]
+        for side, row in zip(("below", "above"), uniform_neighbours(rows, t)):
+            if row is None:
+                continue
+            out[f"measured{tag}_ppl_vs_uniform_{side}"] = measured / row["ppl"]
+            out[f"measured{tag}_beats_uniform_{side}"] = float(measured < row["ppl"])
+        out[f"measured{tag}_beats_random"] = float(measured < by[f"random{t}"]["ppl"])
+    return out
 
 
 def table(report: dict) -> str:

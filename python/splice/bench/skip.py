@@ -1,8 +1,10 @@
 """``splice bench skip``: quality and speed of layer skipping on one model, in one run.
 
-* **Static**: for 0, 10, 25 and 40% of the layers skipped, chosen by each importance method
-  (Block Influence, L2 change, single-removal KL, the greedy joint-removal search) and at random
-  (the control): WikiText-2 perplexity on held-out windows and decode tokens/s (batch 1).
+* **Static**: the unpatched model (the baseline of every speed ratio), the model patched with no
+  items (the patch's idle cost), and for 10, 25 and 40% of the layers skipped, chosen by each
+  importance method (Block Influence, L2 change, single-removal KL, the greedy joint-removal
+  search) and at random (the control): WikiText-2 perplexity on held-out windows and decode
+  tokens/s (batch 1).
 * **Per-request routing** at the 25% budget: continuation perplexity (prompt prefilled by the
   full model, continuation scored with the routing applied) and decode tokens/s at batch 8 for
   the same layers for every request (decode only), the Block-Influence router and the trained
@@ -12,15 +14,26 @@
   calibration prompts, then tokens/s against the unpatched model's greedy ``generate`` on other
   prompts, with the outputs checked identical.
 
-Ratios (medians, same run): ``skip25_decode_speedup``, ``skip25_ideal_fraction`` (speedup ÷
-``L / (L - k)``), ``skip25_ppl_ratio`` (greedy selection), ``speculative_speedup``,
-``routing_gather_vs_grouped``.
+Every timed setting runs interleaved with the others round by round after a discarded warm-up
+round (:func:`splice.bench.timing.interleaved`).
+
+**Ideal speedup.** Skipping ``k`` layers cannot remove the embedding, final norm, ``lm_head`` and
+sampling, so the ideal is ``T_full / (T_full − k·t_layer)``: ``T_full`` is the unpatched model's
+decode-step time (batch 1) and ``t_layer`` the mean time one decoder layer's forward takes inside
+that decode step, timed from the start to the end of each layer call (forward hooks on the
+unpatched model, its own interleaved setting ``layer-timed``, not a ratio).
+
+Ratios (medians, same run, ÷ unpatched): ``skip25_decode_speedup`` (greedy selection),
+``skip25_ideal_speedup`` (above), ``skip25_ideal_fraction`` (measured ÷ ideal speedup),
+``patch_idle_decode_b1`` (patched with no items), ``skip25_ppl_ratio``, ``speculative_speedup``,
+``routing_gather_vs_grouped``, and ``skip{10,25,40}_measured_beats_random``.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from contextlib import nullcontext
 
 import torch
 from tqdm import tqdm
@@ -33,29 +46,58 @@ from ..skipping.router_training import fit_influence_router, fit_linear_router, 
 from ..skipping.routers import FixedRouter
 from ..skipping.spec import Skip
 from ..skipping.speculative import search_draft, speculative_generate
-from .output import machine, pyplot, save_figure
-from .timing import decode_tps
+from .output import provenance, pyplot, save_figure
+from .timing import decode_layer_seconds, decode_tps, interleaved
 
 FRACTIONS = (0.0, 0.10, 0.25, 0.40)
+LAYER_TIMED = "layer-timed"
 
 
-def _median(fn, repeats: int) -> float:
-    return statistics.median(fn() for _ in range(repeats))
+def ideal_speedup(step_seconds: float, layer_seconds: float, skipped: int) -> float:
+    """``T / (T − k·t)``: the speedup of skipping ``k`` layers of ``t`` seconds each from a step of ``T``."""
+    rest = step_seconds - skipped * layer_seconds
+    if not (step_seconds > 0 and layer_seconds >= 0 and rest > 0):
+        raise ValueError(f"{skipped} layers of {layer_seconds:.3g} s cannot fit in a {step_seconds:.3g} s step")
+    return step_seconds / rest
 
 
-def static_rows(model, profile, eval_windows, fractions, repeats, steps, progress) -> list[dict]:
+def static_settings(model, rows: list[dict]) -> list:
+    """The timed setting of each static row (name, context), plus ``layer-timed`` (unpatched)."""
+    def context(row):
+        if row["method"] == "unpatched":
+            return nullcontext
+        return lambda: patch(model, *([Skip(row["layers"])] if row["layers"] else []))
+
+    return [(r["name"], context(r)) for r in rows] + [(LAYER_TIMED, nullcontext)]
+
+
+def static_rows(model, profile, eval_windows, fractions, repeats, steps, progress) -> tuple[list[dict], list[float]]:
+    """The static rows (perplexity, decode tokens/s at batch 1 with their runs) and the ``layer-timed``
+    runs (seconds per decoder layer per decode step)."""
     adapter = Adapter(model)
     decode_ids = eval_windows[:1, :64]
-    rows = []
-    plan = [(f, m) for f in fractions for m in (METHODS if f else ("none",))]
-    for fraction, method in tqdm(plan, desc="static skipping", disable=not progress):
+    rows = [{"name": "unpatched", "fraction": 0.0, "method": "unpatched", "layers": []},
+            {"name": "patch-idle", "fraction": 0.0, "method": "none", "layers": []}]
+    for fraction in (f for f in fractions if f):
         count = round(adapter.num_layers * fraction)
-        layers = profile.choose(method, count) if count else []
-        with patch(model, *([Skip(layers)] if layers else [])):
-            ppl, _ = evaluate(model, eval_windows)
-            tps = _median(lambda: decode_tps(model, decode_ids, steps), repeats)
-        rows.append({"fraction": fraction, "method": method, "layers": layers, "ppl": ppl, "decode_tps_b1": tps})
-    return rows
+        rows += [{"name": f"{m}{round(fraction * 100)}", "fraction": fraction, "method": m,
+                  "layers": profile.choose(m, count) if count else []} for m in METHODS]
+    settings = static_settings(model, rows)
+    for row, (_, context) in tqdm(list(zip(rows, settings)), desc="static skipping: perplexity",
+                                  disable=not progress):
+        with context():
+            row["ppl"], _ = evaluate(model, eval_windows)
+
+    def measure(name):
+        if name == LAYER_TIMED:
+            return {"layer_s": decode_layer_seconds(model, adapter.layers, decode_ids, steps)}
+        return {"decode_b1": decode_tps(model, decode_ids, steps)}
+
+    runs = interleaved(settings, measure, repeats, "static skipping: decode", progress)
+    for row in rows:
+        row["decode_runs_b1"] = runs[row["name"]]["decode_b1"]
+        row["decode_tps_b1"] = statistics.median(row["decode_runs_b1"])
+    return rows, runs[LAYER_TIMED]["layer_s"]
 
 
 @torch.inference_mode()
@@ -97,18 +139,28 @@ def routing_rows(model, calib, evals, static_layers, prompt_len, repeats, steps,
                "influence": fit_influence_router(data, fraction, adapter),
                "linear": fit_linear_router(data, fraction, adapter)}
     batch = evals[:8, :prompt_len]
-    rows = [{"router": "none", "ppl": continuation_ppl(model, evals, prompt_len), "mean_skipped": 0.0,
-             "decode_tps_b8": _median(lambda: decode_tps(model, batch, steps), repeats)}]
-    grouped = {}
-    for name, router in tqdm(routers.items(), desc="routing", disable=not progress):
+    rows = [{"router": "none", "ppl": continuation_ppl(model, evals, prompt_len), "mean_skipped": 0.0}]
+    for name, router in tqdm(routers.items(), desc="routing: perplexity", disable=not progress):
         with patch(model, router=router):
             ppl = continuation_ppl(model, evals, prompt_len)
             skipped = float(router.decide().sum(1).float().mean())
-            tps = _median(lambda: decode_tps(model, batch, steps), repeats)
-        rows.append({"router": name, "ppl": ppl, "mean_skipped": skipped, "decode_tps_b8": tps})
-        if name == "linear":
-            grouped = {"router": name, "gather_scatter_tps_b8": tps,
-                       "grouped_tps_b8": _median(lambda: _grouped_decode_tps(model, router, batch, steps), repeats)}
+        rows.append({"router": name, "ppl": ppl, "mean_skipped": skipped})
+    settings = [("none", nullcontext)] + [(n, lambda r=r: patch(model, router=r)) for n, r in routers.items()]
+    settings.append(("grouped", nullcontext))
+
+    def measure(name):
+        if name == "grouped":
+            return {"decode_b8": _grouped_decode_tps(model, routers["linear"], batch, steps)}
+        return {"decode_b8": decode_tps(model, batch, steps)}
+
+    runs = interleaved(settings, measure, repeats, "routing: decode", progress)
+    for row in rows:
+        row["decode_runs_b8"] = runs[row["router"]]["decode_b8"]
+        row["decode_tps_b8"] = statistics.median(row["decode_runs_b8"])
+    linear = next(r for r in rows if r["router"] == "linear")
+    grouped = {"router": "linear", "gather_scatter_tps_b8": linear["decode_tps_b8"],
+               "grouped_tps_b8": statistics.median(runs["grouped"]["decode_b8"]),
+               "grouped_runs_b8": runs["grouped"]["decode_b8"]}
     return rows, grouped
 
 
@@ -118,7 +170,7 @@ def speculative_rows(model, order, calib_prompts, eval_prompts, new_tokens, repe
     best, trials = search_draft(model, calib_prompts, order, counts, lengths=(2, 3, 4), new_tokens=24,
                                 progress=progress)
     base, spec, accept, identical = [], [], [], True
-    for _ in range(repeats):
+    for round_ in range(repeats + 1):  # round 0 warms both up and is discarded
         t_base = t_spec = 0.0
         for ids in eval_prompts:
             start = time.perf_counter()
@@ -130,11 +182,35 @@ def speculative_rows(model, order, calib_prompts, eval_prompts, new_tokens, repe
             t_spec += stats.seconds
             accept.append(stats.acceptance)
             identical &= torch.equal(out, expected)
-        base.append(len(eval_prompts) * new_tokens / t_base)
-        spec.append(len(eval_prompts) * new_tokens / t_spec)
+        if round_:
+            base.append(len(eval_prompts) * new_tokens / t_base)
+            spec.append(len(eval_prompts) * new_tokens / t_spec)
     return {"draft_layers": best.layers, "draft_len": best.draft_len, "search": [vars(t) for t in trials],
+            "greedy_runs": base, "speculative_runs": spec,
             "greedy_tps": statistics.median(base), "speculative_tps": statistics.median(spec),
             "acceptance": statistics.median(accept), "identical_output": identical}
+
+
+def _row(static: list[dict], name: str) -> dict:
+    return next(r for r in static if r["name"] == name)
+
+
+def static_ratios(static: list[dict], layer_seconds: float) -> dict[str, float]:
+    """The static rows' ratios (module docstring); ``layer_seconds``: ``t_layer``."""
+    full, idle, greedy25 = _row(static, "unpatched"), _row(static, "patch-idle"), _row(static, "greedy25")
+    speedup = greedy25["decode_tps_b1"] / full["decode_tps_b1"]
+    ideal = ideal_speedup(1.0 / full["decode_tps_b1"], layer_seconds, len(greedy25["layers"]))
+    ratios = {
+        "skip25_decode_speedup": speedup,
+        "skip25_ideal_speedup": ideal,
+        "skip25_ideal_fraction": speedup / ideal,
+        "patch_idle_decode_b1": idle["decode_tps_b1"] / full["decode_tps_b1"],
+        "skip25_ppl_ratio": greedy25["ppl"] / full["ppl"],
+    }
+    for fraction in sorted({r["fraction"] for r in static if r["fraction"]}):
+        by = {r["method"]: r["ppl"] for r in static if r["fraction"] == fraction}
+        ratios[f"skip{round(fraction * 100)}_measured_beats_random"] = float(min(by["kl"], by["greedy"]) < by["random"])
+    return ratios
 
 
 def run(model, tokenizer, calib_windows: int = 4, eval_windows: int = 16, length: int = 128,
@@ -147,33 +223,22 @@ def run(model, tokenizer, calib_windows: int = 4, eval_windows: int = 16, length
     if profile is None:
         profile = profile_layers(model, calib, greedy_layers=k40, candidates=greedy_candidates, progress=progress)
     profile.check_model(adapter)
-    static = static_rows(model, profile, evals, FRACTIONS, repeats, steps, progress)
-    k25 = round(adapter.num_layers * 0.25)
-    greedy25 = next(r for r in static if r["method"] == "greedy" and r["fraction"] == 0.25)
-    full = static[0]
+    static, layer_runs = static_rows(model, profile, evals, FRACTIONS, repeats, steps, progress)
     routing, grouped = routing_rows(model, wikitext_windows(tokenizer, 32, 96, offset=calib_windows + eval_windows),
-                                    evals[:, :96], greedy25["layers"], 64, repeats, steps, progress)
+                                    evals[:, :96], _row(static, "greedy25")["layers"], 64, repeats, steps, progress)
     prompts = [evals[i:i + 1, :64] for i in range(3)]
     speculative = speculative_rows(model, profile.greedy_order + [l for l in sorted(
         range(adapter.num_layers), key=lambda l: profile.removal_kl[l]) if l not in profile.greedy_order],
         [calib[i:i + 1, :64] for i in range(2)], prompts, new_tokens, repeats, progress)
-    speedup = greedy25["decode_tps_b1"] / full["decode_tps_b1"]
-    ratios = {
-        "skip25_decode_speedup": speedup,
-        "skip25_ideal_fraction": speedup / (adapter.num_layers / (adapter.num_layers - k25)),
-        "skip25_ppl_ratio": greedy25["ppl"] / full["ppl"],
-        "speculative_speedup": speculative["speculative_tps"] / speculative["greedy_tps"],
-        "routing_gather_vs_grouped": grouped["gather_scatter_tps_b8"] / grouped["grouped_tps_b8"],
-    }
-    for fraction in FRACTIONS[1:]:
-        by = {r["method"]: r["ppl"] for r in static if r["fraction"] == fraction}
-        ratios[f"skip{round(fraction * 100)}_measured_beats_random"] = float(min(by["kl"], by["greedy"]) < by["random"])
+    ratios = static_ratios(static, statistics.median(layer_runs))
+    ratios["speculative_speedup"] = speculative["speculative_tps"] / speculative["greedy_tps"]
+    ratios["routing_gather_vs_grouped"] = grouped["gather_scatter_tps_b8"] / grouped["grouped_tps_b8"]
     return {
         "benchmark": "skip", "model": adapter.name, "architecture": adapter.describe(),
-        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "machine": machine(),
-        "eval_tokens": evals.numel(), "calibration_tokens": calib.numel(), "repeats": repeats,
-        "profile": vars(profile), "static": static, "routing": routing, "routing_layout": grouped,
-        "speculative": speculative, "ratios": ratios,
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), **provenance(),
+        "eval_tokens": evals.numel(), "calibration_tokens": calib.numel(), "repeats": repeats, "decode_steps": steps,
+        "profile": vars(profile), "static": static, "layer_seconds_runs": layer_runs, "routing": routing,
+        "routing_layout": grouped, "speculative": speculative, "ratios": ratios,
     }
 
 

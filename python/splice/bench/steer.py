@@ -20,14 +20,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from tqdm import tqdm
 
 from ..adapters.architecture import Adapter
 from ..patch import patch
 from ..steering.spec import Steer
 from .hook_steering import add_output_hooks
-from .output import machine
-from .timing import Throughput, decode_tps, make_batch, prefill_tps
+from .output import provenance
+from .timing import Throughput, decode_tps, interleaved, make_batch, prefill_tps
 
 
 @dataclass
@@ -86,24 +85,23 @@ def applied(setting: Setting):
 
 def run(model, batches=(1, 16), prompt_len: int = 64, steps: int = 32, repeats: int = 5,
         progress: bool = True) -> dict:
-    """Measure every setting ``repeats`` times; returns the report dict (medians, runs, ratios)."""
+    """Measure every setting ``repeats`` times, interleaved round by round after a discarded warm-up
+    round; returns the report dict (medians, runs, ratios)."""
     vocab = model.config.get_text_config().vocab_size
-    plan = settings(model, tuple(batches))
-    results = {s.name: {b: {"prefill": Throughput(), "decode": Throughput()} for b in s.batches} for s in plan}
+    plan = {s.name: s for s in settings(model, tuple(batches))}
     inputs = {b: make_batch(b, prompt_len, vocab) for b in batches}
-    total = repeats * sum(len(s.batches) for s in plan)
-    with tqdm(total=total, desc="bench steer", disable=not progress) as bar:
-        for round_ in range(repeats + 1):  # round 0 warms up and is discarded
-            warm = round_ == 0
-            for s in plan:
-                with applied(s):
-                    for b in s.batches:
-                        prefill = prefill_tps(model, inputs[b])
-                        decode = decode_tps(model, inputs[b], steps)
-                        if not warm:
-                            results[s.name][b]["prefill"].runs.append(prefill)
-                            results[s.name][b]["decode"].runs.append(decode)
-                            bar.update()
+
+    def measure(name):
+        out = {}
+        for b in plan[name].batches:
+            out[f"prefill_b{b}"] = prefill_tps(model, inputs[b])
+            out[f"decode_b{b}"] = decode_tps(model, inputs[b], steps)
+        return out
+
+    runs = interleaved([(s.name, lambda s=s: applied(s)) for s in plan.values()], measure, repeats, "bench steer",
+                       progress)
+    results = {name: {b: {kind: Throughput(runs[name][f"{kind}_b{b}"]) for kind in ("prefill", "decode")}
+                      for b in s.batches} for name, s in plan.items()}
     return report(model, results, prompt_len, steps, repeats)
 
 
@@ -132,7 +130,7 @@ def report(model, results, prompt_len, steps, repeats) -> dict:
         "model": adapter.name,
         "architecture": adapter.describe(),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-        "machine": machine(),
+        **provenance(),
         "backends": _backends(model),
         "prompt_len": prompt_len, "decode_steps": steps, "repeats": repeats,
         "results": {name: {f"b{b}": {kind: {"median_tps": t.median, "runs": t.runs} for kind, t in by_kind.items()}

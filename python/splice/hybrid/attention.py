@@ -78,7 +78,6 @@ def make_attention_forward(adapter, layer_idx: int, head_map, runtime):
     def kernel_path(q, k, v, pos, real, attention_mask, cache, hidden_states):
         """Prefill (one band_attention launch) or a one-token decode step; writes both caches."""
         b, t = pos.shape
-        store = store_of(cache)
         if state.prefill:
             out = band_attention(q, k, v, pos, real, head_sinks.to(pos.device), head_window.to(pos.device),
                                  attn.scaling)
@@ -86,10 +85,14 @@ def make_attention_forward(adapter, layer_idx: int, head_map, runtime):
             kf, vf = cache.update(k[:, full].contiguous(), v[:, full].contiguous(), layer_idx)
         else:
             hold_length(cache, layer_idx, b, t, hidden_states)
-        store.write(k[:, stream], v[:, stream], pos, real)
+        heads = []
+        if stream:  # empty only where every head of the layer is full and splice runs it anyway
+            store = store_of(cache)
+            store.write(k[:, stream], v[:, stream], pos, real)
+            if not state.prefill:
+                heads.append(decode_attention(q[:, q_stream, 0], store.keys, store.values, store.valid, attn.scaling))
         if state.prefill:
             return out
-        heads = [decode_attention(q[:, q_stream, 0], store.keys, store.values, store.valid, attn.scaling)]
         if full:
             seen = (attention_mask[:, 0, -1, :kf.shape[2]] if attention_mask is not None
                     else torch.ones(b, kf.shape[2], dtype=torch.bool, device=pos.device))
@@ -118,6 +121,9 @@ def make_attention_forward(adapter, layer_idx: int, head_map, runtime):
             outputs.append(attend(q[:, q_full], kf, vf, mask, mask is None and t > 1))
         elif past_key_values is not None:
             hold_length(past_key_values, layer_idx, b, t, hidden_states)
+        if not stream:  # every head full (a layer spliced on purpose): nothing streams
+            out = torch.cat(outputs, 1)[:, order]
+            return attn.o_proj(out.transpose(1, 2).reshape(b, t, hq * d)), None
         ks, vs, qs = k[:, stream], v[:, stream], q[:, q_stream]
         mask = band_mask(pos, pos, real, sinks, window) | torch.eye(t, dtype=torch.bool, device=pos.device)
         store = None

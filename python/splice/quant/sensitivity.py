@@ -14,12 +14,16 @@ Effective Method for Quantizing LLMs Beyond Integer Bit-Levels" (2024):
   precision), on calibration text. Layers before ``u``'s are unchanged, so each run starts from
   that layer's recorded input (:class:`LayerInputs`) instead of running the whole model.
 
-A :class:`Measurements` file holds all three with the model's signature and is refused for another
-model. The measured costs feed :func:`splice.quant.allocate.plan_for` (method ``measured``).
+A :class:`Measurements` file holds all three with the model's signature and the settings they were
+measured with (calibration windows: count, length and a hash of their token ids; quantizer; widths;
+group sizes). :meth:`Measurements.check_reuse` refuses it for another model or other settings, and
+a file without those settings (an older one) is refused on load. The measured costs feed
+:func:`splice.quant.allocate.plan_for` (method ``measured``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -46,6 +50,14 @@ def format_of(key: str) -> tuple[int, int]:
     return int(bits), int(group)
 
 
+def calibration_of(windows: torch.Tensor) -> dict:
+    """What identifies calibration windows [count, length]: their shape and a SHA-256 of the token ids."""
+    if windows.dim() != 2:
+        raise ValueError(f"calibration windows must be [count, length] token ids, got shape {list(windows.shape)}")
+    digest = hashlib.sha256(windows.detach().to("cpu", torch.int64).contiguous().numpy().tobytes()).hexdigest()
+    return {"windows": int(windows.shape[0]), "length": int(windows.shape[1]), "tokens_sha256": digest}
+
+
 @dataclass
 class Measurements:
     """Scores and measured costs of every unit of one model (``kl[unit]["<bits>g<group_size>"]``)."""
@@ -61,6 +73,8 @@ class Measurements:
     group_sizes: list[int] = field(default_factory=lambda: [64])
     tokens: int = 0
     full_ppl: float | None = None
+    widths: list[int] = field(default_factory=list)
+    calibration: dict = field(default_factory=dict)
 
     def costs(self) -> dict[str, dict[tuple[int, int], float]]:
         """``cost[unit][(bits, group_size)]``, the measured KL (raises if this file holds none)."""
@@ -75,6 +89,27 @@ class Measurements:
         if units(model) != self.units:
             raise ValueError("these measurements list other quantization units than the model has")
 
+    def check_reuse(self, model: nn.Module, windows: torch.Tensor, method: str | None = None,
+                    widths=None, group_sizes=None) -> None:
+        """Refuse these measurements for ``model`` unless they were made on the same calibration
+        ``windows`` and, for each setting given (None: the use does not depend on it), with the same
+        quantizer ``method``, ``widths`` and ``group_sizes``. Raises ValueError naming the first
+        difference."""
+        self.check_model(model)
+        wanted = calibration_of(windows)
+        for key in ("windows", "length", "tokens_sha256"):
+            if self.calibration.get(key) != wanted[key]:
+                raise ValueError(f"these measurements were made on other calibration windows ({key}: "
+                                 f"{self.calibration.get(key)} here, {wanted[key]} asked for); re-measure")
+        settings = {"quantizer": (self.method, method),
+                    "widths": (sorted(self.widths), None if widths is None else sorted(int(b) for b in widths)),
+                    "group sizes": (sorted(self.group_sizes),
+                                    None if group_sizes is None else sorted({int(g) for g in group_sizes}))}
+        for name, (have, want) in settings.items():
+            if want is not None and have != want:
+                raise ValueError(f"these measurements were made with {name} {have}; this run asks for {want}: "
+                                 "re-measure")
+
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -84,6 +119,10 @@ class Measurements:
     @classmethod
     def load(cls, path: str | Path) -> Measurements:
         data = json.loads(Path(path).read_text())
+        missing = [k for k in ("calibration", "widths") if not isinstance(data, dict) or k not in data]
+        if missing and isinstance(data, dict) and "kl" in data:
+            raise ValueError(f"{path} does not record the settings it was measured with ({', '.join(missing)}; "
+                             "made by an older splice): re-measure")
         try:
             return cls(**data)
         except TypeError as exc:
@@ -206,6 +245,7 @@ def measure(model: nn.Module, windows: torch.Tensor, widths=(2, 3, 4, 8), group_
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    calibration = calibration_of(windows)
     group_sizes = sorted({int(g) for g in group_sizes})
     if not group_sizes:
         raise ValueError("measure at least one group size")
@@ -240,5 +280,5 @@ def measure(model: nn.Module, windows: torch.Tensor, widths=(2, 3, 4, 8), group_
             cost = max(0.0, evaluate(model, windows, reference, batch_size)[1])
         kl.setdefault(unit, {})[format_key(bits, group)] = cost
     return Measurements(model_signature(model), members, params, lim, zd, lim_l, kl, method, group_sizes,
-                        int(windows.numel()), full_ppl)
+                        int(windows.numel()), full_ppl, sorted(int(b) for b in widths), calibration)
 
