@@ -1,7 +1,7 @@
 """``splice bench attention``: retrieval, perplexity, KV memory and speed of hybrid attention, in one run.
 
 Configurations: ``full`` attention; ``hybrid25`` / ``hybrid50``, the measured head map keeping
-25% / 50% of the KV heads full (the highest head scores, see :mod:`splice.hybrid.profile`);
+25% / 50% of the KV heads full (the highest head scores, see :mod:`splice.tools.head_profile`);
 ``random25`` / ``random50``, as many full heads chosen at random (the control, same sinks and
 window).
 
@@ -29,11 +29,11 @@ import torch
 from tqdm import tqdm
 
 from ..adapters.architecture import Adapter
-from ..calibration.passkey import passkey_accuracy, passkey_set
-from ..calibration.text import perplexity, wikitext_windows
+from ..tools.passkey import passkey_accuracy, passkey_set
+from ..tools.calibration_text import perplexity, wikitext_windows
 from ..hybrid.head_map import HeadMap
 from ..patch import patch
-from ..skipping.kv_cache import kv_bytes
+from ..runtime.kv_cache import kv_bytes
 from .output import machine, pyplot, save_figure
 from .timing import make_batch
 

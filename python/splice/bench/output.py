@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from ..tools.plotting import pyplot, save_figure
+
 
 def machine() -> dict:
     """Where a benchmark ran: platform, processor and torch's thread count."""
@@ -36,23 +38,6 @@ def write(report: dict, path: str | Path, plot: bool = True) -> list[Path]:
     if plot:
         written.append(plot_decode(report, path.with_suffix(".png")))
     return written
-
-
-def pyplot():
-    """matplotlib's pyplot on the file-only Agg backend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(fig, path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    pyplot().close(fig)
-    return Path(path)
 
 
 def plot_decode(report: dict, path: Path) -> Path:
