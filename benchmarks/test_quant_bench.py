@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from splice.ops import backend_for, quant_matmul
-from splice.quant.packing import PackedWeight
+from splice.ops.quant_packing import PackedWeight
 from splice.quant.quantizers import quantize
 
 SHAPES = [(576, 576), (1536, 576), (576, 1536), (49152, 576)]

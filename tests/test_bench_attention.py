@@ -8,7 +8,7 @@ from tiny_models import LAYERS, FoldedTokenizer, tiny_model
 
 from splice.bench import attention
 from splice.hybrid.head_map import HeadMap
-from splice.steering.runtime import ATTRIBUTE
+from splice.runtime.splice_runtime import ATTRIBUTE
 
 
 def scored_map():

@@ -6,8 +6,8 @@ from test_quant_model import tied_llama
 from tiny_models import FoldedTokenizer
 
 from splice.bench import quant
-from splice.calibration.text import wikitext_windows
-from splice.quant.sensitivity import measure
+from splice.tools.calibration_text import wikitext_windows
+from splice.tools.quant_sensitivity import measure
 
 
 def test_report_has_every_row_within_budget_and_the_ratios(real_model):

@@ -6,8 +6,8 @@ from tiny_models import HIDDEN, LAYERS, left_padded_batch, tiny_model
 
 import splice
 from splice.hybrid.head_map import HeadMap
-from splice.skipping.kv_cache import kv_bytes
-from splice.steering.runtime import ATTRIBUTE
+from splice.runtime.kv_cache import kv_bytes
+from splice.runtime.splice_runtime import ATTRIBUTE
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3"]
 KV_HEADS = 2
@@ -140,7 +140,7 @@ def test_sandwich_families_are_refused():
 
 
 def test_head_scores_rank_heads_by_what_streaming_costs():
-    from splice.hybrid.profile import head_scores
+    from splice.tools.head_profile import head_scores
 
     model = tiny_model("llama")
     seqs = [(torch.randint(3, 100, (1, 24), generator=torch.Generator().manual_seed(s)), 8) for s in range(2)]
@@ -156,7 +156,7 @@ def test_head_scores_rank_heads_by_what_streaming_costs():
 def test_streaming_deltas_equal_the_change_streaming_one_head_makes(family):
     """Each delta score is what patching that head alone to stream does to its layer's attention
     output, relative to the residual entering the layer, averaged over the queries past the window."""
-    from splice.hybrid.profile import streaming_deltas
+    from splice.tools.head_profile import streaming_deltas
 
     model = tiny_model(family)
     seqs = [torch.randint(3, 100, (1, 24), generator=torch.Generator().manual_seed(s)) for s in range(2)]
@@ -185,7 +185,7 @@ def test_streaming_deltas_equal_the_change_streaming_one_head_makes(family):
 
 
 def test_streaming_deltas_refuse_short_sequences_and_sandwich_families():
-    from splice.hybrid.profile import streaming_deltas
+    from splice.tools.head_profile import streaming_deltas
 
     with pytest.raises(ValueError, match="never reach past sinks"):
         streaming_deltas(tiny_model("llama"), [torch.arange(3, 8)[None]], sinks=1, window=4, progress=False)
@@ -194,7 +194,7 @@ def test_streaming_deltas_refuse_short_sequences_and_sandwich_families():
 
 
 def test_interleave_takes_the_top_heads_of_every_score_table_in_turn():
-    from splice.hybrid.profile import interleave
+    from splice.tools.head_profile import interleave
 
     a, b = [[3.0, 2.0], [1.0, 0.0]], [[0.0, 1.0], [2.0, 3.0]]
     assert interleave(a, b) == [[4.0, 2.0], [1.0, 3.0]]
@@ -208,7 +208,7 @@ def test_interleave_takes_the_top_heads_of_every_score_table_in_turn():
 def test_passkey_prompts_hide_the_key_at_the_asked_depth():
     from transformers import AutoTokenizer
 
-    from splice.calibration.passkey import passkey_set
+    from splice.tools.passkey import passkey_set
     from splice.models.loader import default_model_dir
 
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir())

@@ -6,7 +6,7 @@ from tiny_models import CONFIGS, HEAD_DIM, HEADS, HIDDEN, LAYERS, left_padded_ba
 
 import splice
 from splice.bench.hook_steering import add_output_hooks
-from splice.steering.runtime import ATTRIBUTE
+from splice.runtime.splice_runtime import ATTRIBUTE
 
 FAMILIES = sorted(CONFIGS)
 ATOL = 2e-5

@@ -27,8 +27,9 @@ from kernel_checks import (
 from splice.ops import backend_for, quant_matmul, use_backend
 from splice.ops.quant_matmul_reference import quant_matmul_reference
 from splice.quant.linear import QuantLinear
-from splice.quant.packing import PackedWeight, pack_codes, padded_k, row_bytes, unpack_codes
-from splice.quant.quantizers import BITS, GROUP_SIZES, dequantize_codes, quantize
+from splice.ops.quant_packing import PackedWeight, pack_codes, padded_k, row_bytes, unpack_codes
+from splice.ops.quant_format import BITS, GROUP_SIZES, dequantize_codes
+from splice.quant.quantizers import quantize
 
 DTYPES = (torch.float32, torch.bfloat16)
 # Every backend sums in fp32 in its own order; y is rounded once to x.dtype. Errors are relative to max |y|.
@@ -160,7 +161,7 @@ def test_pack_unpack_round_trip(bits, k):
 
 
 def test_packed_layout_is_documented():
-    """Spot checks of the documented layout (splice.quant.packing): tiles, nibbles, planes."""
+    """Spot checks of the documented layout (splice.ops.quant_packing): tiles, nibbles, planes."""
     k = torch.arange(64)
     assert pack_codes((k % 16).view(1, -1).to(torch.uint8), 4)[0, 3] == 3 | (3 << 4)  # codes 3 and 19
     c2 = torch.zeros(1, 64, dtype=torch.uint8)

@@ -16,7 +16,7 @@ from splice.quant.apply import quantize_model
 from splice.quant.checkpoint import PLAN, TENSORS, save_quantized
 from splice.quant.linear import QuantLinear
 from splice.quant.plan import QuantPlan, quantizable, unit_of, units
-from splice.quant.sensitivity import LayerInputs, Measurements, fake_quantized, measure
+from splice.tools.quant_sensitivity import LayerInputs, Measurements, fake_quantized, measure
 
 ATTN = "model.layers.1.self_attn"
 
@@ -383,7 +383,7 @@ def test_steering_and_skipping_compose_with_a_quantized_model():
 # --- the real model -------------------------------------------------------------------------
 @pytest.mark.real_model
 def test_uniform_8_bit_keeps_wikitext_perplexity(real_model):
-    from splice.calibration.text import perplexity, wikitext_windows
+    from splice.tools.calibration_text import perplexity, wikitext_windows
     from splice.models.loader import load_model
 
     _, tok = real_model

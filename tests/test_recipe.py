@@ -8,7 +8,7 @@ import yaml
 from tiny_models import HIDDEN, LAYERS, left_padded_batch, tiny_model
 
 import splice
-from splice.steering.runtime import ATTRIBUTE
+from splice.runtime.splice_runtime import ATTRIBUTE
 from splice.vectors.gguf_control import export_control_vector
 from splice.vectors.io import save_vectors
 

@@ -6,7 +6,7 @@ from tiny_models import HIDDEN, LAYERS, VOCAB, left_padded_batch, tiny_model
 
 import splice
 from splice.skipping.routers import FixedRouter, InfluenceRouter, LinearRouter, Router, load_router
-from splice.steering.runtime import ATTRIBUTE
+from splice.runtime.splice_runtime import ATTRIBUTE
 
 
 class RowRouter(Router):
@@ -135,7 +135,7 @@ def test_routing_conflicts_are_refused():
 
 def test_fitted_routers_hit_the_target_fraction_and_follow_the_costs():
     from splice.adapters.architecture import Adapter
-    from splice.skipping.router_training import fit_influence_router, fit_linear_router, measure_routing_data
+    from splice.tools.router_training import fit_influence_router, fit_linear_router, measure_routing_data
 
     model = tiny_model("llama")
     windows = torch.randint(3, VOCAB, (12, 10), generator=torch.Generator().manual_seed(5))

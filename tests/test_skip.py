@@ -5,8 +5,8 @@ import torch
 from tiny_models import HIDDEN, LAYERS, left_padded_batch, tiny_model
 
 import splice
-from splice.skipping.kv_cache import kv_bytes
-from splice.steering.runtime import ATTRIBUTE
+from splice.runtime.kv_cache import kv_bytes
+from splice.runtime.splice_runtime import ATTRIBUTE
 
 FAMILIES = ["llama", "qwen3", "phi3", "gemma2", "gemma3"]
 ATOL = 2e-5

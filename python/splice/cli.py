@@ -62,8 +62,8 @@ def cmd_bench_steer(args) -> int:
 
 
 def cmd_profile_layers(args) -> int:
-    from .calibration.text import wikitext_windows
-    from .skipping.profile import layers_for_budget, plot_profile, profile_layers
+    from .tools.calibration_text import wikitext_windows
+    from .tools.layer_profile import layers_for_budget, plot_profile, profile_layers
 
     model, tokenizer = _load(args)
     num_layers = model.config.num_hidden_layers
@@ -82,10 +82,10 @@ def cmd_profile_layers(args) -> int:
 
 def cmd_profile_heads(args) -> int:
     from .adapters.architecture import Adapter
-    from .calibration.passkey import passkey_set
-    from .calibration.text import wikitext_windows
+    from .tools.passkey import passkey_set
+    from .tools.calibration_text import wikitext_windows
     from .hybrid.head_map import HeadMap
-    from .hybrid.profile import head_scores, interleave, plot_head_map, streaming_deltas
+    from .tools.head_profile import head_scores, interleave, plot_head_map, streaming_deltas
 
     model, tokenizer = _load(args)
     if args.merge:
@@ -117,8 +117,8 @@ def cmd_profile_heads(args) -> int:
 
 def cmd_route_train(args) -> int:
     from .adapters.architecture import Adapter
-    from .calibration.text import wikitext_windows
-    from .skipping.router_training import fit_influence_router, fit_linear_router, measure_routing_data
+    from .tools.calibration_text import wikitext_windows
+    from .tools.router_training import fit_influence_router, fit_linear_router, measure_routing_data
 
     if not args.out.endswith(".safetensors"):
         raise SystemExit("--out must end in .safetensors")
@@ -146,7 +146,7 @@ def _report(bench, report: dict, json_path) -> None:
 
 def cmd_bench_skip(args) -> int:
     from .bench import skip
-    from .skipping.profile import LayerProfile
+    from .tools.layer_profile import LayerProfile
 
     model, tokenizer = _load(args)
     profile = LayerProfile.load(args.profile) if args.profile else None
@@ -182,11 +182,11 @@ def cmd_bench_attention(args) -> int:
 def cmd_quantize(args) -> int:
     from pathlib import Path
 
-    from .calibration.text import evaluate, log_probs, wikitext_windows
+    from .tools.calibration_text import evaluate, log_probs, wikitext_windows
     from .quant.allocate import plan_for
     from .quant.apply import quantize_model
     from .quant.checkpoint import save_quantized
-    from .quant.sensitivity import Measurements, measure
+    from .tools.quant_sensitivity import Measurements, measure
 
     if Path(args.out).exists() and not args.overwrite:
         raise SystemExit(f"{args.out} exists; pass --overwrite to replace it")

@@ -22,12 +22,13 @@ from pathlib import Path
 from torch import nn
 
 from .adapters.architecture import Adapter
-from .hybrid.attention import make_attention_forward
+from .runtime.hybrid_attention import make_attention_forward
 from .ops import backend_for
-from .recipe import Recipe, load_recipe
-from .skipping.spec import Skip, skipped_parts, unsteerable_sites
-from .spliced.decoder_layer import make_forward, make_o_proj_forward
-from .steering.runtime import ATTRIBUTE, SpliceRuntime
+from .recipe import Recipe, check_steering_fits, load_recipe
+from .skipping.spec import Skip, skipped_parts
+from .runtime.decoder_layer import make_forward, make_o_proj_forward
+from .runtime.splice_runtime import ATTRIBUTE, SpliceRuntime
+from .steering.slot_entries import slot_entries
 from .steering.spec import Steer
 
 SlotItem = Steer | str | tuple[str, float]
@@ -81,12 +82,7 @@ class Patch:
             raise ValueError(f"slot must be in 1..{self.runtime.tables.max_slots - 1} (slot 0 never steers)")
         resolved = self._resolve(list(items))
         self._check_steering_fits(resolved, self.runtime.skip.static, self._routed_layers())
-        entries: dict[tuple[int, str], list] = {}
-        for name, scale in resolved:
-            steer = self.steers[name]
-            size = self.adapter.site_size(steer.site)
-            for layer in steer.layers:
-                entries.setdefault((layer, steer.site), []).append(steer.entry(layer, scale, size))
+        entries = slot_entries(self.steers, resolved, self.adapter)
         self.runtime.tables.write_slot(slot, entries)
         for layer, site in entries:
             if site == "heads":
@@ -145,13 +141,7 @@ class Patch:
         return list(self.router.layers) if self.router is not None else []
 
     def _check_steering_fits(self, resolved, parts, routed) -> None:
-        forbidden = unsteerable_sites(parts, routed)
-        for name, _ in resolved:
-            steer = self.steers[name]
-            bad = [l for l in steer.layers if steer.site in forbidden.get(l, ())]
-            if bad:
-                raise ValueError(f"steering {name!r} at site {steer.site!r} of layers {bad}: those layers skip "
-                                 "that part (or are routed per request); splice does not steer skipped layers")
+        check_steering_fits(self.steers, [name for name, _ in resolved], parts, routed)
 
     def assign(self, row_slots: list[int] | None) -> None:
         """Slot of each batch row for the following forward passes; None: every row the default slot."""

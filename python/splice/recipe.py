@@ -27,12 +27,13 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from .skipping.spec import Skip
+from .skipping.spec import Skip, unsteerable_sites
 from .steering.spec import Steer
 
 VERSION = 1
@@ -223,3 +224,16 @@ def load_recipe(source) -> Recipe:
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise RecipeError(f"recipe file {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from exc
     return Recipe.from_dict(data, base=path.parent)
+
+
+def check_steering_fits(steers: dict[str, Steer], names: Iterable[str], parts: list[tuple[bool, bool]],
+                        routed: Iterable[int] = ()) -> None:
+    """Refuse steering any of ``names`` at a site that the skips (``parts``: ``(run_attn, run_mlp)`` per
+    layer) or per-request routing (``routed`` layers) take away; shared by ``splice.patch`` and serving."""
+    forbidden = unsteerable_sites(parts, routed)
+    for name in names:
+        steer = steers[name]
+        bad = [l for l in steer.layers if steer.site in forbidden.get(l, ())]
+        if bad:
+            raise ValueError(f"steering {name!r} at site {steer.site!r} of layers {bad}: those layers skip "
+                             "that part (or are routed per request); splice does not steer skipped layers")

@@ -4,7 +4,7 @@ Configurations: ``full``, the unpatched model (the baseline); ``full-splice``, e
 run by splice's hybrid attention forward and kernels on every layer (``band_attention`` prefill,
 ``decode_attention`` decode), so the kernels' difference and the saving from streaming heads are
 reported apart; ``hybrid25`` / ``hybrid50``, the measured head map keeping 25% / 50% of the KV
-heads full (the highest head scores, see :mod:`splice.hybrid.profile`); ``random25`` /
+heads full (the highest head scores, see :mod:`splice.tools.head_profile`); ``random25`` /
 ``random50``, as many full heads chosen at random (the control, same sinks and window).
 
 * pass-key accuracy at each context length (greedy exact match, keys at depths 0.1 .. 0.9), every
@@ -39,12 +39,12 @@ import torch
 from tqdm import tqdm
 
 from ..adapters.architecture import Adapter
-from ..calibration.passkey import passkey_accuracy, passkey_set
-from ..calibration.text import perplexity, wikitext_windows
-from ..hybrid.attention import make_attention_forward
+from ..tools.passkey import passkey_accuracy, passkey_set
+from ..tools.calibration_text import perplexity, wikitext_windows
+from ..runtime.hybrid_attention import make_attention_forward
 from ..hybrid.head_map import HeadMap
 from ..patch import patch
-from ..skipping.kv_cache import kv_bytes
+from ..runtime.kv_cache import kv_bytes
 from .output import provenance, pyplot, save_figure
 from .timing import interleaved, make_batch
 

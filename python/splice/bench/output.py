@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from ..tools.plotting import pyplot, save_figure
+
 
 def _cpu_model() -> str:
     try:
@@ -67,23 +69,6 @@ def write(report: dict, path: str | Path, plot: bool = True) -> list[Path]:
     if plot:
         written.append(plot_decode(report, path.with_suffix(".png")))
     return written
-
-
-def pyplot():
-    """matplotlib's pyplot on the file-only Agg backend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(fig, path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    pyplot().close(fig)
-    return Path(path)
 
 
 def plot_decode(report: dict, path: Path) -> Path:

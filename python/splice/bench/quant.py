@@ -41,12 +41,12 @@ import torch
 from tqdm import tqdm
 
 from ..adapters.architecture import Adapter
-from ..calibration.text import evaluate, log_probs, wikitext_windows
+from ..tools.calibration_text import evaluate, log_probs, wikitext_windows
 from ..quant.allocate import plan_for
 from ..quant.apply import quantize_model
 from ..quant.linear import QuantLinear
 from ..quant.plan import QuantPlan, quantizable
-from ..quant.sensitivity import Measurements, measure
+from ..tools.quant_sensitivity import Measurements, measure
 from .output import provenance, pyplot, save_figure
 from .timing import decode_tps, interleaved
 

@@ -39,13 +39,13 @@ import torch
 from tqdm import tqdm
 
 from ..adapters.architecture import Adapter
-from ..calibration.text import evaluate, wikitext_windows
+from ..tools.calibration_text import evaluate, wikitext_windows
 from ..patch import patch
-from ..skipping.profile import METHODS, layers_for_budget, profile_layers
-from ..skipping.router_training import fit_influence_router, fit_linear_router, measure_routing_data
+from ..tools.layer_profile import METHODS, layers_for_budget, profile_layers
+from ..tools.router_training import fit_influence_router, fit_linear_router, measure_routing_data
 from ..skipping.routers import FixedRouter
 from ..skipping.spec import Skip
-from ..skipping.speculative import search_draft, speculative_generate
+from ..tools.speculative import search_draft, speculative_generate
 from .output import provenance, pyplot, save_figure
 from .timing import decode_layer_seconds, decode_tps, interleaved
 

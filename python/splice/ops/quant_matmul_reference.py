@@ -3,7 +3,7 @@
 Contract (``T`` tokens, ``N = out_features``, ``K = in_features``, ``G = ceil(K / group_size)``)::
 
     x        [T, K]  float32 or bfloat16
-    qweight  uint8 [N, ceil(K / 64) · 64 · bits / 8]   codes q, layout in splice.quant.packing
+    qweight  uint8 [N, ceil(K / 64) · 64 · bits / 8]   codes q, layout in splice.ops.quant_packing
     scales, zeros   float16 [N, G]
     bias     optional float [N]
 
@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from splice.quant.packing import row_bytes, unpack_codes
-from splice.quant.quantizers import dequantize_codes
+from splice.ops.quant_packing import row_bytes, unpack_codes
+from splice.ops.quant_format import dequantize_codes
 
 
 def check_quant_matmul(x, qweight, scales, zeros, bias, bits, group_size, out_features, in_features) -> None:

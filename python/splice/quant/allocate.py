@@ -14,7 +14,7 @@ fits (this is the LP relaxation's solution minus at most one fractional step) �
 that spends any leftover bits on the single change that lowers the cost most. Summed costs assume
 the units' errors add, which the measured single-unit KLs approximate.
 
-Costs come from measurement (:func:`splice.quant.sensitivity.measure`: the KL when the unit alone
+Costs come from measurement (:func:`splice.tools.quant_sensitivity.measure`: the KL when the unit alone
 is quantized) or, for score-based allocations, from the surrogate ``c[u][b] = score_u · params_u · 4^−b``
 (quantization noise power falls 4× per bit; weighting by ``params`` makes the marginal gain per
 bit proportional to the score, so higher-scored units get more bits). ``random`` uses seeded
@@ -168,7 +168,7 @@ def plan_for(model: nn.Module, method: str, target: float, measurements=None, gr
              widths=WIDTHS, seed: int = 0, group_sizes=None) -> QuantPlan:
     """A :class:`QuantPlan` for ``model`` at ≤ ``target`` bits/weight by ``method`` (one of :data:`METHODS`).
 
-    ``measured``, ``lim`` and ``zd`` need ``measurements`` (a :class:`~splice.quant.sensitivity.Measurements`
+    ``measured``, ``lim`` and ``zd`` need ``measurements`` (a :class:`~splice.tools.quant_sensitivity.Measurements`
     for this model; ``measured`` needs its KL costs). ``measured`` chooses among ``group_sizes``
     (default: ``[group_size]``), all of which must have been measured; the others use ``group_size``.
     """
@@ -185,7 +185,7 @@ def plan_for(model: nn.Module, method: str, target: float, measurements=None, gr
         scores = {u: rng.random() for u in shapes}
         info["seed"] = seed
     elif measurements is None:
-        raise ValueError(f"allocation method {method!r} needs measurements (splice.quant.sensitivity.measure)")
+        raise ValueError(f"allocation method {method!r} needs measurements (splice.tools.quant_sensitivity.measure)")
     else:
         measurements.check_model(model)
         if method in ("lim", "zd"):

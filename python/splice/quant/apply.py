@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..steering.runtime import ATTRIBUTE
+from ..runtime.splice_runtime import ATTRIBUTE
 from .linear import QuantLinear
 from .plan import DENSE, QuantPlan, quantizable
 

@@ -30,10 +30,10 @@ import torch
 from safetensors.torch import load_file, save
 from torch import nn
 
-from ..steering.runtime import ATTRIBUTE
+from ..runtime.splice_runtime import ATTRIBUTE
 from .apply import set_module
 from .linear import QuantLinear
-from .packing import PackedWeight
+from ..ops.quant_packing import PackedWeight
 from .plan import DENSE, QuantPlan, quantizable
 
 FORMAT = "splice-quantized/1"

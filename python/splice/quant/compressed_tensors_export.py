@@ -34,7 +34,7 @@ from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig
 from safetensors.torch import save_file
 from torch import nn
 
-from ..steering.runtime import ATTRIBUTE
+from ..runtime.splice_runtime import ATTRIBUTE
 from .checkpoint import PLAN, TENSORS, atomic_directory, load_quantized
 from .linear import QuantLinear
 from .plan import unit_of

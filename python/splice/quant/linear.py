@@ -12,12 +12,12 @@ from torch import nn
 
 from splice.ops.quant_matmul import quant_matmul
 
-from .packing import PackedWeight
+from ..ops.quant_packing import PackedWeight
 from .quantizers import quantize
 
 
 class QuantLinear(nn.Module):
-    """A linear layer on a :class:`~splice.quant.packing.PackedWeight`; buffers qweight/scales/zeros/bias."""
+    """A linear layer on a :class:`~splice.ops.quant_packing.PackedWeight`; buffers qweight/scales/zeros/bias."""
 
     def __init__(self, packed: PackedWeight, bias: torch.Tensor | None = None) -> None:
         super().__init__()

@@ -26,7 +26,7 @@ from pathlib import Path
 from torch import nn
 
 from .linear import QuantLinear
-from .quantizers import check_bits_group
+from ..ops.quant_format import check_bits_group
 
 DENSE = 16  # "bits" of a module kept as it is
 FUSED = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}

@@ -25,31 +25,12 @@ float16) and each weight an integer code ``q`` in ``[0, 2**bits − 1]``::
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
-BITS = (2, 3, 4, 8)
-GROUP_SIZES = (32, 64, 128)
+from ..ops.quant_format import Quantized, check_bits_group
+
 METHODS = ("rtn", "rtn_sym", "rtn_int", "hqq")
-
-
-@dataclass(frozen=True)
-class Quantized:
-    """Codes ``q`` uint8 [N, K] and float16 ``scales`` / ``zeros`` [N, ceil(K / group_size)]."""
-
-    codes: torch.Tensor
-    scales: torch.Tensor
-    zeros: torch.Tensor
-    bits: int
-    group_size: int
-
-
-def check_bits_group(bits: int, group_size: int) -> None:
-    if bits not in BITS:
-        raise ValueError(f"bits must be one of {BITS}, got {bits!r}")
-    if group_size not in GROUP_SIZES:
-        raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {group_size!r}")
 
 
 def _grouped(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,11 +118,3 @@ def quantize(w: torch.Tensor, bits: int, group_size: int, method: str = "rtn", *
         s, z = _as_stored(s, _hqq_zeros(wg, mask, s, z, bits, iters))
     codes = _codes(wg, s, z, bits).view(n, -1)[:, :k].to(torch.uint8)
     return Quantized(codes.contiguous(), s.to(torch.float16), z.to(torch.float16), bits, group_size)
-
-
-def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
-    """fp32 ``(q − z) · s`` [N, K] from codes [N, K] and per-group scales / zeros [N, G]."""
-    k = codes.shape[1]
-    s = scales.to(torch.float32).repeat_interleave(group_size, dim=1)[:, :k]
-    z = zeros.to(torch.float32).repeat_interleave(group_size, dim=1)[:, :k]
-    return (codes.to(torch.float32) - z) * s

@@ -18,8 +18,8 @@ from vllm.config.load import LoadConfig
 from vllm.model_executor.model_loader import DefaultModelLoader, register_model_loader
 
 from ..adapters.architecture import Adapter
-from ..recipe import RecipeError
-from ..skipping.spec import skipped_parts, unsteerable_sites
+from ..recipe import RecipeError, check_steering_fits
+from ..skipping.spec import skipped_parts
 from . import steering_state
 from .model import install
 from .options import ServeOptions, load_serving_recipe
@@ -33,11 +33,10 @@ def _check_fits(recipe, adapter, parts) -> None:
     if adapter.family.sandwich and (recipe.skips or recipe.steers):
         raise RecipeError(f"serving supports pre-norm families (llama, mistral, qwen2, qwen3, phi3), "
                           f"not {adapter.family.name}")
-    forbidden = unsteerable_sites(parts)
-    for name, steer in recipe.steers.items():
-        bad = [l for l in steer.layers if steer.site in forbidden.get(l, ())]
-        if bad:
-            raise RecipeError(f"steering.vectors.{name}: site {steer.site!r} of layers {bad} is skipped")
+    try:
+        check_steering_fits(recipe.steers, recipe.steers, parts)
+    except ValueError as exc:
+        raise RecipeError(f"steering.vectors: {exc}") from exc
 
 
 def _graph_fingerprint(options: ServeOptions, recipe, parts) -> str:

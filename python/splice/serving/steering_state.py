@@ -15,7 +15,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from ..steering.tables import Key, SteeringTables
+from ..runtime.steering_tables import Key, SteeringTables
+from ..steering.slot_entries import slot_entries
 from .request_params import parse
 
 _CURRENT: "ServeSteering | None" = None
@@ -123,13 +124,7 @@ class ServeSteering(nn.Module):
             raise ValueError(f"{len(steering.items)} vectors in one request; max_vectors_per_request is {self.per_request}")
         slot, fresh = self.pool.acquire(steering.items)
         if fresh:
-            entries: dict[Key, list] = {}
-            for name, scale in steering.items:
-                steer = self.recipe.steers[name]
-                size = self.adapter.site_size(steer.site)
-                for layer in steer.layers:
-                    entries.setdefault((layer, steer.site), []).append(steer.entry(layer, scale, size))
-            self.tables.write_slot(slot, entries)
+            self.tables.write_slot(slot, slot_entries(self.recipe.steers, steering.items, self.adapter))
         return slot
 
     def update(self, batch_update) -> None:

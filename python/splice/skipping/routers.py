@@ -7,7 +7,7 @@ layers that request skips while decoding (its KV cache for those layers is then 
   calibrated to a target mean skip fraction;
 * :class:`LinearRouter`      trained (FiRST-style): per layer ``l`` a logistic probe on the
   prompt's mean RMS-normalised layer input, ``p_l = sigmoid(w_l · (f - mu_l) / sd_l + b_l)``;
-  skip when ``p_l > 0.5``. See :mod:`splice.skipping.router_training`.
+  skip when ``p_l > 0.5``. See :mod:`splice.tools.router_training`.
 
 Observing during the prefill uses device tensors only; :meth:`Router.decide` syncs once.
 A router file (safetensors) names the model shape it was made for and is refused by another.

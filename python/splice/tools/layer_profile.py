@@ -23,8 +23,8 @@ import torch
 from tqdm import tqdm
 
 from ..adapters.architecture import Adapter
-from ..calibration.text import evaluate, log_probs
-from .spec import Skip
+from .calibration_text import evaluate, log_probs
+from ..skipping.spec import Skip
 
 METHODS = ("bi", "l2", "kl", "greedy", "random")
 

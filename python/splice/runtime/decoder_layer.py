@@ -13,7 +13,7 @@ residual add and steering site done by ``splice.ops.fused_steer``::
 Attention is the model's own module, called with the layer's keyword arguments unchanged, so the
 KV cache, masks and rotary embeddings behave exactly as in Hugging Face.
 
-Skipping (see splice.skipping.state): a skipped attention or MLP is left out of the chain above
+Skipping (see splice.runtime.skip_state): a skipped attention or MLP is left out of the chain above
 (a skipped attention keeps a length-only KV entry); a layer that only some rows of the batch run
 gathers those rows, runs on them alone, and scatters its output back over the input.
 """
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from ..adapters.architecture import Adapter, norm_eps
 from ..ops import fused_steer, gather_rows, scatter_rows
-from ..skipping.kv_cache import RowSubsetCache, hold_length
+from .kv_cache import RowSubsetCache, hold_length
 
 
 def _rows_of(value, rows, batch: int):

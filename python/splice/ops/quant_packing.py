@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .quantizers import Quantized, check_bits_group, dequantize_codes
+from .quant_format import Quantized, check_bits_group, dequantize_codes
 
 TILE = 64  # rows are padded to a multiple of this many codes
 

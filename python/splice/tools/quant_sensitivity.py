@@ -34,9 +34,10 @@ from torch import nn
 from tqdm import tqdm
 
 from ..adapters.architecture import Adapter
-from ..calibration.text import evaluate, log_probs
-from .plan import DENSE, check_width, model_signature, module_shape, quantizable, units
-from .quantizers import METHODS, dequantize_codes, quantize
+from .calibration_text import evaluate, log_probs
+from ..quant.plan import DENSE, check_width, model_signature, module_shape, quantizable, units
+from ..ops.quant_format import dequantize_codes
+from ..quant.quantizers import METHODS, quantize
 
 ZD_K = 1.0
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 from torch import nn
 
 from ..adapters.architecture import Adapter
-from ..skipping.state import SkipState
-from .tables import SteeringTables
+from .skip_state import SkipState
+from .steering_tables import SteeringTables
 from .token_state import TokenState
 
 ATTRIBUTE = "splice_runtime"

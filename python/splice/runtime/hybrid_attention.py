@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from ..ops import band_attention, decode_attention
-from ..skipping.kv_cache import STREAMS, hold_length
+from .kv_cache import STREAMS, hold_length
 from .streaming_kv import StreamingKV
 
 

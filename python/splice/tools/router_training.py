@@ -25,8 +25,8 @@ from tqdm import tqdm
 
 from ..adapters.architecture import Adapter
 from ..patch import patch
-from .routers import InfluenceRouter, LinearRouter, Router
-from .spec import Skip
+from ..skipping.routers import InfluenceRouter, LinearRouter, Router
+from ..skipping.spec import Skip
 
 
 class _Recorder(Router):

@@ -24,8 +24,8 @@ from tqdm import tqdm
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from ..adapters.architecture import Adapter
-from .attention import _project, band_mask, model_window
-from .head_map import HeadMap
+from ..runtime.hybrid_attention import _project, band_mask, model_window
+from ..hybrid.head_map import HeadMap
 
 
 @torch.inference_mode()
@@ -162,7 +162,7 @@ def interleave(*rankings: list[list[float]]) -> list[list[float]]:
 
 def plot_head_map(head_map: HeadMap, path) -> None:
     """Heat map of the head scores (layers × KV heads), full heads outlined."""
-    from ..bench.output import pyplot, save_figure
+    from .plotting import pyplot, save_figure
 
     plt = pyplot()
     scores = torch.tensor(head_map.scores)

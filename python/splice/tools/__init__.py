@@ -1,0 +1,1 @@
+"""What drives a patched model to measure or train: profiling, router training, draft search, sensitivity, calibration data."""
