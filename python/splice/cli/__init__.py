@@ -1,0 +1,27 @@
+"""The ``splice`` command line: ``demo``, ``extract``, ``profile layers|heads``, ``route train``,
+``bench steer|skip|quant|attention|serve``, ``quantize``, ``export``, ``serve``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import bench, profiling, quantization, serving, steering
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="splice", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    for commands in (steering, bench, profiling, quantization, serving):
+        commands.add_commands(sub)
+    return p
+
+
+def main(argv=None) -> int:
+    p = parser()
+    args, extra = p.parse_known_args(argv)
+    if extra and not hasattr(args, "vllm_args"):
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.vllm_args = [a for a in extra if a != "--"]
+    return args.func(args)

@@ -1,0 +1,126 @@
+"""``splice bench steer|skip|quant|attention|serve``: each writes a JSON report (and a plot)."""
+
+from __future__ import annotations
+
+from .common import load, model_options, report_option, timing_options
+
+
+def _report(bench, report: dict, json_path) -> None:
+    """Print ``bench.table(report)``; with ``json_path``, write the JSON and ``bench.plot`` beside it."""
+    from ..bench import output
+
+    print(bench.table(report))
+    if json_path:
+        path = output.write(report, json_path, plot=False)[0]
+        bench.plot(report, path.with_suffix(".png"))
+        print(f"wrote {path} and {path.with_suffix('.png')}")
+
+
+def cmd_bench_steer(args) -> int:
+    from ..bench import output, steer
+
+    model, _ = load(args)
+    report = steer.run(model, batches=tuple(args.batches), prompt_len=args.prompt_len, steps=args.steps,
+                       repeats=args.repeats)
+    print(output.table(report))
+    print(f"backends: {report['backends']}")
+    if args.json:
+        for path in output.write(report, args.json, plot=not args.no_plot):
+            print(f"wrote {path}")
+    return 0
+
+
+def cmd_bench_skip(args) -> int:
+    from ..bench import skip
+    from ..tools.layer_profile import LayerProfile
+
+    model, tokenizer = load(args)
+    profile = LayerProfile.load(args.profile) if args.profile else None
+    report = skip.run(model, tokenizer, calib_windows=args.calib_windows, eval_windows=args.eval_windows,
+                      repeats=args.repeats, steps=args.steps, new_tokens=args.new_tokens, profile=profile)
+    _report(skip, report, args.json)
+    return 0
+
+
+def cmd_bench_quant(args) -> int:
+    from ..bench import quant
+
+    model, tokenizer = load(args)
+    report = quant.run(model, tokenizer, calib_windows=args.calib_windows, eval_windows=args.eval_windows,
+                       eval_length=args.eval_length, steps=args.steps, repeats=args.repeats, seeds=args.seeds,
+                       measurements_path=args.measurements)
+    _report(quant, report, args.json)
+    return 0
+
+
+def cmd_bench_attention(args) -> int:
+    from ..bench import attention
+    from ..hybrid.head_map import HeadMap
+
+    model, tokenizer = load(args)
+    report = attention.run(model, tokenizer, HeadMap.load(args.heads), contexts=args.contexts, samples=args.samples,
+                           ppl_windows=args.ppl_windows, ppl_length=args.ppl_length, steps=args.steps,
+                           repeats=args.repeats)
+    _report(attention, report, args.json)
+    return 0
+
+
+def cmd_bench_serve(args) -> int:
+    from ..bench import output
+    from ..bench.serve import run, table
+
+    report = run(args.model, requests=args.requests, max_tokens=args.max_tokens, repeats=args.repeats,
+                 port=args.port, vllm_args=args.vllm_args)
+    print(table(report))
+    if args.json:
+        print(f"wrote {output.write(report, args.json, plot=False)[0]}")
+    return 0
+
+
+def add_commands(sub) -> None:
+    bench = sub.add_parser("bench", help="throughput benchmarks")
+    bsub = bench.add_subparsers(dest="suite", required=True)
+    report = report_option()
+    st = bsub.add_parser("steer", parents=[model_options(), report, timing_options(32, 5)],
+                         help="steering throughput vs unpatched and forward hooks")
+    st.add_argument("--no-plot", action="store_true")
+    st.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    st.add_argument("--prompt-len", type=int, default=64)
+    st.set_defaults(func=cmd_bench_steer)
+
+    sk = bsub.add_parser("skip", parents=[model_options(), report, timing_options(32, 3)],
+                         help="layer skipping: static, per-request routing, self-speculative")
+    sk.add_argument("--profile", help="reuse a layer profile from 'splice profile layers' (greedy for 40%%)")
+    sk.add_argument("--calib-windows", type=int, default=4, help="128-token calibration windows")
+    sk.add_argument("--eval-windows", type=int, default=16, help="128-token held-out evaluation windows")
+    sk.add_argument("--new-tokens", type=int, default=64, help="tokens generated per speculative run")
+    sk.set_defaults(func=cmd_bench_skip)
+
+    bq = bsub.add_parser("quant", parents=[model_options(), report, timing_options(32, 3)],
+                         help="quantization: perplexity, bytes and decode speed per width and method")
+    bq.add_argument("--measurements", help="measurement JSON: reused when it exists (refused unless made on the "
+                    "same calibration windows, quantizer hqq, widths 2 3 4, group sizes 32 64 128), else written there")
+    bq.add_argument("--calib-windows", type=int, default=2, help="128-token calibration windows")
+    bq.add_argument("--eval-windows", type=int, default=4, help="held-out evaluation windows")
+    bq.add_argument("--eval-length", type=int, default=512, help="tokens per evaluation window")
+    bq.add_argument("--seeds", type=int, default=3, help="seeds of the random allocation (median perplexity)")
+    bq.set_defaults(func=cmd_bench_quant)
+
+    ba = bsub.add_parser("attention", parents=[model_options(), report, timing_options(16, 3)],
+                         help="hybrid attention: pass-key, perplexity, KV bytes and speed at long context")
+    ba.add_argument("--heads", required=True, help="head map with scores from 'splice profile heads'")
+    ba.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096, 8192], help="pass-key context lengths")
+    ba.add_argument("--samples", type=int, default=3, help="pass-key prompts per context")
+    ba.add_argument("--ppl-windows", type=int, default=2, help="WikiText-2 windows for perplexity")
+    ba.add_argument("--ppl-length", type=int, default=2048, help="tokens per perplexity window")
+    ba.set_defaults(func=cmd_bench_attention)
+
+    bs = bsub.add_parser("serve", parents=[report_option(plot=False)],
+                         help="vLLM serving throughput: plain vLLM, and the plugin unsteered, with one vector "
+                              "everywhere and with 16 vectors")
+    bs.add_argument("--model", default=None, help="local HF model directory (default: SmolLM2-135M-Instruct)")
+    bs.add_argument("--requests", type=int, default=32, help="concurrent requests per timed run")
+    bs.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request")
+    bs.add_argument("--repeats", type=int, default=3, help="timed runs per setting (median reported)")
+    bs.add_argument("--port", type=int, default=8765, help="the plugin's server (plain vLLM: port + 1)")
+    bs.set_defaults(func=cmd_bench_serve, vllm_args=[])  # other arguments go to both vLLM servers
