@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny_models import LAYERS, FoldedTokenizer, tiny_model
 
-from splice.bench import attention
+from splice.bench import attention, attention_report
 from splice.hybrid.head_map import HeadMap
 from splice.runtime.splice_runtime import ATTRIBUTE
 
@@ -36,7 +36,7 @@ def test_report_covers_every_configuration_and_frees_kv(real_model):
     assert all(len(r["b4"]["decode_runs"]) == 2 for r in rows.values() if "b4" in r)
     assert report["command"] and report["machine"]["torch"] == torch.__version__
     assert math.isfinite(h25["ppl"]) and not hasattr(model, "splice_runtime")
-    assert "| hybrid25 |" in attention.table(report)
+    assert "| hybrid25 |" in attention_report.table(report)
 
 
 def test_full_splice_runs_splice_attention_on_every_layer_and_full_is_unpatched():

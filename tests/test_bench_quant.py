@@ -5,7 +5,7 @@ import torch
 from test_quant_model import tied_llama
 from tiny_models import FoldedTokenizer
 
-from splice.bench import quant
+from splice.bench import quant, quant_report
 from splice.tools.calibration_text import wikitext_windows
 from splice.tools.quant_sensitivity import measure
 
@@ -37,7 +37,7 @@ def test_report_has_every_row_within_budget_and_the_ratios(real_model):
                                      "measured425_beats_uniform_above", "measured425_beats_random"}
     assert report["machine"]["torch"] == torch.__version__ and isinstance(report["command"], list)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert f"| uniform4 | {rows['uniform4']['bits_per_weight']:.3f} | {rows['uniform4']['ppl']:.2f} |" in quant.table(report)
+    assert f"| uniform4 | {rows['uniform4']['bits_per_weight']:.3f} | {rows['uniform4']['ppl']:.2f} |" in quant_report.table(report)
 
 
 def synthetic_rows(measured425_ppl: float) -> list[dict]:

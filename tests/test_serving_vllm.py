@@ -39,13 +39,7 @@ def _env() -> dict:
 def _serve(cmd, log, port):
     from splice.serving import launch
 
-    proc = launch.start(cmd, log, _env())
-    try:
-        launch.wait_ready(proc, port, log)
-    except BaseException:
-        launch.stop(proc)
-        raise
-    return proc
+    return launch.start_ready(cmd, port, log, _env())
 
 
 class Server:

@@ -47,7 +47,7 @@ from ..quant.apply import quantize_model
 from ..quant.linear import QuantLinear
 from ..quant.plan import QuantPlan, quantizable
 from ..tools.quant_sensitivity import Measurements, measure
-from .output import provenance, pyplot, save_figure
+from .output import provenance
 from .timing import decode_tps, interleaved
 
 BUDGETS = (3.5, 4.25)
@@ -194,35 +194,3 @@ def ratios(rows: list[dict]) -> dict[str, float]:
             out[f"measured{tag}_beats_uniform_{side}"] = float(measured < row["ppl"])
         out[f"measured{tag}_beats_random"] = float(measured < by[f"random{t}"]["ppl"])
     return out
-
-
-def table(report: dict) -> str:
-    lines = ["| model | bits/weight | perplexity | KL to fp32 | model MiB | decode tok/s b1 | decode tok/s b8 |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for r in report["rows"]:
-        bpw = f"{r['bits_per_weight']:.3f}" if "bits_per_weight" in r else ("32" if r["name"] == "fp32" else "16")
-        lines.append(f"| {r['name']} | {bpw} | {r['ppl']:.2f} | {r['kl']:.4f} | {r['model_bytes'] / 2**20:.1f} | "
-                     f"{r['decode_tps_b1']:.1f} | {r['decode_tps_b8']:.1f} |")
-    lines += ["", "| ratio | value |", "|---|---:|"]
-    lines += [f"| {k} | {v:.3f} |" for k, v in report["ratios"].items()]
-    return "\n".join(lines)
-
-
-def plot(report: dict, path) -> None:
-    """Perplexity against bits per weight: uniform widths, each mixed method, bf16 as a line."""
-    plt = pyplot()
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    bf16 = next(r for r in report["rows"] if r["name"] == "bf16")
-    ax.axhline(bf16["ppl"], color="#888888", linestyle=":", label="bf16")
-    methods = dict.fromkeys(r["method"] for r in report["rows"] if "method" in r)
-    for method in methods:
-        rows = sorted((r for r in report["rows"] if r.get("method") == method), key=lambda r: r["bits_per_weight"])
-        ax.plot([r["bits_per_weight"] for r in rows], [r["ppl"] for r in rows], marker="o", label=method,
-                linestyle="--" if method == "random" else "-")
-    ax.set_yscale("log")
-    ax.set_xlabel("bits per weight (scales and zero points included)")
-    ax.set_ylabel("WikiText-2 perplexity")
-    ax.legend(fontsize=8)
-    ax.set_title(f"splice bench quant — {report['model']}")
-    save_figure(fig, path)

@@ -46,7 +46,7 @@ from ..tools.router_training import fit_influence_router, fit_linear_router, mea
 from ..skipping.routers import FixedRouter
 from ..skipping.spec import Skip
 from ..tools.speculative import search_draft, speculative_generate
-from .output import provenance, pyplot, save_figure
+from .output import provenance
 from .timing import decode_layer_seconds, decode_tps, interleaved
 
 FRACTIONS = (0.0, 0.10, 0.25, 0.40)
@@ -240,39 +240,3 @@ def run(model, tokenizer, calib_windows: int = 4, eval_windows: int = 16, length
         "profile": vars(profile), "static": static, "layer_seconds_runs": layer_runs, "routing": routing,
         "routing_layout": grouped, "speculative": speculative, "ratios": ratios,
     }
-
-
-def table(report: dict) -> str:
-    lines = ["| skipped | method | layers | perplexity | decode tok/s (b1) |", "|---:|---|---|---:|---:|"]
-    for r in report["static"]:
-        lines.append(f"| {r['fraction']:.0%} | {r['method']} | {len(r['layers'])} | {r['ppl']:.2f} | "
-                     f"{r['decode_tps_b1']:.1f} |")
-    lines += ["", "| router | mean layers skipped | continuation ppl | decode tok/s (b8) |", "|---|---:|---:|---:|"]
-    lines += [f"| {r['router']} | {r['mean_skipped']:.2f} | {r['ppl']:.2f} | {r['decode_tps_b8']:.1f} |"
-              for r in report["routing"]]
-    s = report["speculative"]
-    lines += ["", f"speculative: draft skips {len(s['draft_layers'])} layers, length {s['draft_len']}, acceptance "
-              f"{s['acceptance']:.2f}, {s['speculative_tps']:.1f} vs {s['greedy_tps']:.1f} tok/s, identical output: "
-              f"{s['identical_output']}", "", "| ratio | value |", "|---|---:|"]
-    lines += [f"| {k} | {v:.3f} |" for k, v in report["ratios"].items()]
-    return "\n".join(lines)
-
-
-def plot(report: dict, path) -> None:
-    plt = pyplot()
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    full = report["static"][0]
-    for method in METHODS:
-        rows = [full] + [r for r in report["static"] if r["method"] == method]
-        xs = [r["fraction"] * 100 for r in rows]
-        ax1.plot(xs, [r["ppl"] for r in rows], marker="o", label=method, linestyle="--" if method == "random" else "-")
-        ax2.plot(xs, [r["decode_tps_b1"] for r in rows], marker="o", label=method)
-    ax1.set_yscale("log")
-    ax1.set_xlabel("layers skipped (%)")
-    ax1.set_ylabel("WikiText-2 perplexity")
-    ax2.set_xlabel("layers skipped (%)")
-    ax2.set_ylabel("decode tokens/s (batch 1)")
-    ax1.legend(fontsize=8)
-    fig.suptitle(f"splice bench skip — {report['model']} ({report['dtype']})")
-    save_figure(fig, path)

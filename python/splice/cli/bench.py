@@ -5,75 +5,72 @@ from __future__ import annotations
 from .common import load, model_options, report_option, timing_options
 
 
-def _report(bench, report: dict, json_path) -> None:
-    """Print ``bench.table(report)``; with ``json_path``, write the JSON and ``bench.plot`` beside it."""
+def _report(report_module, report: dict, json_path, plot: bool = True) -> None:
+    """Print ``report_module.table(report)``; with ``json_path``, write the JSON and (with ``plot``, where
+    the module draws one) ``report_module.plot`` beside it."""
     from ..bench import output
 
-    print(bench.table(report))
+    print(report_module.table(report))
     if json_path:
-        path = output.write(report, json_path, plot=False)[0]
-        bench.plot(report, path.with_suffix(".png"))
-        print(f"wrote {path} and {path.with_suffix('.png')}")
+        path = output.write(report, json_path)
+        print(f"wrote {path}")
+        if plot and hasattr(report_module, "plot"):
+            report_module.plot(report, path.with_suffix(".png"))
+            print(f"wrote {path.with_suffix('.png')}")
 
 
 def cmd_bench_steer(args) -> int:
-    from ..bench import output, steer
+    from ..bench import steer, steer_report
 
     model, _ = load(args)
     report = steer.run(model, batches=tuple(args.batches), prompt_len=args.prompt_len, steps=args.steps,
                        repeats=args.repeats)
-    print(output.table(report))
     print(f"backends: {report['backends']}")
-    if args.json:
-        for path in output.write(report, args.json, plot=not args.no_plot):
-            print(f"wrote {path}")
+    _report(steer_report, report, args.json, plot=not args.no_plot)
     return 0
 
 
 def cmd_bench_skip(args) -> int:
-    from ..bench import skip
+    from ..bench import skip, skip_report
     from ..tools.layer_profile import LayerProfile
 
     model, tokenizer = load(args)
     profile = LayerProfile.load(args.profile) if args.profile else None
     report = skip.run(model, tokenizer, calib_windows=args.calib_windows, eval_windows=args.eval_windows,
                       repeats=args.repeats, steps=args.steps, new_tokens=args.new_tokens, profile=profile)
-    _report(skip, report, args.json)
+    _report(skip_report, report, args.json)
     return 0
 
 
 def cmd_bench_quant(args) -> int:
-    from ..bench import quant
+    from ..bench import quant, quant_report
 
     model, tokenizer = load(args)
     report = quant.run(model, tokenizer, calib_windows=args.calib_windows, eval_windows=args.eval_windows,
                        eval_length=args.eval_length, steps=args.steps, repeats=args.repeats, seeds=args.seeds,
                        measurements_path=args.measurements)
-    _report(quant, report, args.json)
+    _report(quant_report, report, args.json)
     return 0
 
 
 def cmd_bench_attention(args) -> int:
-    from ..bench import attention
+    from ..bench import attention, attention_report
     from ..hybrid.head_map import HeadMap
 
     model, tokenizer = load(args)
     report = attention.run(model, tokenizer, HeadMap.load(args.heads), contexts=args.contexts, samples=args.samples,
                            ppl_windows=args.ppl_windows, ppl_length=args.ppl_length, steps=args.steps,
                            repeats=args.repeats)
-    _report(attention, report, args.json)
+    _report(attention_report, report, args.json)
     return 0
 
 
 def cmd_bench_serve(args) -> int:
-    from ..bench import output
-    from ..bench.serve import run, table
+    from ..bench import serve, serve_report
 
-    report = run(args.model, requests=args.requests, max_tokens=args.max_tokens, repeats=args.repeats,
-                 port=args.port, vllm_args=args.vllm_args)
-    print(table(report))
-    if args.json:
-        print(f"wrote {output.write(report, args.json, plot=False)[0]}")
+    report = serve.run(args.model, requests=args.requests, max_tokens=args.max_tokens, repeats=args.repeats,
+                       port=args.port, vllm_args=args.vllm_args)
+    _report(serve_report, report, args.json)
     return 0
 
 

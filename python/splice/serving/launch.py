@@ -64,6 +64,17 @@ def wait_ready(proc: subprocess.Popen, port: int, log: Path, timeout: float = 90
     raise TimeoutError(f"vLLM server not ready after {timeout:.0f} s:\n{log.read_text()[-4000:]}")
 
 
+def start_ready(cmd: list[str], port: int, log: Path, env: dict | None = None) -> subprocess.Popen:
+    """:func:`start`, then :func:`wait_ready`; the server is stopped if it never gets ready."""
+    proc = start(cmd, log, env)
+    try:
+        wait_ready(proc, port, log)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc
+
+
 def stop(proc: subprocess.Popen) -> None:
     """Terminate the server's process group (the API server, engine core and worker)."""
     if proc.poll() is None:
