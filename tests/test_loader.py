@@ -1,5 +1,7 @@
 """The model loader: local directories, the default-model cache, and (marked) the real model."""
 
+import threading
+
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -97,6 +99,27 @@ def test_failed_conversion_leaves_no_cache(fake_conversion, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         default_model_dir()
     assert list(target.parent.iterdir()) == []
+
+
+def test_concurrent_conversions_share_one_cache(fake_conversion, monkeypatch):
+    """Two processes converting at once: both get the cache, one copy is kept, nothing else is left."""
+    target, calls = fake_conversion
+    barrier, results = threading.Barrier(2), []
+
+    def convert(gguf, out):
+        calls.append(out)
+        _save_tiny(out)
+        barrier.wait()  # both builds are complete before either is installed
+
+    monkeypatch.setattr(loader, "_convert_gguf", convert)
+    threads = [threading.Thread(target=lambda: results.append(default_model_dir())) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [target, target] and len(calls) == 2
+    assert [p.name for p in target.parent.iterdir()] == [DEFAULT_MODEL]
+    assert (target / ".splice-complete").is_file() and load_model()[0].config.num_hidden_layers == 2
 
 
 def test_incomplete_cache_is_rebuilt(fake_conversion):

@@ -34,6 +34,7 @@ import yaml
 
 from .skipping.spec import Skip
 from .steering.spec import Steer
+from .utils.atomic import write_atomic
 
 VERSION = 1
 TOP_KEYS = {"version", "steering", "skip", "routing"}
@@ -202,10 +203,7 @@ class Recipe:
         path = Path(path).absolute()
         data = self.to_dict(path.parent, path.stem)
         text = json.dumps(data, indent=2) if path.suffix == ".json" else yaml.safe_dump(data, sort_keys=False)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-        return path
+        return write_atomic(path, text)
 
 
 def load_recipe(source) -> Recipe:

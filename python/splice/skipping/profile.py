@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from ..adapters.architecture import Adapter
 from ..calibration.text import evaluate, log_probs
+from ..utils.atomic import atomic_path, write_atomic
 from .spec import Skip
 
 METHODS = ("bi", "l2", "kl", "greedy", "random")
@@ -47,8 +48,7 @@ class LayerProfile:
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self), indent=2))
-        return path
+        return write_atomic(path, json.dumps(asdict(self), indent=2))
 
     @classmethod
     def load(cls, path: str | Path) -> "LayerProfile":
@@ -198,6 +198,7 @@ def plot_profile(profile: LayerProfile, path: str | Path) -> Path:
     fig.suptitle(f"layer importance — {profile.model} ({profile.tokens} tokens)")
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:  # the temporary's name ends in .tmp: name the format
+        fig.savefig(tmp, dpi=110, format=path.suffix[1:] or plt.rcParams["savefig.format"])
     plt.close(fig)
     return path

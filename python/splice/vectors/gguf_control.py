@@ -25,7 +25,8 @@ import gguf
 import numpy as np
 import torch
 
-from .io import _check_str_metadata, atomic_path
+from ..utils.atomic import atomic_path
+from .io import _check_str_metadata
 from .vector_set import VectorSet
 
 ARCH = "controlvector"

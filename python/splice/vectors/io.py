@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import os
 import re
-import uuid
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
+from ..utils.atomic import write_atomic
 from .vector_set import VectorSet
 
 FORMAT = "splice.vectors"
@@ -26,23 +24,6 @@ LAYER_CONVENTION = ("layer.{l} is the direction for decoder layer l (0-based) at
                     "'out' = output of layer l = HF hidden_states[l + 1], "
                     "'in' = input of layer l = HF hidden_states[l]")
 _LAYER_NAME = re.compile(r"layer\.(0|[1-9][0-9]*)")
-
-
-@contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a fresh temp path beside ``path``; move it over ``path`` if the block succeeds.
-
-    On any error the temp file is removed and an existing ``path`` is left untouched.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_vectors(vs: VectorSet, path: str | os.PathLike) -> None:
@@ -54,8 +35,7 @@ def save_vectors(vs: VectorSet, path: str | os.PathLike) -> None:
     meta.update({f"user.{k}": v for k, v in vs.metadata.items()})
     tensors = {f"layer.{layer}": v for layer, v in vs.directions.items()}
     data = save(tensors, metadata=meta)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
+    write_atomic(path, data)
 
 
 def load_vectors(path: str | os.PathLike, expect_hidden_size: int | None = None) -> VectorSet:
