@@ -22,7 +22,7 @@ def logits(model):
 @pytest.fixture
 def vector_files(tmp_path):
     g = torch.Generator().manual_seed(0)
-    vs = splice.VectorSet({l: torch.randn(HIDDEN, generator=g) for l in range(1, LAYERS)}, site="out")
+    vs = splice.VectorSet({l: torch.randn(HIDDEN, generator=g) for l in range(1, LAYERS)}, site="out", arch="llama")
     save_vectors(vs, tmp_path / "a.safetensors")
     export_control_vector(vs, tmp_path / "a.gguf")
     return vs, tmp_path

@@ -2,7 +2,7 @@
 
 Layout: one float32 tensor ``layer.{l}`` per direction, and string metadata ``format``
 (``"splice.vectors"``), ``version``, ``site``, ``hidden_size``, ``layers`` (the layer convention in
-words), ``model`` and ``method`` when set, and each ``vs.metadata`` entry as ``user.{key}``.
+words), ``model``, ``arch`` and ``method`` when set, and each ``vs.metadata`` entry as ``user.{key}``.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ def save_vectors(vs: VectorSet, path: str | os.PathLike) -> None:
     _check_str_metadata(vs.metadata)
     meta = {"format": FORMAT, "version": VERSION, "site": vs.site,
             "hidden_size": str(vs.hidden_size), "layers": LAYER_CONVENTION}
-    meta.update({k: v for k, v in (("model", vs.model), ("method", vs.method)) if v is not None})
+    meta.update({k: v for k, v in (("model", vs.model), ("arch", vs.arch), ("method", vs.method))
+                 if v is not None})
     meta.update({f"user.{k}": v for k, v in vs.metadata.items()})
     tensors = {f"layer.{layer}": v for layer, v in vs.directions.items()}
     data = save(tensors, metadata=meta)
@@ -78,7 +79,7 @@ def load_vectors(path: str | os.PathLike, expect_hidden_size: int | None = None)
     user = {k[len("user."):]: v for k, v in meta.items() if k.startswith("user.")}
     try:
         return VectorSet(directions, site=meta.get("site", ""), model=meta.get("model"),
-                         method=meta.get("method"), metadata=user)
+                         method=meta.get("method"), metadata=user, arch=meta.get("arch"))
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from e
 
