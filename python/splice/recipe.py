@@ -8,9 +8,9 @@ and serving. Relative file paths are read relative to the recipe file.
       vectors:                       # named interventions
         happy:
           file: happy.safetensors    # splice safetensors, or a llama.cpp control vector (.gguf)
-          layers: [10, 11, 12]       # default: every layer in the file
+          layers: [12, 13, 14, 15, 16, 17, 18]   # default: every layer in the file
           op: add                    # add | ablate | clamp
-          scale: 4.0
+          scale: 0.4
           site: out                  # in | out | attn | mlp | heads (heads needs head: N)
           positions: all             # all | prompt | generated | [start, end] | {phase, start, end}
       default: [happy]               # applied to every row: names or {name, scale}
