@@ -142,6 +142,6 @@ def test_real_default_model(real_model):
     text = "Steering vectors move the residual stream. Ça marche? 42!"
     assert tok.decode(tok(text).input_ids) == text
     assert tok.padding_side == "left" and tok.pad_token is not None
-    with torch.no_grad():
-        logits = model(**tok(text, return_tensors="pt")).logits
-    assert logits.shape[-1] == c.vocab_size and torch.isfinite(logits).all()
+    with torch.no_grad():  # a converted model that knows things (a broken dequantization does not)
+        logits = model(**tok("The capital of France is", return_tensors="pt")).logits
+    assert tok.decode(logits[0, -1].argmax()) == " Paris"
