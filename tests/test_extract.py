@@ -1,6 +1,7 @@
 """splice.vectors.extract on a tiny random Llama with an in-code word-level tokenizer."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -142,12 +143,21 @@ def test_eval_mode_and_model_name(model):
     finally:
         model.eval()
     assert vs.model is None  # a model built from a config has no name
-    model.config._name_or_path = "tiny-llama"
+    assert vs.arch == "llama"  # llama.cpp's name for the family, the control-vector model hint
+
+
+@pytest.mark.parametrize("kind", ["hub id", "local dir"])
+def test_model_name_is_never_a_local_path(model, tmp_path, kind):
+    name = "HuggingFaceTB/tiny-llama"
+    if kind == "local dir":
+        name = str(tmp_path / "models" / "tiny-llama")
+        Path(name).mkdir(parents=True)
+    model.config._name_or_path = name
     try:
-        assert extract_vectors(model, make_tokenizer(), POS[:1], NEG[:1], layers=[0],
-                               progress=False).model == "tiny-llama"
+        vs = extract_vectors(model, make_tokenizer(), POS[:1], NEG[:1], layers=[0], progress=False)
     finally:
         model.config._name_or_path = ""
+    assert vs.model == ("tiny-llama" if kind == "local dir" else name)
 
 
 @pytest.mark.parametrize("kwargs, error", [

@@ -1,5 +1,7 @@
 """The model loader: local directories, the default-model cache, and (marked) the real model."""
 
+import threading
+
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -99,6 +101,27 @@ def test_failed_conversion_leaves_no_cache(fake_conversion, monkeypatch):
     assert list(target.parent.iterdir()) == []
 
 
+def test_concurrent_conversions_share_one_cache(fake_conversion, monkeypatch):
+    """Two processes converting at once: both get the cache, one copy is kept, nothing else is left."""
+    target, calls = fake_conversion
+    barrier, results = threading.Barrier(2), []
+
+    def convert(gguf, out):
+        calls.append(out)
+        _save_tiny(out)
+        barrier.wait()  # both builds are complete before either is installed
+
+    monkeypatch.setattr(loader, "_convert_gguf", convert)
+    threads = [threading.Thread(target=lambda: results.append(default_model_dir())) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [target, target] and len(calls) == 2
+    assert [p.name for p in target.parent.iterdir()] == [DEFAULT_MODEL]
+    assert (target / ".splice-complete").is_file() and load_model()[0].config.num_hidden_layers == 2
+
+
 def test_incomplete_cache_is_rebuilt(fake_conversion):
     target, calls = fake_conversion
     target.mkdir(parents=True)
@@ -119,6 +142,6 @@ def test_real_default_model(real_model):
     text = "Steering vectors move the residual stream. Ça marche? 42!"
     assert tok.decode(tok(text).input_ids) == text
     assert tok.padding_side == "left" and tok.pad_token is not None
-    with torch.no_grad():
-        logits = model(**tok(text, return_tensors="pt")).logits
-    assert logits.shape[-1] == c.vocab_size and torch.isfinite(logits).all()
+    with torch.no_grad():  # a converted model that knows things (a broken dequantization does not)
+        logits = model(**tok("The capital of France is", return_tensors="pt")).logits
+    assert tok.decode(logits[0, -1].argmax()) == " Paris"

@@ -1,5 +1,6 @@
 """Steering on the real default model (SmolLM2-135M-Instruct): exactness and measurable effect."""
 
+import gguf
 import pytest
 import torch
 
@@ -74,8 +75,12 @@ def test_llama_cpp_control_vector_round_trip_steers_identically(real_model, happ
     model, tok = real_model
     path = tmp_path / "happy.gguf"
     layers = list(range(12, 19))
-    export_control_vector(splice.VectorSet({l: happy[l] for l in layers}, site="out"), path)
+    export_control_vector(splice.VectorSet({l: happy[l] for l in layers}, site="out", model=happy.model,
+                                           arch=happy.arch), path)
+    # the model hint is the architecture, as llama.cpp and repeng write it, not the model's directory
+    assert gguf.GGUFReader(path).fields["controlvector.model_hint"].contents() == "llama"
     imported = import_control_vector(path, expect_hidden_size=model.config.hidden_size)
+    assert (imported.arch, imported.model) == ("llama", "SmolLM2-135M-Instruct")
     with splice.patch(model, splice.Steer(happy, layers=layers, scale=0.4)):
         direct = next_token_probs(model, tok)
     with splice.patch(model, splice.Steer(imported, scale=0.4)):

@@ -1,6 +1,7 @@
 """Recipes: files that describe interventions, validated before the model is touched."""
 
 import json
+import threading
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ def logits(model):
 @pytest.fixture
 def vector_files(tmp_path):
     g = torch.Generator().manual_seed(0)
-    vs = splice.VectorSet({l: torch.randn(HIDDEN, generator=g) for l in range(1, LAYERS)}, site="out")
+    vs = splice.VectorSet({l: torch.randn(HIDDEN, generator=g) for l in range(1, LAYERS)}, site="out", arch="llama")
     save_vectors(vs, tmp_path / "a.safetensors")
     export_control_vector(vs, tmp_path / "a.gguf")
     return vs, tmp_path
@@ -61,6 +62,28 @@ def test_saved_patch_round_trips_through_a_recipe(vector_files, tmp_path):
     assert (tmp_path / "out" / "saved.h.safetensors").exists()  # in-memory vectors saved beside it
     with splice.patch(model, recipe=path):
         assert torch.equal(logits(model), before)
+
+
+def test_concurrent_saves_leave_one_whole_recipe_and_no_temporary(vector_files):
+    _, tmp = vector_files
+    recipes = [splice.Recipe.from_dict(recipe_data(scale=s), base=tmp) for s in (0.25, 0.75)]
+    errors = []
+
+    def save(recipe):
+        try:
+            for _ in range(30):
+                recipe.save(tmp / "r.yaml")
+        except Exception as exc:  # reported below: a save must never fail
+            errors.append(exc)
+
+    threads = [threading.Thread(target=save, args=(r,)) for r in recipes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert [s.scale for s in splice.load_recipe(tmp / "r.yaml").steers.values()] in ([0.25], [0.75])
+    assert sorted(p.name for p in tmp.iterdir()) == ["a.gguf", "a.safetensors", "r.yaml"]
 
 
 BAD = {

@@ -11,7 +11,7 @@ from splice.vectors import io as vio
 from splice.vectors.gguf_control import (export_control_vector, import_control_vector,
                                          to_out_site)
 from splice.vectors.io import load_vectors, save_vectors
-from splice.vectors.vector_set import VectorSet
+from splice.vectors.vector_set import VectorSet, gguf_arch
 
 H = 16
 
@@ -24,7 +24,7 @@ def _vs(layers=(1, 3, 7), site="out", **kw):
 def _same(a: VectorSet, b: VectorSet):
     assert a.layers == b.layers
     assert all(torch.equal(a[layer], b[layer]) for layer in a.layers)
-    assert (a.site, a.model, a.method, a.metadata) == (b.site, b.model, b.method, b.metadata)
+    assert (a.site, a.model, a.arch, a.method, a.metadata) == (b.site, b.model, b.arch, b.method, b.metadata)
 
 
 def _safetensors(path, tensors, **meta):
@@ -34,10 +34,10 @@ def _safetensors(path, tensors, **meta):
     return path
 
 
-def _gguf(path, tensors, arch="controlvector"):
+def _gguf(path, tensors, arch="controlvector", hint="llama"):
     """A control-vector file written the way llama.cpp's tools and repeng write them."""
     w = gguf.GGUFWriter(path, arch)
-    w.add_string(f"{arch}.model_hint", "llama")
+    w.add_string(f"{arch}.model_hint", hint)
     w.add_uint32(f"{arch}.layer_count", len(tensors))
     for name, t in tensors.items():
         w.add_tensor(name, t)
@@ -55,7 +55,7 @@ def _vec(size=H):
 # --- safetensors ---------------------------------------------------------------------------
 
 def test_safetensors_round_trip_bit_exact(tmp_path):
-    vs = _vs(model="SmolLM2-135M-Instruct", method="mean_diff",
+    vs = _vs(model="SmolLM2-135M-Instruct", arch="llama", method="mean_diff",
              metadata={"concept": "happy", "n_pairs": "32"})
     vs.directions[3][0] = float.fromhex("0x1.fffffep+127")  # extreme but finite values survive
     vs.directions[3][1] = float.fromhex("0x1p-149")
@@ -77,7 +77,7 @@ def test_safetensors_layout(tmp_path):
         assert all(f.get_tensor(k).dtype == torch.float32 for k in f.keys())
     assert meta["format"] == "splice.vectors" and meta["version"] == "1"
     assert meta["site"] == "out" and meta["hidden_size"] == str(H) and meta["model"] == "m"
-    assert meta["user.k"] == "v" and "method" not in meta
+    assert meta["user.k"] == "v" and "method" not in meta and "arch" not in meta
     assert "hidden_states[l + 1]" in meta["layers"]
 
 
@@ -164,7 +164,7 @@ def test_save_overwrites_atomically(tmp_path):
 # --- llama.cpp control vectors --------------------------------------------------------------
 
 def test_gguf_round_trip_bit_exact(tmp_path):
-    vs = _vs(model="SmolLM2-135M-Instruct", method="pca", metadata={"concept": "calm"})
+    vs = _vs(model="SmolLM2-135M-Instruct", arch="llama", method="pca", metadata={"concept": "calm"})
     export_control_vector(vs, tmp_path / "v.gguf")
     _same(import_control_vector(tmp_path / "v.gguf", expect_hidden_size=H), vs)
 
@@ -184,27 +184,43 @@ def test_gguf_layout_matches_llama_cpp(tmp_path):
     assert np.array_equal(r.tensors[1].data, vs[5].numpy())
 
 
-def test_model_hint_defaults_to_model(tmp_path):
-    export_control_vector(_vs(model="my-model"), tmp_path / "a.gguf")
-    assert import_control_vector(tmp_path / "a.gguf").model == "my-model"
-    export_control_vector(_vs(), tmp_path / "b.gguf")
-    assert import_control_vector(tmp_path / "b.gguf").model is None
+def test_model_hint_is_the_architecture_not_the_model(tmp_path):
+    export_control_vector(_vs(model="/home/me/models/SmolLM2-135M-Instruct", arch="llama"), tmp_path / "a.gguf")
+    assert gguf.GGUFReader(tmp_path / "a.gguf").fields["controlvector.model_hint"].contents() == "llama"
+    back = import_control_vector(tmp_path / "a.gguf")
+    assert (back.arch, back.model) == ("llama", "/home/me/models/SmolLM2-135M-Instruct")
+    export_control_vector(_vs(arch="llama"), tmp_path / "b.gguf", model_hint="qwen2")
+    assert import_control_vector(tmp_path / "b.gguf").arch == "qwen2"
+
+
+@pytest.mark.parametrize("model_type, arch", [("llama", "llama"), ("mistral", "llama"), ("qwen2", "qwen2"),
+                                              ("qwen3", "qwen3"), ("phi3", "phi3"), ("gemma2", "gemma2"),
+                                              ("gemma3_text", "gemma3")])
+def test_gguf_arch_is_llama_cpps_name(model_type, arch):
+    assert gguf_arch(model_type) == arch
+    assert arch in gguf.MODEL_ARCH_NAMES.values()  # a name llama.cpp's own GGUF files carry
+
+
+@pytest.mark.parametrize("hint", ["llama", "qwen2", "/some/local/dir", "anything at all"])
+def test_import_reads_any_model_hint(tmp_path, hint):
+    path = _gguf(tmp_path / "cv.gguf", {"direction.1": _vec()}, hint=hint)
+    assert import_control_vector(path).arch == hint
 
 
 def test_import_llama_cpp_written_file(tmp_path):
     path = _gguf(tmp_path / "cv.gguf", {"direction.3": _vec(), "direction.12": -_vec()})
     vs = import_control_vector(path)
-    assert vs.site == "out" and vs.layers == [3, 12] and vs.model == "llama"
+    assert vs.site == "out" and vs.layers == [3, 12] and vs.arch == "llama" and vs.model is None
     assert vs.method is None and vs.metadata == {}
     assert torch.equal(vs[3], torch.arange(H, dtype=torch.float32))
 
 
 def test_to_out_site():
-    vs = _vs(layers=(2, 5), site="in", model="m", method="x", metadata={"a": "b"})
+    vs = _vs(layers=(2, 5), site="in", model="m", arch="qwen2", method="x", metadata={"a": "b"})
     out = to_out_site(vs)
     assert out.site == "out" and out.layers == [1, 4]
     assert torch.equal(out[1], vs[2]) and torch.equal(out[4], vs[5])
-    assert (out.model, out.method, out.metadata) == ("m", "x", {"a": "b"})
+    assert (out.model, out.arch, out.method, out.metadata) == ("m", "qwen2", "x", {"a": "b"})
     same = _vs()
     assert to_out_site(same) is same
     with pytest.raises(ValueError, match="layer 0"):
@@ -217,7 +233,8 @@ def test_to_out_site():
     (_vs(site="in"), "to_out_site"),
     (_vs(site="mlp"), "site 'mlp'"),
     (_vs(layers=(0, 1)), "direction.0"),
-    (_vs(metadata={"n": 1}), "must map str to str"),
+    (_vs(metadata={"n": 1}, arch="llama"), "must map str to str"),
+    (_vs(model="m"), "has no arch"),
 ])
 def test_export_refuses_before_writing(tmp_path, vs, match):
     dest = tmp_path / "v.gguf"
@@ -237,7 +254,7 @@ def test_failed_export_leaves_destination_untouched(tmp_path, monkeypatch):
 
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", broken)
     with pytest.raises(OSError, match="disk full"):
-        export_control_vector(_vs(), dest)
+        export_control_vector(_vs(arch="llama"), dest)
     assert dest.read_bytes() == b"previous contents"
     assert [p.name for p in tmp_path.iterdir()] == ["v.gguf"]
 
@@ -271,7 +288,7 @@ def test_import_expect_hidden_size(tmp_path):
 @pytest.mark.parametrize("cut", [b"", b"GGUF and then nonsense", "half", "minus_four"])
 def test_import_rejects_malformed_and_truncated(tmp_path, cut):
     good = tmp_path / "v.gguf"
-    export_control_vector(_vs(), good)
+    export_control_vector(_vs(arch="llama"), good)
     data = good.read_bytes()
     body = {"half": data[: len(data) // 2], "minus_four": data[:-4]}.get(cut, cut)
     (tmp_path / "bad.gguf").write_bytes(body)
@@ -291,7 +308,7 @@ def test_import_missing_file(tmp_path):
 
 
 def test_safetensors_to_gguf_and_back(tmp_path):
-    vs = _vs(layers=(4, 6), site="in", model="m", method="x", metadata={"k": "v"})
+    vs = _vs(layers=(4, 6), site="in", model="m", arch="qwen2", method="x", metadata={"k": "v"})
     save_vectors(vs, tmp_path / "v.safetensors")
     loaded = load_vectors(tmp_path / "v.safetensors")
     export_control_vector(to_out_site(loaded), tmp_path / "v.gguf")

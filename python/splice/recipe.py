@@ -8,9 +8,9 @@ and serving. Relative file paths are read relative to the recipe file.
       vectors:                       # named interventions
         happy:
           file: happy.safetensors    # splice safetensors, or a llama.cpp control vector (.gguf)
-          layers: [10, 11, 12]       # default: every layer in the file
+          layers: [12, 13, 14, 15, 16, 17, 18]   # default: every layer in the file
           op: add                    # add | ablate | clamp
-          scale: 4.0
+          scale: 0.4
           site: out                  # in | out | attn | mlp | heads (heads needs head: N)
           positions: all             # all | prompt | generated | [start, end] | {phase, start, end}
       default: [happy]               # applied to every row: names or {name, scale}
@@ -35,6 +35,7 @@ import yaml
 
 from .skipping.spec import Skip, unsteerable_sites
 from .steering.spec import Steer
+from .utils.atomic import write_atomic
 
 VERSION = 1
 TOP_KEYS = {"version", "steering", "skip", "routing"}
@@ -203,10 +204,7 @@ class Recipe:
         path = Path(path).absolute()
         data = self.to_dict(path.parent, path.stem)
         text = json.dumps(data, indent=2) if path.suffix == ".json" else yaml.safe_dump(data, sort_keys=False)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-        return path
+        return write_atomic(path, text)
 
 
 def load_recipe(source) -> Recipe:

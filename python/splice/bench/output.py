@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from ..utils.atomic import write_atomic
+
 
 
 def _cpu_model() -> str:
@@ -47,8 +49,7 @@ def provenance() -> dict:
 
 
 def write(report: dict, path: str | Path) -> Path:
-    """Write ``report`` as JSON at ``path``."""
+    """Write ``report`` as JSON at ``path`` (atomically)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2))
-    return path
+    return write_atomic(path, json.dumps(report, indent=2))

@@ -15,6 +15,8 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..utils.atomic import write_atomic
+
 
 @dataclass
 class HeadMap:
@@ -96,9 +98,7 @@ class HeadMap:
                 "full": {str(l): sorted(h) for l, h in sorted(self.full.items())}, "scores": self.scores}
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=1))
-        return path
+        return write_atomic(path, json.dumps(self.to_dict(), indent=1))
 
     @classmethod
     def load(cls, path: str | Path) -> "HeadMap":

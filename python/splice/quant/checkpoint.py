@@ -20,10 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -31,6 +27,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from ..runtime.splice_runtime import ATTRIBUTE
+from ..utils.atomic import atomic_directory
 from .apply import set_module
 from .linear import QuantLinear
 from ..ops.quant_packing import PackedWeight
@@ -74,29 +71,6 @@ def _tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]
         seen[key] = name
         tensors[name] = t.detach().contiguous()
     return tensors, aliases
-
-
-@contextmanager
-def atomic_directory(directory: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield an empty temporary directory beside ``directory``; when the block succeeds, rename it to
-    ``directory`` (replacing it only with ``overwrite``). On an exception nothing is left behind."""
-    target = Path(directory)
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-    tmp.mkdir()
-    try:
-        yield tmp
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.{uuid.uuid4().hex}.old")
-            os.rename(target, old)
-        os.rename(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_quantized(model: nn.Module, plan: QuantPlan, directory: str | os.PathLike, tokenizer=None,

@@ -25,8 +25,9 @@ from pathlib import Path
 
 from torch import nn
 
-from .linear import QuantLinear
 from ..ops.quant_format import check_bits_group
+from ..utils.atomic import write_atomic
+from .linear import QuantLinear
 
 DENSE = 16  # "bits" of a module kept as it is
 FUSED = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
@@ -191,8 +192,7 @@ class QuantPlan:
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1))
-        return path
+        return write_atomic(path, json.dumps(self.to_dict(), indent=1))
 
     @classmethod
     def load(cls, path: str | Path) -> QuantPlan:

@@ -22,7 +22,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
+
+from ..utils.atomic import write_atomic
 
 
 def prompt_token_mask(prompt_len: torch.Tensor, seq: int) -> torch.Tensor:
@@ -91,9 +93,7 @@ class Router(ABC):
         meta = {"kind": self.kind, "layers": json.dumps(self.layers), "num_layers": str(self.num_layers),
                 "hidden_size": str(self.hidden_size), "model": self.model, "settings": json.dumps(self.settings())}
         tensors = {k: v.contiguous().cpu() for k, v in self.tensors().items()} or {"_": torch.zeros(1)}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        tmp.replace(path)
+        write_atomic(path, save(tensors, metadata=meta))
         self.source = str(path)
         return path
 

@@ -23,8 +23,10 @@ import torch
 from tqdm import tqdm
 
 from ..adapters.architecture import Adapter
-from .calibration_text import evaluate, log_probs
 from ..skipping.spec import Skip
+from ..utils.atomic import write_atomic
+from .calibration_text import evaluate, log_probs
+from .plotting import pyplot, save_figure
 
 METHODS = ("bi", "l2", "kl", "greedy", "random")
 
@@ -47,8 +49,7 @@ class LayerProfile:
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self), indent=2))
-        return path
+        return write_atomic(path, json.dumps(asdict(self), indent=2))
 
     @classmethod
     def load(cls, path: str | Path) -> "LayerProfile":
@@ -178,11 +179,7 @@ def greedy_skip_set(model, windows, count: int, pool: list[int], reference: torc
 
 
 def plot_profile(profile: LayerProfile, path: str | Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = [("Block Influence (1 - cos)", profile.block_influence), ("relative L2 change", profile.l2_change)]
     if profile.removal_kl:
         rows.append(("KL when removed alone", profile.removal_kl))
@@ -196,8 +193,4 @@ def plot_profile(profile: LayerProfile, path: str | Path) -> Path:
             ax.set_yscale("log")
     axes[-1, 0].set_xlabel("layer (red: chosen by the greedy joint-removal search)")
     fig.suptitle(f"layer importance — {profile.model} ({profile.tokens} tokens)")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

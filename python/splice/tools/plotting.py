@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..utils.atomic import atomic_path
+
 
 def pyplot():
     """matplotlib's pyplot on the file-only Agg backend."""
@@ -16,7 +18,11 @@ def pyplot():
 
 
 def save_figure(fig, path) -> Path:
+    """Lay out ``fig``, write it atomically to ``path`` (format from the suffix) and close it."""
+    plt = pyplot()
+    path = Path(path)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    pyplot().close(fig)
-    return Path(path)
+    with atomic_path(path) as tmp:  # the temporary's name ends in .tmp: name the format
+        fig.savefig(tmp, dpi=110, format=path.suffix[1:] or plt.rcParams["savefig.format"])
+    plt.close(fig)
+    return path

@@ -34,10 +34,11 @@ from torch import nn
 from tqdm import tqdm
 
 from ..adapters.architecture import Adapter
-from .calibration_text import evaluate, log_probs
-from ..quant.plan import DENSE, check_width, model_signature, module_shape, quantizable, units
 from ..ops.quant_format import dequantize_codes
+from ..quant.plan import DENSE, check_width, model_signature, module_shape, quantizable, units
 from ..quant.quantizers import METHODS, quantize
+from ..utils.atomic import write_atomic
+from .calibration_text import evaluate, log_probs
 
 ZD_K = 1.0
 
@@ -114,8 +115,7 @@ class Measurements:
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self), indent=1))
-        return path
+        return write_atomic(path, json.dumps(asdict(self), indent=1))
 
     @classmethod
     def load(cls, path: str | Path) -> Measurements:

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .vector_set import VectorSet
+from .vector_set import VectorSet, gguf_arch
 
 METHODS = ("mean_diff", "pca")
 POSITIONS = ("last", "mean")
@@ -54,17 +54,27 @@ def extract_vectors(model, tokenizer, positive: Sequence[str], negative: Sequenc
     diffs = acts[:len(positive)] - acts[len(positive):]  # [pairs, layers, hidden]
     reduce = _mean_diff if method == "mean_diff" else _pca_diff
     directions = {layer: reduce(diffs[:, j]) for j, layer in enumerate(layers)}
+    return VectorSet(directions, site=site, model=_model_name(model), method=method,
+                     metadata={"n_pairs": str(len(positive)), "position": position},
+                     arch=gguf_arch(_text_config(model).model_type))
+
+
+def _model_name(model) -> str | None:
+    """The model's hub id, or its directory's name when it was loaded from a local path."""
     name = getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", None)
-    return VectorSet(directions, site=site, model=name or None, method=method,
-                     metadata={"n_pairs": str(len(positive)), "position": position})
+    if not name:
+        return None
+    return Path(name).name if Path(name).expanduser().is_dir() else str(name)
+
+
+def _text_config(model):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def num_layers(model) -> int:
     """Decoder layer count: ``num_hidden_layers`` of the (text) config."""
-    config = model.config
-    if hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    return int(config.num_hidden_layers)
+    return int(_text_config(model).num_hidden_layers)
 
 
 def load_pairs(path: str | Path) -> tuple[list[str], list[str]]:

@@ -4,8 +4,10 @@ File layout, as llama.cpp's ``common_control_vector_load_one`` (common/common.cp
 ``cvector-generator`` and repeng's ``export_gguf`` write it: ``general.architecture =
 "controlvector"``, ``controlvector.model_hint`` (string), ``controlvector.layer_count`` (uint32,
 the number of direction tensors) and one 1-D F32 tensor ``direction.N`` per steered layer.
-llama.cpp reads only the tensors. splice also writes ``splice.method`` and ``splice.user.<key>``
-strings, which llama.cpp ignores, so metadata survives a round trip.
+The model hint is the model's architecture as llama.cpp names it (``"llama"`` for SmolLM2),
+``VectorSet.arch``. llama.cpp reads only the tensors. splice also writes ``splice.model``,
+``splice.method`` and ``splice.user.<key>`` strings, which llama.cpp ignores, so metadata
+survives a round trip.
 
 Layer convention: llama.cpp adds ``direction.N`` to the output of decoder layer N (0-based), the
 ``l_out`` of layer ``il == N`` after the block's last residual add, at every position. That is
@@ -25,7 +27,8 @@ import gguf
 import numpy as np
 import torch
 
-from .io import _check_str_metadata, atomic_path
+from ..utils.atomic import atomic_path
+from .io import _check_str_metadata
 from .vector_set import VectorSet
 
 ARCH = "controlvector"
@@ -48,7 +51,7 @@ def to_out_site(vs: VectorSet) -> VectorSet:
         raise ValueError("site 'in' of layer 0 (the embedding output) is no layer's output and has "
                          "no llama.cpp control-vector equivalent; drop layer 0 first")
     return VectorSet({layer - 1: v for layer, v in vs.directions.items()}, site="out",
-                     model=vs.model, method=vs.method, metadata=dict(vs.metadata))
+                     model=vs.model, method=vs.method, metadata=dict(vs.metadata), arch=vs.arch)
 
 
 def export_control_vector(vs: VectorSet, path: str | os.PathLike,
@@ -56,7 +59,8 @@ def export_control_vector(vs: VectorSet, path: str | os.PathLike,
     """Write ``vs`` to ``path`` as a llama.cpp control vector, atomically.
 
     ``vs`` must have site ``"out"`` and no layer 0, else ValueError before anything is written.
-    ``model_hint`` (informational; llama.cpp does not read it) defaults to ``vs.model``.
+    ``model_hint`` (llama.cpp's architecture name, e.g. ``"llama"``; informational, llama.cpp does
+    not read it) defaults to ``vs.arch``; ValueError if neither is set.
     """
     if vs.site != "out":
         hint = (" Site 'in' of layer l is site 'out' of layer l - 1: convert with to_out_site(vs)."
@@ -67,14 +71,18 @@ def export_control_vector(vs: VectorSet, path: str | os.PathLike,
         raise ValueError("llama.cpp rejects direction.0: the output of layer 0 cannot carry a "
                          "control vector; drop layer 0 before exporting")
     _check_str_metadata(vs.metadata)
+    hint = model_hint if model_hint is not None else vs.arch
+    if not hint:
+        raise ValueError("a control vector names its model's architecture as llama.cpp does (e.g. 'llama'): "
+                         "this VectorSet has no arch; set vs.arch or pass model_hint")
     with atomic_path(path) as tmp:
         writer = gguf.GGUFWriter(tmp, ARCH)
         try:
-            writer.add_string(f"{ARCH}.model_hint", model_hint if model_hint is not None
-                              else vs.model or "")
+            writer.add_string(f"{ARCH}.model_hint", hint)
             writer.add_uint32(f"{ARCH}.layer_count", len(vs.directions))
-            if vs.method is not None:
-                writer.add_string("splice.method", vs.method)
+            for key, value in (("splice.model", vs.model), ("splice.method", vs.method)):
+                if value is not None:
+                    writer.add_string(key, value)
             for key, value in vs.metadata.items():
                 writer.add_string(_USER + key, value)
             for layer, v in vs.directions.items():
@@ -90,8 +98,8 @@ def import_control_vector(path: str | os.PathLike,
                           expect_hidden_size: int | None = None) -> VectorSet:
     """Read a llama.cpp control vector as a site-``"out"`` VectorSet; ValueError if it is invalid.
 
-    ``model`` is the file's model hint (None if empty). ``expect_hidden_size``, when given, must
-    equal the directions' size.
+    ``arch`` is the file's model hint, whatever it says (None if empty or absent). ``expect_hidden_size``,
+    when given, must equal the directions' size.
     """
     path = Path(path)
     if not path.is_file():
@@ -128,8 +136,8 @@ def import_control_vector(path: str | os.PathLike,
     user = {key[len(_USER):]: _string(reader, key, path) for key in reader.fields
             if key.startswith(_USER)}
     hint = _string(reader, f"{ARCH}.model_hint", path)
-    return VectorSet(directions, site="out", model=hint or None,
-                     method=_string(reader, "splice.method", path), metadata=user)
+    return VectorSet(directions, site="out", model=_string(reader, "splice.model", path),
+                     method=_string(reader, "splice.method", path), metadata=user, arch=hint or None)
 
 
 def _string(reader: gguf.GGUFReader, key: str, path: Path) -> str | None:

@@ -2,22 +2,20 @@
 
 Layout: one float32 tensor ``layer.{l}`` per direction, and string metadata ``format``
 (``"splice.vectors"``), ``version``, ``site``, ``hidden_size``, ``layers`` (the layer convention in
-words), ``model`` and ``method`` when set, and each ``vs.metadata`` entry as ``user.{key}``.
+words), ``model``, ``arch`` and ``method`` when set, and each ``vs.metadata`` entry as ``user.{key}``.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import uuid
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
+from ..utils.atomic import write_atomic
 from .vector_set import VectorSet
 
 FORMAT = "splice.vectors"
@@ -28,34 +26,17 @@ LAYER_CONVENTION = ("layer.{l} is the direction for decoder layer l (0-based) at
 _LAYER_NAME = re.compile(r"layer\.(0|[1-9][0-9]*)")
 
 
-@contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a fresh temp path beside ``path``; move it over ``path`` if the block succeeds.
-
-    On any error the temp file is removed and an existing ``path`` is left untouched.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_vectors(vs: VectorSet, path: str | os.PathLike) -> None:
     """Write ``vs`` to ``path`` (safetensors), atomically."""
     _check_str_metadata(vs.metadata)
     meta = {"format": FORMAT, "version": VERSION, "site": vs.site,
             "hidden_size": str(vs.hidden_size), "layers": LAYER_CONVENTION}
-    meta.update({k: v for k, v in (("model", vs.model), ("method", vs.method)) if v is not None})
+    meta.update({k: v for k, v in (("model", vs.model), ("arch", vs.arch), ("method", vs.method))
+                 if v is not None})
     meta.update({f"user.{k}": v for k, v in vs.metadata.items()})
     tensors = {f"layer.{layer}": v for layer, v in vs.directions.items()}
     data = save(tensors, metadata=meta)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
+    write_atomic(path, data)
 
 
 def load_vectors(path: str | os.PathLike, expect_hidden_size: int | None = None) -> VectorSet:
@@ -98,7 +79,7 @@ def load_vectors(path: str | os.PathLike, expect_hidden_size: int | None = None)
     user = {k[len("user."):]: v for k, v in meta.items() if k.startswith("user.")}
     try:
         return VectorSet(directions, site=meta.get("site", ""), model=meta.get("model"),
-                         method=meta.get("method"), metadata=user)
+                         method=meta.get("method"), metadata=user, arch=meta.get("arch"))
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from e
 

@@ -13,17 +13,31 @@ from dataclasses import dataclass, field
 import torch
 
 SITES = ("in", "out", "attn", "mlp", "heads")
+# Hugging Face model_type -> llama.cpp architecture (GGUF general.architecture) where they differ:
+# llama.cpp converts Mistral models to its llama graph and names Gemma 3's text model gemma3.
+_GGUF_ARCH = {"mistral": "llama", "gemma3_text": "gemma3"}
+
+
+def gguf_arch(model_type: str) -> str:
+    """llama.cpp's architecture name for a Hugging Face ``model_type`` (``"llama"`` for Llama and
+    Mistral; for the other supported families it is the model_type itself)."""
+    return _GGUF_ARCH.get(model_type, model_type)
 
 
 @dataclass
 class VectorSet:
-    """Per-layer float32 directions ``{layer: tensor[hidden]}`` and their provenance."""
+    """Per-layer float32 directions ``{layer: tensor[hidden]}`` and their provenance.
+
+    ``model`` names the model they came from; ``arch`` is its llama.cpp architecture (see
+    :func:`gguf_arch`), which llama.cpp control vectors record as their model hint.
+    """
 
     directions: dict[int, torch.Tensor]
     site: str = "out"
     model: str | None = None
     method: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    arch: str | None = None
 
     def __post_init__(self):
         if not self.directions:

@@ -1,0 +1,1 @@
+"""Low-level utilities with no splice dependencies, usable from every layer."""

@@ -1,0 +1,207 @@
+"""The README's examples, run as written on the real model: each must run and give a sensible result.
+
+The Python blocks run in README order in one namespace, as a reader pasting them into one session
+would, in a temporary working directory that links ``docs/`` (the examples' relative paths). Besides
+them, the ``splice extract`` commands of "Vector files" and the recipe of "Recipes" run.
+
+Not run, and why:
+- a Python block marked in the README by ``<!-- not-run: reason -->`` on the line before it;
+- the client block of "Serving behind vLLM" (:data:`NOT_RUN_HERE`): it needs a running vLLM server,
+  and tests/test_serving_vllm.py serves and queries one;
+- the other shell blocks (installing, benchmarks, profiling, quantizing: minutes each) and the
+  skip/routing recipe (it names a router file that only ``splice route train`` writes).
+``test_every_python_block_is_run_or_marked`` fails on any Python block that is neither run here nor
+marked, so nothing is skipped silently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import shlex
+import textwrap
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+
+# The sections whose Python block a test below runs.
+RUN = ("Python API", "Per-request steering", "Layer skipping", "Hybrid attention")
+NOT_RUN_HERE = {"Serving behind vLLM": "needs a running vLLM server; tests/test_serving_vllm.py runs one"}
+
+
+@dataclass
+class Block:
+    section: str
+    lang: str
+    code: str
+    not_run: str | None  # the README's reason, when marked
+
+
+def readme_blocks(readme: Path = README) -> list[Block]:
+    """Every fenced block of ``readme``, with the heading it sits under and its not-run mark."""
+    blocks, section, mark, lang, code = [], "", None, "", None
+    for line in readme.read_text(encoding="utf-8").splitlines():
+        text = line.strip()
+        if code is not None:
+            if text == "```":
+                blocks.append(Block(section, lang, textwrap.dedent("\n".join(code)), mark))
+                code, mark = None, None
+            else:
+                code.append(line)
+        elif text.startswith("```"):
+            lang, code = text[3:], []
+        elif m := re.fullmatch(r"<!-- not-run: (.+?) -->", text):
+            mark = m.group(1)
+        elif m := re.fullmatch(r"#+ (.+)", text):
+            section = m.group(1)
+        elif text:
+            mark = None  # a mark applies to the block right after it
+    return blocks
+
+
+def block(section: str, lang: str) -> Block:
+    (found,) = [b for b in readme_blocks() if b.section == section and b.lang == lang]
+    return found
+
+
+def test_every_python_block_is_run_or_marked():
+    python = [b for b in readme_blocks() if b.lang == "python"]
+    unmarked = [b.section for b in python if b.not_run is None and b.section not in NOT_RUN_HERE]
+    assert sorted(unmarked) == sorted(RUN), "a README Python block is neither run by this file nor marked not-run"
+    assert all(len(b.not_run) > 10 for b in python if b.not_run is not None), "a not-run mark gives no reason"
+
+
+def test_marks_apply_to_the_next_block_only(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("## A\n<!-- not-run: needs a server -->\n\n```python\nx = 1\n```\n\n```python\ny = 2\n```\n"
+                      "## B\n<!-- not-run: stale -->\ntext in between\n```python\nz = 3\n```\n")
+    assert [(b.section, b.code, b.not_run) for b in readme_blocks(readme)] == [
+        ("A", "x = 1", "needs a server"), ("A", "y = 2", None), ("B", "z = 3", None)]
+
+
+# --- running them ----------------------------------------------------------------------------
+
+def assert_sensible(tok, text: str, min_tokens: int = 8) -> None:
+    """Not degenerate: enough tokens, mostly distinct, none dominating (a steering scale far too
+    large makes the model repeat one token)."""
+    ids = tok(text, add_special_tokens=False).input_ids
+    assert len(ids) >= min_tokens, f"too short: {text!r}"
+    top = Counter(ids).most_common(1)[0][1]
+    assert len(set(ids)) >= len(ids) / 2 and top <= max(3, len(ids) / 4), f"degenerate text: {text!r}"
+
+
+@pytest.fixture(scope="module")
+def session(tmp_path_factory):
+    """The README reader's session: one namespace, and the working directory the examples run in."""
+    work = tmp_path_factory.mktemp("readme")
+    (work / "docs").symlink_to(ROOT / "docs")
+    return {"__name__": "readme_session"}, work
+
+
+def run(session, section: str) -> str:
+    """Run the section's Python block in the session; what it printed."""
+    namespace, work = session
+    code = block(section, "python").code
+    out = io.StringIO()
+    with contextlib.chdir(work), contextlib.redirect_stdout(out):
+        exec(compile(code, f"README.md ({section})", "exec"), namespace)
+    return out.getvalue()
+
+
+def generate_text(model, tok, prompt: str, new: int, skip_special_tokens: bool = False) -> str:
+    """The unpatched-call continuation of ``prompt``, greedy, as the README's examples decode it."""
+    enc = tok([prompt], return_tensors="pt")
+    with torch.inference_mode():
+        out = model.generate(**enc, max_new_tokens=new, do_sample=False)
+    return tok.decode(out[0, enc.input_ids.shape[1]:], skip_special_tokens=skip_special_tokens)
+
+
+@pytest.mark.real_model
+def test_assert_sensible_refuses_repetition(real_model):
+    _, tok = real_model
+    assert_sensible(tok, " I spent the weekend hiking with friends and we cooked dinner by the lake.")
+    for bad in (" happy" * 30, " joy! love!" * 10, " the weekend", "\n\n\n\n\n\n\n\n\n\n\n\n"):
+        with pytest.raises(AssertionError):
+            assert_sensible(tok, bad)
+
+
+@pytest.mark.real_model
+def test_python_api(session):
+    printed = run(session, "Python API")
+    model, tok = session[0]["model"], session[0]["tok"]
+    text, backends = printed.rstrip("\n").rsplit("\n", 1)
+    assert backends.startswith("{'fused_steer': ")
+    prompt = "Tell me about your weekend."
+    assert text.startswith(prompt)
+    assert_sensible(tok, text[len(prompt):])
+    # leaving the block restored the model: the same call gives the unsteered text, which differs
+    assert prompt + generate_text(model, tok, prompt, 30) != text
+    session[0]["_steered_weekend"] = text
+
+
+@pytest.mark.real_model
+def test_per_request_steering(session):
+    run(session, "Per-request steering")
+    ns = session[0]
+    model, tok, out = ns["model"], ns["tok"], ns["out"]
+    n = tok(["Hi!"], return_tensors="pt").input_ids.shape[1]
+    rows = [tok.decode(row[n:], skip_special_tokens=True) for row in out]
+    for row in rows:
+        assert_sensible(tok, row)
+    assert len(set(rows)) == 3, rows  # +happy, -happy and unsteered differ
+    assert rows[2] == generate_text(model, tok, "Hi!", 20, skip_special_tokens=True)  # slot 0: unsteered
+
+
+@pytest.mark.real_model
+def test_vector_files_and_recipe(session):
+    """The ``splice extract`` commands write the files; the recipe of "Recipes" steers with them
+    exactly as the Python API example does."""
+    from splice.cli import main
+
+    namespace, work = session
+    commands = [line.split("#")[0] for line in block("Vector files", "bash").code.splitlines()]
+    with contextlib.chdir(work):
+        for command in commands:
+            argv = shlex.split(command)
+            assert argv[0] == ".venv/bin/splice"
+            assert main(argv[1:]) == 0
+    hint = gguf.GGUFReader(work / "happy.gguf").fields["controlvector.model_hint"].contents()
+    assert hint == "llama"
+    (work / "recipe.yaml").write_text(block("Recipes", "yaml").code)
+    model, tok = namespace["model"], namespace["tok"]
+    import splice
+
+    prompt = "Tell me about your weekend."
+    with splice.patch(model, recipe=work / "recipe.yaml"):
+        text = prompt + generate_text(model, tok, prompt, 30)
+    assert text == namespace["_steered_weekend"]
+
+
+@pytest.mark.real_model
+def test_layer_skipping(session):
+    printed = run(session, "Layer skipping")
+    ns = session[0]
+    model, tok, ids = ns["model"], ns["tok"], ns["ids"]
+    text, acceptance = printed.rstrip("\n").rsplit(" ", 1)
+    assert 0 < float(acceptance) <= 1
+    assert "Paris" in text
+    assert_sensible(tok, text, min_tokens=6)
+    with torch.inference_mode():
+        greedy = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False)
+    assert text == tok.decode(greedy[0, ids.shape[1]:])  # the full model's greedy answer
+
+
+@pytest.mark.real_model
+def test_hybrid_attention(session):
+    printed = run(session, "Hybrid attention")
+    answer, expected = printed.strip().split(" expected ")
+    assert expected == session[0]["key"].answer
+    assert answer.strip().startswith(expected), printed  # the key, read back from beyond the window
