@@ -1,7 +1,7 @@
 """Triton kernel of ``splice::quant_matmul``: dequantize packed codes in registers, then ``tl.dot``.
 
 The contract is :func:`splice.ops.quant_matmul_reference.quant_matmul_reference` (fp32 math, ``y``
-rounded once to ``x.dtype``); the packed layout is :mod:`splice.quant.packing`. One program computes a
+rounded once to ``x.dtype``); the packed layout is :mod:`splice.ops.quant_packing`. One program computes a
 ``BLOCK_T × BLOCK_N`` tile of ``y``, walking K in steps of ``BLOCK_K``. Arguments are checked as the
 reference checks them (:func:`splice.ops.quant_matmul_reference.check_quant_matmul`). Runs on CUDA
 tensors, and on CPU tensors under ``TRITON_INTERPRET=1``.
@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from splice.ops.quant_matmul_reference import check_quant_matmul
-from splice.quant.packing import padded_k
+from splice.ops.quant_packing import padded_k
 
 
 @triton.jit

@@ -11,8 +11,8 @@ from tiny_models import LAYERS, VOCAB, tiny_model
 
 from splice.bench import skip, timing
 from splice.bench.timing import interleaved
-from splice.tools.layer_profile import profile_layers
 from splice.runtime.splice_runtime import ATTRIBUTE
+from splice.tools.layer_profile import profile_layers
 
 
 def test_interleaved_visits_every_setting_each_round_and_drops_the_warm_up_round():

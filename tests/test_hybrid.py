@@ -208,8 +208,8 @@ def test_interleave_takes_the_top_heads_of_every_score_table_in_turn():
 def test_passkey_prompts_hide_the_key_at_the_asked_depth():
     from transformers import AutoTokenizer
 
-    from splice.tools.passkey import passkey_set
     from splice.models.loader import default_model_dir
+    from splice.tools.passkey import passkey_set
 
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
     tasks = passkey_set(tokenizer, 300, 3)

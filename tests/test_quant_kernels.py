@@ -25,10 +25,10 @@ from kernel_checks import (
 )
 
 from splice.ops import backend_for, quant_matmul, use_backend
-from splice.ops.quant_matmul_reference import quant_matmul_reference
-from splice.quant.linear import QuantLinear
-from splice.ops.quant_packing import PackedWeight, pack_codes, padded_k, row_bytes, unpack_codes
 from splice.ops.quant_format import BITS, GROUP_SIZES, dequantize_codes
+from splice.ops.quant_matmul_reference import quant_matmul_reference
+from splice.ops.quant_packing import PackedWeight, pack_codes, padded_k, row_bytes, unpack_codes
+from splice.quant.linear import QuantLinear
 from splice.quant.quantizers import quantize
 
 DTYPES = (torch.float32, torch.bfloat16)

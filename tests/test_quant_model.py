@@ -383,8 +383,8 @@ def test_steering_and_skipping_compose_with_a_quantized_model():
 # --- the real model -------------------------------------------------------------------------
 @pytest.mark.real_model
 def test_uniform_8_bit_keeps_wikitext_perplexity(real_model):
-    from splice.tools.calibration_text import perplexity, wikitext_windows
     from splice.models.loader import load_model
+    from splice.tools.calibration_text import perplexity, wikitext_windows
 
     _, tok = real_model
     model, _ = load_model()  # a private copy: quantization replaces its modules

@@ -5,8 +5,8 @@ import torch
 from tiny_models import HIDDEN, LAYERS, VOCAB, left_padded_batch, tiny_model
 
 import splice
-from splice.skipping.routers import FixedRouter, InfluenceRouter, LinearRouter, Router, load_router
 from splice.runtime.splice_runtime import ATTRIBUTE
+from splice.skipping.routers import FixedRouter, InfluenceRouter, LinearRouter, Router, load_router
 
 
 class RowRouter(Router):

@@ -10,7 +10,6 @@ equal the reference bit for bit.
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from kernel_checks import (

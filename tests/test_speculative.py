@@ -5,8 +5,8 @@ import torch
 from tiny_models import HIDDEN, LAYERS, VOCAB, tiny_model
 
 import splice
-from splice.tools.speculative import search_draft, speculative_generate
 from splice.runtime.splice_runtime import ATTRIBUTE
+from splice.tools.speculative import search_draft, speculative_generate
 
 
 def prompt(seed=0, n=6):

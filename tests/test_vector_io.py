@@ -8,8 +8,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from splice.vectors import io as vio
-from splice.vectors.gguf_control import (export_control_vector, import_control_vector,
-                                         to_out_site)
+from splice.vectors.gguf_control import export_control_vector, import_control_vector, to_out_site
 from splice.vectors.io import load_vectors, save_vectors
 from splice.vectors.vector_set import VectorSet, gguf_arch
 

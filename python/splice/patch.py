@@ -22,12 +22,12 @@ from pathlib import Path
 from torch import nn
 
 from .adapters.architecture import Adapter
-from .runtime.hybrid_attention import make_attention_forward
 from .ops import backend_for
 from .recipe import Recipe, check_steering_fits, load_recipe
-from .skipping.spec import Skip, skipped_parts
 from .runtime.decoder_layer import make_forward, make_o_proj_forward
+from .runtime.hybrid_attention import make_attention_forward
 from .runtime.splice_runtime import ATTRIBUTE, SpliceRuntime
+from .skipping.spec import Skip, skipped_parts
 from .steering.slot_entries import slot_entries
 from .steering.spec import Steer
 

@@ -39,12 +39,12 @@ import torch
 from tqdm import tqdm
 
 from ..adapters.architecture import Adapter
-from ..tools.passkey import passkey_accuracy, passkey_set
-from ..tools.calibration_text import perplexity, wikitext_windows
-from ..runtime.hybrid_attention import make_attention_forward
 from ..hybrid.head_map import HeadMap
 from ..patch import patch
+from ..runtime.hybrid_attention import make_attention_forward
 from ..runtime.kv_cache import kv_bytes
+from ..tools.calibration_text import perplexity, wikitext_windows
+from ..tools.passkey import passkey_accuracy, passkey_set
 from .output import provenance
 from .timing import interleaved, make_batch
 

@@ -1,4 +1,6 @@
-"""``splice bench attention`` report: pass-key accuracy, perplexity, KV bytes and long-context speed per head map (a markdown table, a plot)."""
+"""``splice bench attention`` report:
+pass-key accuracy, perplexity, KV bytes and long-context speed per head map (a markdown table, a plot).
+"""
 
 from __future__ import annotations
 

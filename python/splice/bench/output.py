@@ -14,7 +14,6 @@ import torch
 from ..utils.atomic import write_atomic
 
 
-
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -41,11 +41,11 @@ import torch
 from tqdm import tqdm
 
 from ..adapters.architecture import Adapter
-from ..tools.calibration_text import evaluate, log_probs, wikitext_windows
 from ..quant.allocate import plan_for
 from ..quant.apply import quantize_model
 from ..quant.linear import QuantLinear
 from ..quant.plan import QuantPlan, quantizable
+from ..tools.calibration_text import evaluate, log_probs, wikitext_windows
 from ..tools.quant_sensitivity import Measurements, measure
 from .output import provenance
 from .timing import decode_tps, interleaved

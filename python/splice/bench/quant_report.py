@@ -1,4 +1,6 @@
-"""``splice bench quant`` report: perplexity, bytes and decode speed per width and allocation method (a markdown table, a plot)."""
+"""``splice bench quant`` report:
+perplexity, bytes and decode speed per width and allocation method (a markdown table, a plot).
+"""
 
 from __future__ import annotations
 

@@ -28,8 +28,8 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from .output import provenance
-from .timing import interleaved
 from .serve_recipe import write_recipe
+from .timing import interleaved
 
 VECTORS = 16
 PROMPT = "Write a short story about a lighthouse keeper and a storm."

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 
-
 def table(report: dict) -> str:
     lines = ["| setting | output tok/s (median) |", "|---|---:|"]
     lines += [f"| {name} | {r['median_tps']:.1f} |" for name, r in report["results"].items()]

@@ -39,12 +39,12 @@ import torch
 from tqdm import tqdm
 
 from ..adapters.architecture import Adapter
-from ..tools.calibration_text import evaluate, wikitext_windows
 from ..patch import patch
-from ..tools.layer_profile import METHODS, layers_for_budget, profile_layers
-from ..tools.router_training import fit_influence_router, fit_linear_router, measure_routing_data
 from ..skipping.routers import FixedRouter
 from ..skipping.spec import Skip
+from ..tools.calibration_text import evaluate, wikitext_windows
+from ..tools.layer_profile import METHODS, layers_for_budget, profile_layers
+from ..tools.router_training import fit_influence_router, fit_linear_router, measure_routing_data
 from ..tools.speculative import search_draft, speculative_generate
 from .output import provenance
 from .timing import decode_layer_seconds, decode_tps, interleaved

@@ -1,9 +1,11 @@
-"""``splice bench skip`` report: perplexity and decode speed per skip fraction and method, routing, speculative decoding (a markdown table, a plot)."""
+"""``splice bench skip`` report:
+perplexity and decode speed per skip fraction and method, routing, speculative decoding (a markdown table, a plot).
+"""
 
 from __future__ import annotations
 
-from ..tools.plotting import pyplot, save_figure
 from ..tools.layer_profile import METHODS
+from ..tools.plotting import pyplot, save_figure
 
 
 def table(report: dict) -> str:

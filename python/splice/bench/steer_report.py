@@ -1,4 +1,6 @@
-"""``splice bench steer`` report: prefill and decode tokens/s per setting and batch (a markdown table, a plot)."""
+"""``splice bench steer`` report:
+prefill and decode tokens/s per setting and batch (a markdown table, a plot).
+"""
 
 from __future__ import annotations
 

@@ -29,10 +29,10 @@ def cmd_profile_layers(args) -> int:
 
 def cmd_profile_heads(args) -> int:
     from ..adapters.architecture import Adapter
-    from ..tools.passkey import passkey_set
-    from ..tools.calibration_text import wikitext_windows
     from ..hybrid.head_map import HeadMap
+    from ..tools.calibration_text import wikitext_windows
     from ..tools.head_profile import head_scores, interleave, plot_head_map, streaming_deltas
+    from ..tools.passkey import passkey_set
 
     model, tokenizer = load(args)
     if args.merge:

@@ -8,10 +8,10 @@ from .common import load, model_options, threads_option
 def cmd_quantize(args) -> int:
     from pathlib import Path
 
-    from ..tools.calibration_text import evaluate, log_probs, wikitext_windows
     from ..quant.allocate import plan_for
     from ..quant.apply import quantize_model
     from ..quant.checkpoint import save_quantized
+    from ..tools.calibration_text import evaluate, log_probs, wikitext_windows
     from ..tools.quant_sensitivity import Measurements, measure
 
     if Path(args.out).exists() and not args.overwrite:

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from splice.ops.quant_packing import row_bytes, unpack_codes
 from splice.ops.quant_format import dequantize_codes
+from splice.ops.quant_packing import row_bytes, unpack_codes
 
 
 def check_quant_matmul(x, qweight, scales, zeros, bias, bits, group_size, out_features, in_features) -> None:

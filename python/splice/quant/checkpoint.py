@@ -26,11 +26,11 @@ import torch
 from safetensors.torch import load_file, save
 from torch import nn
 
+from ..ops.quant_packing import PackedWeight
 from ..runtime.splice_runtime import ATTRIBUTE
 from ..utils.atomic import atomic_directory
 from .apply import set_module
 from .linear import QuantLinear
-from ..ops.quant_packing import PackedWeight
 from .plan import DENSE, QuantPlan, quantizable
 
 FORMAT = "splice-quantized/1"

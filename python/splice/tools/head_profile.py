@@ -24,8 +24,8 @@ from tqdm import tqdm
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from ..adapters.architecture import Adapter
-from ..runtime.hybrid_attention import _project, band_mask, model_window
 from ..hybrid.head_map import HeadMap
+from ..runtime.hybrid_attention import _project, band_mask, model_window
 
 
 @torch.inference_mode()

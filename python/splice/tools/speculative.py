@@ -18,8 +18,8 @@ import torch
 from transformers import DynamicCache
 
 from ..adapters.architecture import Adapter
-from ..runtime.splice_runtime import ATTRIBUTE
 from ..runtime.kv_cache import crop_to
+from ..runtime.splice_runtime import ATTRIBUTE
 
 
 @dataclass
