@@ -299,3 +299,51 @@ def test_a_quantized_export_serves_with_per_request_steering(recipe, tmp_path):
     assert "compressed-tensors" in (tmp_path / "quant.log").read_text()
     assert plain == expected
     assert steered != plain
+
+
+def test_the_readme_serving_example_as_written(tmp_path):
+    """README, "Serving behind vLLM": its ``splice extract``, its recipe, its ``splice serve`` line (on a
+    free port) and its client block, run as written; the steered reply is sensible text that differs
+    from the unsteered reply to the same request."""
+    import contextlib
+    import re
+    import shlex
+    import sys
+
+    from test_readme_examples import assert_sensible, block
+
+    from splice.cli import main
+    from splice.serving import launch
+
+    bash, client = block("Serving behind vLLM", "bash").code, block("Serving behind vLLM", "python").code
+    lines = [line.split("#")[0].strip() for line in bash.splitlines()]
+    extract = next(shlex.split(line) for line in lines if line.startswith("splice extract"))
+    with contextlib.chdir(tmp_path):
+        assert main(extract[1:]) == 0
+    (tmp_path / "serve.yaml").write_text(re.search(r"<<'YAML'\n(.*?)\nYAML", bash, re.S).group(1) + "\n")
+    serve = next(shlex.split(line) for line in lines if " splice serve " in f" {line} ")
+    env = _env()
+    while "=" in serve[0]:
+        key, value = serve.pop(0).split("=", 1)
+        env[key] = value
+    port = _free_port()
+    args = [str(port) if previous == "--port" else a for previous, a in zip([None] + serve, serve)]
+    assert args[:2] == ["splice", "serve"] and "--port" in args
+    with contextlib.chdir(tmp_path):
+        proc = launch.start_ready([sys.executable, "-m", "splice.cli", *args[1:]], port, tmp_path / "serve.log", env)
+    try:
+        namespace = {}
+        exec(compile(client.replace("localhost:8000", f"127.0.0.1:{port}"), "README client", "exec"), namespace)
+        steered = namespace["reply"].choices[0].message.content
+        plain = namespace["client"].chat.completions.create(
+            model=namespace["model"], messages=[{"role": "user", "content": "Tell me about your weekend."}],
+            max_tokens=48, temperature=0).choices[0].message.content
+    finally:
+        launch.stop(proc)
+    from transformers import AutoTokenizer
+
+    from splice.models.loader import default_model_dir
+
+    tok = AutoTokenizer.from_pretrained(default_model_dir())
+    assert_sensible(tok, steered)
+    assert steered != plain
