@@ -15,7 +15,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 
@@ -105,11 +105,9 @@ def _install(tmp: Path, target: Path, overwrite: bool) -> None:
                     raise FileExistsError(f"{target} was created by another writer meanwhile; "
                                           "pass overwrite=True to replace it") from exc
             old = _temp_beside(target, "old")
-            try:
+            with suppress(FileNotFoundError):  # another writer moved it aside first
                 os.rename(target, old)
                 replaced.append(old)
-            except FileNotFoundError:  # another writer moved it aside first
-                pass
     finally:
         for old in replaced:
             shutil.rmtree(old, ignore_errors=True)
