@@ -37,19 +37,62 @@ inline bool entry_active(const float* p, int64_t pos, bool gen) {
   return phase == kPhaseAll || (phase == kPhasePrompt && !gen) || (phase == kPhaseGenerated && gen);
 }
 
-// Applies the active entries of one slot to u (length h), in order.
+// The gate register's new value from a KIND_GATE entry (see steer_layout.py).
+inline float gate_value(const float* u, const float* v, const float* p, const float* row_gates,
+                        int64_t num_gates, int64_t h) {
+  const int64_t index = static_cast<int64_t>(p[kIndex]);
+  if (index >= 0) return index < num_gates ? row_gates[index] : 0.f;
+  float score = dot(u, v, h);
+  if (p[kBeta] == 1.f) score /= std::fmax(std::sqrt(dot(u, u, h)), 1e-30f);
+  if (std::isinf(p[kAlpha])) return score > p[kLo] ? 1.f : 0.f;
+  return 1.f / (1.f + std::exp(-(score - p[kLo]) * p[kAlpha]));
+}
+
+// Runs one slot's entries on u (length h), in order; row_gates is the token's [num_gates] row.
 inline void steer_row(float* __restrict u, const float* vecs, const float* params, int64_t k_entries,
-                      int64_t h, int64_t pos, bool gen) {
+                      int64_t h, int64_t pos, bool gen, const float* row_gates, int64_t num_gates) {
+  float g = 1.f;
+  float reg[kMaxRank] = {};
   for (int64_t k = 0; k < k_entries; ++k) {
     const float* p = params + k * kNumParams;
-    if ((p[kAlpha] == 0.f && p[kBeta] == 0.f) || !entry_active(p, pos, gen)) continue;
-    const float* v = vecs + k * h;
-    float gain = p[kAlpha];
-    if (p[kBeta] != 0.f) {
-      const float proj = dot(u, v, h);
-      gain += p[kBeta] * (std::fmin(std::fmax(proj, p[kLo]), p[kHi]) - proj);
+    const int kind = static_cast<int>(p[kKind]);
+    if (kind == kKindProject && p[kAlpha] == 0.f && p[kBeta] == 0.f) continue;
+    if (!entry_active(p, pos, gen)) {
+      if (kind == kKindGate) g = 0.f;
+      continue;
     }
-    axpy(gain, v, u, h);
+    const float* v = vecs + k * h;
+    const float f = p[kGated] == 1.f ? g : 1.f;
+    const int64_t index = static_cast<int64_t>(p[kIndex]);
+    const bool reg_ok = index >= 0 && index < kMaxRank;
+    switch (kind) {
+      case kKindProject: {
+        float gain = p[kAlpha];
+        if (p[kBeta] != 0.f) {
+          const float proj = dot(u, v, h);
+          gain += p[kBeta] * (std::fmin(std::fmax(proj, p[kLo]), p[kHi]) - proj);
+        }
+        axpy(f * gain, v, u, h);
+        break;
+      }
+      case kKindGate:
+        g = gate_value(u, v, p, row_gates, num_gates, h);
+        break;
+      case kKindScale: {
+        const float a = f * p[kAlpha];
+#pragma omp simd
+        for (int64_t i = 0; i < h; ++i) u[i] += a * v[i] * u[i];
+        break;
+      }
+      case kKindRead:
+        if (reg_ok) reg[index] = dot(u, v, h);
+        break;
+      case kKindWrite:
+        if (reg_ok) axpy(f * p[kAlpha] * (reg[index] - p[kLo]), v, u, h);
+        break;
+      default:
+        break;
+    }
   }
 }
 
@@ -58,7 +101,7 @@ void fused_steer_rows(const at::Tensor& x, const c10::optional<at::Tensor>& delt
                       const c10::optional<at::Tensor>& vecs, const c10::optional<at::Tensor>& params,
                       const at::Tensor& slot, const at::Tensor& pos, const at::Tensor& gen,
                       const c10::optional<at::Tensor>& weight, double eps, double weight_offset,
-                      at::Tensor& resid, at::Tensor& out) {
+                      const c10::optional<at::Tensor>& gates, at::Tensor& resid, at::Tensor& out) {
   const int64_t t_count = x.size(0), h = x.size(1);
   const T* xp = x.data_ptr<T>();
   const T* dp = delta.has_value() ? delta->data_ptr<T>() : nullptr;
@@ -69,6 +112,8 @@ void fused_steer_rows(const at::Tensor& x, const c10::optional<at::Tensor>& delt
   const int32_t* sp = slot.data_ptr<int32_t>();
   const int64_t* posp = pos.data_ptr<int64_t>();
   const bool* gp = gen.data_ptr<bool>();
+  const int64_t num_gates = gates.has_value() ? gates->size(1) : 0;
+  const float* gatesp = num_gates > 0 ? gates->data_ptr<float>() : nullptr;
   std::vector<float> w;
   if (weight.has_value()) {
     const at::Tensor wf = weight->to(at::kFloat).contiguous();
@@ -89,7 +134,8 @@ void fused_steer_rows(const at::Tensor& x, const c10::optional<at::Tensor>& delt
       else std::copy(xr, xr + h, u);
       const int32_t s = sp[t];
       if (steered && s != 0)
-        steer_row(u, vp + s * k_entries * h, pp + s * k_entries * kNumParams, k_entries, h, posp[t], gp[t]);
+        steer_row(u, vp + s * k_entries * h, pp + s * k_entries * kNumParams, k_entries, h, posp[t], gp[t],
+                  gatesp ? gatesp + t * num_gates : nullptr, num_gates);
       T* rrow = rp + t * h;
       float ss = 0.f;
 #pragma omp simd reduction(+ : ss)
@@ -112,18 +158,20 @@ void fused_steer_rows(const at::Tensor& x, const c10::optional<at::Tensor>& delt
 std::tuple<at::Tensor, at::Tensor> fused_steer_cpu(
     const at::Tensor& x, const c10::optional<at::Tensor>& delta, const c10::optional<at::Tensor>& vecs,
     const c10::optional<at::Tensor>& params, const at::Tensor& slot, const at::Tensor& pos,
-    const at::Tensor& gen, const c10::optional<at::Tensor>& weight, double eps, double weight_offset) {
-  check_fused_steer_args(x, delta, vecs, params, slot, pos, gen, weight);
+    const at::Tensor& gen, const c10::optional<at::Tensor>& weight, double eps, double weight_offset,
+    const c10::optional<at::Tensor>& gates) {
+  check_fused_steer_args(x, delta, vecs, params, slot, pos, gen, weight, gates);
   const at::Tensor xc = x.contiguous();
   const c10::optional<at::Tensor> dc = delta.has_value() ? c10::optional<at::Tensor>(delta->contiguous()) : delta;
   const c10::optional<at::Tensor> vc = vecs.has_value() ? c10::optional<at::Tensor>(vecs->contiguous()) : vecs;
   const c10::optional<at::Tensor> pc = params.has_value() ? c10::optional<at::Tensor>(params->contiguous()) : params;
   const at::Tensor sc = slot.contiguous(), posc = pos.contiguous(), gc = gen.contiguous();
+  const c10::optional<at::Tensor> gtc = gates.has_value() ? c10::optional<at::Tensor>(gates->contiguous()) : gates;
   if (vecs.has_value()) check_fused_steer_slots(sc.data_ptr<int32_t>(), sc.size(0), vecs->size(0));
   at::Tensor resid = at::empty_like(xc);
   at::Tensor out = weight.has_value() ? at::empty_like(xc) : xc.new_empty({0});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fused_steer_cpu", [&] {
-    fused_steer_rows<scalar_t>(xc, dc, vc, pc, sc, posc, gc, weight, eps, weight_offset, resid, out);
+    fused_steer_rows<scalar_t>(xc, dc, vc, pc, sc, posc, gc, weight, eps, weight_offset, gtc, resid, out);
   });
   return {resid, out};
 }

@@ -14,7 +14,8 @@ inline void check_fused_steer_args(const at::Tensor& x, const c10::optional<at::
                                    const c10::optional<at::Tensor>& vecs,
                                    const c10::optional<at::Tensor>& params, const at::Tensor& slot,
                                    const at::Tensor& pos, const at::Tensor& gen,
-                                   const c10::optional<at::Tensor>& weight) {
+                                   const c10::optional<at::Tensor>& weight,
+                                   const c10::optional<at::Tensor>& gates) {
   TORCH_CHECK(x.dim() == 2, "fused_steer: x must be [tokens, hidden], got ", x.sizes());
   const at::ScalarType dt = x.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
@@ -40,12 +41,16 @@ inline void check_fused_steer_args(const at::Tensor& x, const c10::optional<at::
               "fused_steer: gen must be bool [tokens]");
   if (weight.has_value())
     TORCH_CHECK(weight->dim() == 1 && weight->size(0) == h, "fused_steer: weight must be [hidden]");
+  if (gates.has_value())
+    TORCH_CHECK(gates->dim() == 2 && gates->size(0) == t && gates->scalar_type() == at::kFloat,
+                "fused_steer: gates must be float32 [tokens, gates]");
   const auto on_x = [&](const at::Tensor& other, const char* name) {
     TORCH_CHECK(other.device() == x.device(), "fused_steer: ", name, " must be on ", x.device(), ", got ",
                 other.device());
   };
   for (const auto& [opt, name] : {std::pair{&delta, "delta"}, std::pair{&vecs, "vecs"},
-                                  std::pair{&params, "params"}, std::pair{&weight, "weight"}})
+                                  std::pair{&params, "params"}, std::pair{&weight, "weight"},
+                                  std::pair{&gates, "gates"}})
     if (opt->has_value()) on_x(**opt, name);
   on_x(slot, "slot");
   on_x(pos, "pos");

@@ -6,10 +6,12 @@ from .patch import Patch, patch
 from .quant.checkpoint import load_quantized
 from .recipe import Recipe, RecipeError, load_recipe
 from .skipping.spec import Skip
+from .steering.gates import Condition, TokenGate
+from .steering.maps import Affine, HeadScale, LowRank
 from .steering.spec import Positions, Steer
 from .vectors.vector_set import VectorSet
 
 __version__ = "0.1.0"
 
-__all__ = ["Patch", "Positions", "Recipe", "RecipeError", "Skip", "Steer", "VectorSet", "load_quantized", "load_recipe",
-           "ops", "patch", "supported_families"]
+__all__ = ["Affine", "Condition", "HeadScale", "LowRank", "Patch", "Positions", "Recipe", "RecipeError", "Skip", "Steer",
+           "TokenGate", "VectorSet", "load_quantized", "load_recipe", "ops", "patch", "supported_families"]

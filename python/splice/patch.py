@@ -28,10 +28,9 @@ from .runtime.decoder_layer import make_forward, make_o_proj_forward
 from .runtime.hybrid_attention import make_attention_forward
 from .runtime.splice_runtime import ATTRIBUTE, SpliceRuntime
 from .skipping.spec import Skip, skipped_parts
-from .steering.slot_entries import slot_entries
-from .steering.spec import Steer
+from .steering.slot_entries import INTERVENTIONS, Intervention, row_deciders, slot_entries
 
-SlotItem = Steer | str | tuple[str, float]
+SlotItem = Intervention | str | tuple[str, float]
 
 
 class Patch:
@@ -49,14 +48,14 @@ class Patch:
 
     # --- configuration -------------------------------------------------------------------
     @property
-    def steers(self) -> dict[str, Steer]:
+    def steers(self) -> dict[str, Intervention]:
         """The registered interventions, by name."""
         return self.recipe.steers
 
     def _resolve(self, items: Iterable[SlotItem]) -> list[tuple[str, float]]:
         resolved = []
         for item in items:
-            if isinstance(item, Steer):
+            if isinstance(item, INTERVENTIONS):
                 name = item.name or f"steer{len(self.steers)}"
                 if name in self.steers and self.steers[name] is not item:
                     raise ValueError(f"an intervention named {name!r} is already registered")
@@ -75,14 +74,17 @@ class Patch:
         return resolved
 
     def set_slot(self, slot: int, items: Iterable[SlotItem]) -> None:
-        """Give ``slot`` (1..max_slots-1) the interventions ``items``: ``Steer`` objects, names of
-        registered ones, or ``(name, scale)`` pairs. An empty list clears the slot."""
+        """Give ``slot`` (1..max_slots-1) the interventions ``items``: ``Steer``, ``LowRank``,
+        ``Affine`` or ``HeadScale`` objects, names of registered ones, or ``(name, scale)`` pairs. An
+        empty list clears the slot. A prefill decision (e.g. a ``Condition`` gate) takes effect from
+        the next prefill."""
         self._check_active()
         if not 1 <= slot < self.runtime.tables.max_slots:
             raise ValueError(f"slot must be in 1..{self.runtime.tables.max_slots - 1} (slot 0 never steers)")
         resolved = self._resolve(list(items))
         self._check_steering_fits(resolved, self.runtime.skip.static, self._routed_layers())
-        entries = slot_entries(self.steers, resolved, self.adapter)
+        self.runtime.gates.check_room(row_deciders(self.steers, [name for name, _ in resolved]))
+        entries = slot_entries(self.steers, resolved, self.adapter, self.runtime.gates.column)
         self.runtime.tables.write_slot(slot, entries)
         for layer, site in entries:
             if site == "heads":
@@ -217,7 +219,7 @@ def _check_no_overlap(skips, routed) -> None:
         raise ValueError(f"layers {overlap} are both skipped statically and routed per request")
 
 
-def patch(model: nn.Module, *items: Steer | Skip, recipe=None, router=None, heads=None, max_slots: int = 8) -> Patch:
+def patch(model: nn.Module, *items: Intervention | Skip, recipe=None, router=None, heads=None, max_slots: int = 8) -> Patch:
     """Patch ``model`` with steering (``Steer``), layer skipping (``Skip``), a per-request
     ``router``, hybrid attention (``heads``: a :class:`~splice.hybrid.head_map.HeadMap`) and/or a
     recipe (a path, a dict or a :class:`Recipe`).
@@ -231,12 +233,12 @@ def patch(model: nn.Module, *items: Steer | Skip, recipe=None, router=None, head
         raise RuntimeError("model is already patched by splice; call remove() on that patch first")
     if max_slots < 2:
         raise ValueError("max_slots must be at least 2 (slot 0 never steers)")
-    unknown = [type(i).__name__ for i in items if not isinstance(i, (Steer, Skip))]
+    unknown = [type(i).__name__ for i in items if not isinstance(i, (*INTERVENTIONS, Skip))]
     if unknown:
-        raise TypeError(f"splice.patch takes Steer and Skip objects, got {unknown}")
+        raise TypeError(f"splice.patch takes Steer, LowRank, Affine, HeadScale and Skip objects, got {unknown}")
     recipe = load_recipe(recipe) if recipe is not None else Recipe()
     recipe.validate_for(adapter)
-    steers = [i for i in items if isinstance(i, Steer)]
+    steers = [i for i in items if isinstance(i, INTERVENTIONS)]
     skips = list(recipe.skips) + [i for i in items if isinstance(i, Skip)]
     router = router if router is not None else recipe.router
     for steer in steers:

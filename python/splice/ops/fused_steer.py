@@ -9,12 +9,12 @@ from .steer_reference import check_fused_steer, fused_steer_reference
 
 SCHEMA = (
     "fused_steer(Tensor x, Tensor? delta, Tensor? vecs, Tensor? params, Tensor slot, Tensor pos, "
-    "Tensor gen, Tensor? weight, float eps, float weight_offset) -> (Tensor, Tensor)"
+    "Tensor gen, Tensor? weight, float eps, float weight_offset, Tensor? gates=None) -> (Tensor, Tensor)"
 )
 
 
-def _fake(x, delta, vecs, params, slot, pos, gen, weight, eps, weight_offset):
-    check_fused_steer(x, delta, vecs, params, slot, pos, gen, weight)
+def _fake(x, delta, vecs, params, slot, pos, gen, weight, eps, weight_offset, gates=None):
+    check_fused_steer(x, delta, vecs, params, slot, pos, gen, weight, gates)
     return x.new_empty(x.shape), (x.new_empty(x.shape) if weight is not None else x.new_empty(0))
 
 
@@ -32,6 +32,7 @@ def fused_steer(
     weight: torch.Tensor | None = None,
     eps: float = 1e-6,
     weight_offset: float = 0.0,
+    gates: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(residual, normed)`` for ``x`` [T, H]; see :mod:`splice.ops.steer_reference`."""
-    return library.call(SPEC, x, delta, vecs, params, slot, pos, gen, weight, eps, weight_offset)
+    return library.call(SPEC, x, delta, vecs, params, slot, pos, gen, weight, eps, weight_offset, gates)

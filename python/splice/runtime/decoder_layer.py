@@ -45,36 +45,38 @@ def make_forward(adapter: Adapter, layer_idx: int, runtime):
     drop_mlp = getattr(layer, "resid_mlp_dropout", None)
     eps1, eps2 = norm_eps(norm1), norm_eps(norm2)
     post_eps = {id(n): norm_eps(n) for n in (post_attn, post_ff) if n is not None}
-    tables, state, skip = runtime.tables, runtime.state, runtime.skip
+    tables, state, skip, gates = runtime.tables, runtime.state, runtime.skip, runtime.gates
 
-    def normalise(t, norm, tok):
-        return fused_steer(t, None, None, None, *tok, norm.weight, post_eps[id(norm)], offset)[1]
+    def steer(t, delta, site, tok, weight=None, eps=0.0):
+        """``fused_steer`` of ``t`` (+ ``delta``) with this layer's ``site`` table; ``tok`` is
+        (slot, pos, gen, row gates) of its tokens."""
+        vecs, params = tables.get(layer_idx, site) if site is not None else (None, None)
+        return fused_steer(t, delta, vecs, params, *tok[:3], weight, eps, offset if weight is not None else 0.0,
+                           tok[3] if vecs is not None else None)
 
     def block(x, batch, seq, kwargs, tok, run_attn, run_mlp):
         """The layer on ``x`` [batch * seq, hidden]; returns the new residual stream."""
         hidden = x.shape[-1]
         if run_attn:
-            r, h = fused_steer(x, None, *tables.get(layer_idx, "in"), *tok, norm1.weight, eps1, offset)
+            r, h = steer(x, None, "in", tok, norm1.weight, eps1)
             a, _ = attn(hidden_states=h.view(batch, seq, hidden), **kwargs)
             a = a.reshape(batch * seq, hidden)
             if post_attn is not None:
-                a = normalise(a, post_attn, tok)
+                a = steer(a, None, None, tok, post_attn.weight, post_eps[id(post_attn)])[1]
             if drop_attn is not None and layer.training:
                 a = drop_attn(a)
-            w2, e2 = (norm2.weight, eps2) if run_mlp else (None, 0.0)
-            r, h = fused_steer(r, a, *tables.get(layer_idx, "attn"), *tok, w2, e2, offset)
+            r, h = steer(r, a, "attn", tok, *((norm2.weight, eps2) if run_mlp else (None, 0.0)))
         else:
-            r, h = fused_steer(x, None, *tables.get(layer_idx, "in"), *tok, norm2.weight, eps2, offset)
+            r, h = steer(x, None, "in", tok, norm2.weight, eps2)
         if run_mlp:
             m = mlp(h.view(batch, seq, hidden)).reshape(batch * seq, hidden)
             if post_ff is not None:
-                m = normalise(m, post_ff, tok)
+                m = steer(m, None, None, tok, post_ff.weight, post_eps[id(post_ff)])[1]
             if drop_mlp is not None and layer.training:
                 m = drop_mlp(m)
-            r, _ = fused_steer(r, m, *tables.get(layer_idx, "mlp"), *tok, None, 0.0, 0.0)
-        out_vecs, out_params = tables.get(layer_idx, "out")
-        if out_vecs is not None:
-            r, _ = fused_steer(r, None, out_vecs, out_params, *tok, None, 0.0, 0.0)
+            r, _ = steer(r, m, "mlp", tok)
+        if tables.get(layer_idx, "out")[0] is not None:
+            r, _ = steer(r, None, "out", tok)
         return r
 
     def on_rows(hidden_states, rows, kwargs, run_attn, run_mlp):
@@ -84,6 +86,10 @@ def make_forward(adapter: Adapter, layer_idx: int, runtime):
         if kwargs.get("past_key_values") is not None:
             sub["past_key_values"] = RowSubsetCache(kwargs["past_key_values"], rows)
         tok = tuple(t.view(batch, seq).index_select(0, rows).reshape(-1) for t in (state.slot, state.pos, state.gen))
+        if gates.token is not None:
+            tok += (gates.token.view(batch, seq, -1).index_select(0, rows).reshape(rows.numel() * seq, -1),)
+        else:
+            tok += (None,)
         x = gather_rows(hidden_states, rows)
         r = block(x.reshape(-1, hidden), rows.numel(), seq, sub, tok, run_attn, run_mlp)
         return scatter_rows(hidden_states, r.view(rows.numel(), seq, hidden), rows)
@@ -92,6 +98,9 @@ def make_forward(adapter: Adapter, layer_idx: int, runtime):
         batch, seq, hidden = hidden_states.shape
         if state.update(batch, seq, kwargs["position_ids"], kwargs.get("past_key_values")):
             skip.begin_forward(state.prefill)
+            gates.begin_forward(state.prefill, batch, seq)
+        if gates.observes(layer_idx, state.prefill):
+            gates.observe(layer_idx, hidden_states, state.prompt_len)
         run_attn, run_mlp = skip.parts(layer_idx)
         rows = None if state.prefill else skip.rows[layer_idx]
         cache = kwargs.get("past_key_values")
@@ -104,7 +113,7 @@ def make_forward(adapter: Adapter, layer_idx: int, runtime):
         if rows is not None:
             return on_rows(hidden_states, rows, kwargs, run_attn, run_mlp)
         x = hidden_states.reshape(batch * seq, hidden)
-        r = block(x, batch, seq, kwargs, (state.slot, state.pos, state.gen), run_attn, run_mlp)
+        r = block(x, batch, seq, kwargs, (state.slot, state.pos, state.gen, gates.token), run_attn, run_mlp)
         if skip.observing(layer_idx, state.prefill):
             skip.router.observe(layer_idx, hidden_states, r.view(batch, seq, hidden), state.prompt_len)
         return r.view(batch, seq, hidden)
@@ -115,14 +124,15 @@ def make_forward(adapter: Adapter, layer_idx: int, runtime):
 def make_o_proj_forward(adapter: Adapter, layer_idx: int, runtime):
     """``o_proj`` with the "heads" site steered on its input (the heads' concatenated outputs)."""
     linear = adapter.o_proj(layer_idx)
-    tables, state = runtime.tables, runtime.state
+    tables, state, gates = runtime.tables, runtime.state, runtime.gates
     original = type(linear).forward
 
     def forward(x):
         vecs, params = tables.get(layer_idx, "heads")
         if vecs is not None:
             flat = x.reshape(-1, x.shape[-1])
-            x = fused_steer(flat, None, vecs, params, state.slot, state.pos, state.gen)[0].view(x.shape)
+            x = fused_steer(flat, None, vecs, params, state.slot, state.pos, state.gen,
+                            gates=gates.token)[0].view(x.shape)
         return original(linear, x)
 
     return forward

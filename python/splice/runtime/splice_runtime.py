@@ -9,6 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..adapters.architecture import Adapter
+from .row_gates import RowGates
 from .skip_state import SkipState
 from .steering_tables import SteeringTables
 from .token_state import TokenState
@@ -23,3 +24,4 @@ class SpliceRuntime(nn.Module):
         self.tables = SteeringTables(max_slots, sizes, adapter.device)
         self.state = TokenState(adapter.device)
         self.skip = SkipState(adapter.num_layers)
+        self.gates = RowGates(adapter.device)

@@ -17,6 +17,12 @@ import torch
 from torch import nn
 
 
+def prompt_token_mask(prompt_len: torch.Tensor, seq: int) -> torch.Tensor:
+    """[batch, seq] float mask of real prompt tokens (left padding: the last ``prompt_len``)."""
+    cols = torch.arange(seq, device=prompt_len.device)
+    return (cols[None, :] >= seq - prompt_len[:, None]).float()
+
+
 class TokenState(nn.Module):
     def __init__(self, device: torch.device, default_slot: int = 0):
         super().__init__()

@@ -24,13 +24,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save
 
+from ..runtime.token_state import prompt_token_mask
 from ..utils.atomic import write_atomic
-
-
-def prompt_token_mask(prompt_len: torch.Tensor, seq: int) -> torch.Tensor:
-    """[batch, seq] float mask of real prompt tokens (left padding: the last ``prompt_len``)."""
-    cols = torch.arange(seq, device=prompt_len.device)
-    return (cols[None, :] >= seq - prompt_len[:, None]).float()
 
 
 class Router(ABC):

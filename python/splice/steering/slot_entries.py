@@ -2,19 +2,41 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from ..runtime.steering_tables import Key
+from .gates import RowDecider
+from .maps import Affine, HeadScale, LowRank
 from .spec import Steer
 
+INTERVENTIONS = (Steer, LowRank, Affine, HeadScale)
+Intervention = Steer | LowRank | Affine | HeadScale
 
-def slot_entries(steers: dict[str, Steer], items: Iterable[tuple[str, float]], adapter) -> dict[Key, list]:
+
+def row_deciders(steers: dict[str, Intervention], names: Iterable[str]) -> list[RowDecider]:
+    """The prefill deciders that gate the interventions ``names``, each once, in order."""
+    out: list[RowDecider] = []
+    for name in names:
+        gate = steers[name].gate
+        if isinstance(gate, RowDecider) and all(gate is not d for d in out):
+            out.append(gate)
+    return out
+
+
+def slot_entries(steers: dict[str, Intervention], items: Iterable[tuple[str, float]], adapter,
+                 column_of: Callable[[RowDecider], int] | None = None) -> dict[Key, list]:
     """For each ``(layer, site)``, the entries of ``items`` (``(name, scale)`` pairs of registered
-    ``steers``), in the order given: what :meth:`SteeringTables.write_slot` takes."""
+    ``steers``), in the order given: what :meth:`SteeringTables.write_slot` takes. ``column_of``
+    gives the row-gate column of a prefill decider (required when an item has one)."""
     entries: dict[Key, list] = {}
     for name, scale in items:
         steer = steers[name]
         size = adapter.site_size(steer.site)
+        column = None
+        if isinstance(steer.gate, RowDecider):
+            if column_of is None:
+                raise ValueError(f"{name!r} is gated by a prefill decision, which this path cannot make")
+            column = column_of(steer.gate)
         for layer in steer.layers:
-            entries.setdefault((layer, steer.site), []).append(steer.entry(layer, scale, size))
+            entries.setdefault((layer, steer.site), []).extend(steer.entries(layer, scale, size, column))
     return entries

@@ -8,7 +8,9 @@ Operations on a residual quantity ``u`` with direction ``v`` (``v̂ = v / |v|``)
 
 Several interventions compose in the order given. Positions are absolute token positions (the
 model's position ids), so they stay right under the KV cache: a decode step at position 57 is
-position 57, not 0.
+position 57, not 0. Any intervention may carry a ``gate`` (see :mod:`splice.steering.gates`): a
+per-token :class:`~splice.steering.gates.TokenGate`, or a decision made at prefill (a
+:class:`~splice.steering.gates.RowDecider` such as CAST's ``Condition``) that multiplies it.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from typing import Sequence
 
 import torch
 
-from ..ops.steer_layout import PHASE_ALL, PHASE_GENERATED, PHASE_PROMPT
+from ..ops.steer_layout import KIND_PROJECT, PHASE_ALL, PHASE_GENERATED, PHASE_PROMPT
 from ..vectors.vector_set import SITES, VectorSet
+from .gates import RowDecider, TokenGate
+from .program import Entry, entry, gated, row_gate_entry
 
 OPS = ("add", "ablate", "clamp")
 PHASES = {"all": PHASE_ALL, "prompt": PHASE_PROMPT, "generated": PHASE_GENERATED}
@@ -89,6 +93,7 @@ class Steer:
     positions: Positions | str | tuple | dict = "all"
     name: str | None = None
     source: str | None = field(default=None, repr=False)  # file the vectors came from, for recipes
+    gate: TokenGate | RowDecider | None = None
 
     def __post_init__(self):
         if self.op not in OPS:
@@ -120,6 +125,7 @@ class Steer:
             raise ValueError("head=... goes with site='heads' (and site='heads' needs a head)")
         if self.op != "add" and any(float(self.vector[l].norm()) == 0.0 for l in self.layers):
             raise ValueError(f"{self.op} needs non-zero directions")
+        check_gate_type(self.gate)
 
     def validate_for(self, adapter) -> None:
         """Raise before any change if this intervention does not fit the adapted model."""
@@ -132,9 +138,16 @@ class Steer:
             raise ValueError(f"vector size {self.vector.hidden_size} does not match the model's {what} {expected}")
         if self.head is not None and not 0 <= self.head < adapter.num_heads:
             raise ValueError(f"head {self.head} out of range: the model has {adapter.num_heads} query heads")
+        check_gate_fits(self.gate, self.layers, adapter.site_size(self.site), adapter)
 
-    def entry(self, layer: int, scale: float, site_size: int) -> tuple[torch.Tensor, list[float]]:
-        """The kernel's (vector[site_size], params) for ``layer`` at ``scale``; see steer_layout."""
+    def entries(self, layer: int, scale: float, site_size: int, column: int | None = None) -> list[Entry]:
+        """The kernel's entries for ``layer`` at ``scale``, behind the gate (``column``: the row-gate
+        column of a prefill decision)."""
+        return gate_entries(self.gate, layer, self.positions.window(), site_size, column,
+                            [self.entry(layer, scale, site_size)])
+
+    def entry(self, layer: int, scale: float, site_size: int) -> Entry:
+        """The ungated (vector[site_size], params) for ``layer`` at ``scale``; see steer_layout."""
         v = self.vector[layer]
         if self.op != "add":
             v = v / v.norm()
@@ -142,11 +155,34 @@ class Steer:
             full = torch.zeros(site_size)
             full[self.head * v.numel():(self.head + 1) * v.numel()] = v
             v = full
-        start, end, phase = self.positions.window()
         if self.op == "add":
             alpha, beta, lo, hi = scale, 0.0, -math.inf, math.inf
         elif self.op == "ablate":
             alpha, beta, lo, hi = 0.0, scale, 0.0, 0.0
         else:
             alpha, beta, lo, hi = 0.0, 1.0, self.lo, self.hi
-        return v, [alpha, beta, lo, hi, start, end, phase]
+        return entry(KIND_PROJECT, v, self.positions.window(), alpha=alpha, beta=beta, lo=lo, hi=hi)
+
+
+def check_gate_type(gate) -> None:
+    if gate is not None and not isinstance(gate, (TokenGate, RowDecider)):
+        raise TypeError(f"gate must be a TokenGate or a RowDecider (e.g. a Condition), got {type(gate).__name__}")
+
+
+def check_gate_fits(gate, layers, site_size: int, adapter) -> None:
+    """Raise before any change if ``gate`` does not fit the intervention's layers or the model."""
+    if isinstance(gate, TokenGate):
+        gate.check(layers, site_size)
+    elif isinstance(gate, RowDecider):
+        gate.validate_for(adapter)
+
+
+def gate_entries(gate, layer: int, window, site_size: int, column: int | None, body: list[Entry]) -> list[Entry]:
+    """``body`` behind ``gate``: a token gate's entry, or the row gate of ``column``, then ``body``."""
+    if gate is None:
+        return body
+    if isinstance(gate, TokenGate):
+        return gated(gate.entry(layer, window), body)
+    if column is None:
+        raise RuntimeError("a prefill-decided gate needs its row-gate column")
+    return gated(row_gate_entry(column, site_size, window), body)
