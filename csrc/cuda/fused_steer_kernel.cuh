@@ -14,9 +14,10 @@
 namespace splice {
 namespace gpu {
 
-// Row-major, contiguous operands. delta, vecs/params, weight/out may be null (absent); vecs/params
-// are also null for a table of no entries. slot values must lie in [0, slots) wherever a table was
-// given (slots >= 0; -1: no table); weight is float32 (offset not yet added).
+// Row-major, contiguous operands. delta, vecs/params, weight/out, gates may be null (absent);
+// vecs/params are also null for a table of no entries, gates for a row of no gates (num_gates 0).
+// slot values must lie in [0, slots) wherever a table was given (slots >= 0; -1: no table); weight
+// is float32 (offset not yet added).
 template <typename T>
 struct SteerArgs {
   const T* x;             // [tokens, hidden]
@@ -27,9 +28,10 @@ struct SteerArgs {
   const int64_t* pos;     // [tokens]
   const bool* gen;        // [tokens]
   const float* weight;    // [hidden] or null
+  const float* gates;     // [tokens, num_gates] or null
   T* resid;               // [tokens, hidden]
   T* out;                 // [tokens, hidden], null iff weight is null
-  int64_t tokens, hidden, entries, slots;
+  int64_t tokens, hidden, entries, slots, num_gates;
   float eps, weight_offset;
 };
 
@@ -62,6 +64,27 @@ __device__ __forceinline__ bool entry_active(const float* p, int64_t pos, bool g
   return phase == kPhaseAll || (phase == kPhasePrompt && !gen) || (phase == kPhaseGenerated && gen);
 }
 
+// <u, v> over the block, u in shared memory (each thread reads its own elements); every thread
+// gets the sum and must call it.
+__device__ __forceinline__ float block_dot(const float* u, const float* v, int64_t h, float* scratch) {
+  float part = 0.f;
+  for (int64_t i = threadIdx.x; i < h; i += blockDim.x) part += u[i] * v[i];
+  return block_sum(part, scratch);
+}
+
+// The gate register's new value from an admitted KIND_GATE entry p (see steer_layout.py): the row
+// gate row_gates[index] (0 past num_gates) when index >= 0, else sigmoid((s - lo) * alpha) of the
+// score s = <u, v> (beta = 1: <u, v> / |u|), [s > lo] when alpha is infinite. Block-uniform.
+__device__ __forceinline__ float gate_value(const float* u, const float* v, const float* p, int64_t index,
+                                            const float* row_gates, int64_t num_gates, int64_t h,
+                                            float* scratch) {
+  if (index >= 0) return index < num_gates ? row_gates[index] : 0.f;
+  float score = block_dot(u, v, h, scratch);
+  if (p[kBeta] == 1.f) score /= fmaxf(sqrtf(block_dot(u, u, h, scratch)), 1e-30f);
+  if (isinf(p[kAlpha])) return score > p[kLo] ? 1.f : 0.f;
+  return 1.f / (1.f + expf(-(score - p[kLo]) * p[kAlpha]));
+}
+
 // Block t handles token t; u (the steered row, fp32) lives in dynamic shared memory, each thread
 // owning the elements i = threadIdx.x (mod blockDim.x).
 template <typename T>
@@ -83,18 +106,49 @@ __global__ void fused_steer_kernel(const SteerArgs<T> a) {
     const float* ps = a.params + s * a.entries * kNumParams;
     const int64_t pos = a.pos[t];
     const bool gen = a.gen[t];
+    const float* row_gates = a.gates ? a.gates + t * a.num_gates : nullptr;
+    float g = 1.f;              // the gate register
+    float reg[kMaxRank] = {};   // the low-rank registers (the same in every thread)
     for (int64_t k = 0; k < a.entries; ++k) {
       const float* p = ps + k * kNumParams;
-      if ((p[kAlpha] == 0.f && p[kBeta] == 0.f) || !entry_active(p, pos, gen)) continue;
-      const float* v = vs + k * h;
-      float gain = p[kAlpha];
-      if (p[kBeta] != 0.f) {
-        float part = 0.f;
-        for (int64_t i = threadIdx.x; i < h; i += blockDim.x) part += u[i] * v[i];
-        const float proj = block_sum(part, scratch);
-        gain += p[kBeta] * (fminf(fmaxf(proj, p[kLo]), p[kHi]) - proj);
+      const int kind = static_cast<int>(p[kKind]);
+      if (kind == kKindProject && p[kAlpha] == 0.f && p[kBeta] == 0.f) continue;
+      if (!entry_active(p, pos, gen)) {
+        if (kind == kKindGate) g = 0.f;
+        continue;
       }
-      for (int64_t i = threadIdx.x; i < h; i += blockDim.x) u[i] += gain * v[i];
+      const float* v = vs + k * h;
+      const float f = p[kGated] == 1.f ? g : 1.f;
+      const int64_t index = static_cast<int64_t>(p[kIndex]);
+      const bool reg_ok = index >= 0 && index < kMaxRank;
+      switch (kind) {
+        case kKindProject: {
+          float gain = p[kAlpha];
+          if (p[kBeta] != 0.f) {
+            const float proj = block_dot(u, v, h, scratch);
+            gain += p[kBeta] * (fminf(fmaxf(proj, p[kLo]), p[kHi]) - proj);
+          }
+          for (int64_t i = threadIdx.x; i < h; i += blockDim.x) u[i] += f * gain * v[i];
+          break;
+        }
+        case kKindGate:
+          g = gate_value(u, v, p, index, row_gates, a.num_gates, h, scratch);
+          break;
+        case kKindScale:
+          for (int64_t i = threadIdx.x; i < h; i += blockDim.x) u[i] += f * p[kAlpha] * v[i] * u[i];
+          break;
+        case kKindRead:
+          if (reg_ok) reg[index] = block_dot(u, v, h, scratch);
+          break;
+        case kKindWrite:
+          if (reg_ok) {
+            const float c = f * p[kAlpha] * (reg[index] - p[kLo]);
+            for (int64_t i = threadIdx.x; i < h; i += blockDim.x) u[i] += c * v[i];
+          }
+          break;
+        default:
+          break;
+      }
     }
   }
 

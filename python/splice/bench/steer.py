@@ -6,11 +6,14 @@ measurement, in interleaved order so drift hits every configuration alike):
 * ``unpatched``   the model as loaded,
 * ``steered``     splice.patch with one vector at every layer (site "out"),
 * ``hooks``       the same steering as a Python forward hook per layer,
-* ``distinct16``  (batch 16) splice with 16 rows carrying 16 different vectors.
+* ``distinct16``  (batch 16) splice with 16 rows carrying 16 different vectors,
+* ``gated8``      one vector at 8 layers behind a per-token cosine gate (threshold 0, temperature
+  0.1: each token gets its own gate value), computed inside the fused op,
+* ``lowrank8``    a rank-8 map ``u + B(Aᵀu − c)`` at the same 8 layers.
 
 Ratios (medians, same run): ``steer_decode_b1``/``_b16`` and ``steer_prefill_b1``/``_b16``
 (steered ÷ unpatched), ``hooks_decode_b1`` (hooks ÷ unpatched), ``per_request16_b16``
-(distinct16 ÷ unpatched at batch 16).
+(distinct16 ÷ unpatched at batch 16), ``gated8_decode_b*`` and ``lowrank8_decode_b*`` (÷ unpatched).
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import torch
 
 from ..adapters.architecture import Adapter
 from ..patch import patch
+from ..steering.gates import TokenGate
+from ..steering.maps import LowRank
 from ..steering.spec import Steer
 from .hook_steering import add_output_hooks
 from .output import provenance
@@ -60,6 +65,19 @@ def settings(model, batches: tuple[int, ...], norm: float = 1.0) -> list[Setting
         handles = add_output_hooks(model, vectors[0], scale=1.0)
         return lambda: [h.remove() for h in handles]
 
+    eight = list(range(0, adapter.num_layers, max(1, adapter.num_layers // 8)))[:8]
+    g = torch.Generator().manual_seed(1)
+
+    def gated8():
+        gate = TokenGate(torch.randn(adapter.hidden_size, generator=g), threshold=0.0, temperature=0.1)
+        return patch(model, Steer(vectors[0], layers=eight, gate=gate)).remove
+
+    maps = {name: {l: torch.randn(adapter.hidden_size, 8, generator=g) / adapter.hidden_size ** 0.5 for l in eight}
+            for name in ("A", "B")}
+
+    def lowrank8():
+        return patch(model, LowRank(A=maps["A"], B=maps["B"])).remove
+
     def distinct16():
         p = patch(model, max_slots=17)
         for slot in range(1, 17):
@@ -68,7 +86,8 @@ def settings(model, batches: tuple[int, ...], norm: float = 1.0) -> list[Setting
         return p.remove
 
     out = [Setting("unpatched", batches, unpatched), Setting("steered", batches, steered),
-           Setting("hooks", batches, hooks)]
+           Setting("hooks", batches, hooks), Setting("gated8", batches, gated8),
+           Setting("lowrank8", batches, lowrank8)]
     if 16 in batches:
         out.append(Setting("distinct16", (16,), distinct16))
     return out
@@ -122,6 +141,8 @@ def report(model, results, prompt_len, steps, repeats) -> dict:
         ratios[f"steer_decode_b{b}"] = med("steered", b, "decode") / med("unpatched", b, "decode")
         ratios[f"steer_prefill_b{b}"] = med("steered", b, "prefill") / med("unpatched", b, "prefill")
         ratios[f"hooks_decode_b{b}"] = med("hooks", b, "decode") / med("unpatched", b, "decode")
+        for name in ("gated8", "lowrank8"):
+            ratios[f"{name}_decode_b{b}"] = med(name, b, "decode") / med("unpatched", b, "decode")
     if "distinct16" in results:
         ratios["per_request16_b16"] = med("distinct16", 16, "decode") / med("unpatched", 16, "decode")
     adapter = Adapter(model)

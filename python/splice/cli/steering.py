@@ -1,8 +1,10 @@
-"""``splice demo`` and ``splice extract``."""
+"""``splice demo``, ``splice extract`` and ``splice condition fit``."""
 
 from __future__ import annotations
 
-from .common import load, model_options
+import json
+
+from .common import load, model_options, report_option
 
 
 def cmd_demo(args) -> int:
@@ -32,6 +34,30 @@ def cmd_extract(args) -> int:
     return 0
 
 
+def cmd_condition_fit(args) -> int:
+    from ..steering.files import save_intervention
+    from ..tools.condition_fit import fit_condition
+    from ..utils.atomic import write_atomic
+    from ..vectors.prompt_sets import as_chat, builtin_prompt_set, load_prompt_set, require
+
+    prompts = load_prompt_set(args.prompts) if args.prompts else builtin_prompt_set(args.builtin)
+    require(prompts, "positive", "negative", source=args.prompts or args.builtin)
+    model, tokenizer = load(args)
+    positive, negative = prompts["positive"], prompts["negative"]
+    if not args.raw:
+        positive, negative = as_chat(tokenizer, positive), as_chat(tokenizer, negative)
+    condition, report = fit_condition(model, tokenizer, positive, negative, layers=args.layers, reduce=args.reduce,
+                                      held_out=args.held_out, seed=args.seed)
+    save_intervention(condition, args.out, model=getattr(model.config, "_name_or_path", None))
+    report.update(source=args.prompts or f"builtin:{args.builtin}", chat=not args.raw, out=args.out)
+    if args.json:
+        write_atomic(args.json, json.dumps(report, indent=2))
+    held = report["held_out"]
+    print(f"condition at layer {report['layer']} ({report['compare']} {report['threshold']:.4f}): held-out F1 "
+          f"{held['f1']:.3f}, TPR {held['tpr']:.3f}, FPR {held['fpr']:.3f}; wrote {args.out}")
+    return 0
+
+
 def add_commands(sub) -> None:
     demo = sub.add_parser("demo", parents=[model_options()],
                           help="steer the default model and show generations and throughput")
@@ -48,3 +74,19 @@ def add_commands(sub) -> None:
     ex.add_argument("--method", default="mean_diff", choices=["mean_diff", "pca"])
     ex.add_argument("--out", required=True, help="output .safetensors, or .gguf for llama.cpp")
     ex.set_defaults(func=cmd_extract)
+
+    cond = sub.add_parser("condition", help="conditions for steering (CAST)")
+    csub = cond.add_subparsers(dest="condition_command", required=True)
+    fit = csub.add_parser("fit", parents=[model_options(), report_option(plot=False)],
+                          help="fit a CAST condition on two prompt sets (layer and threshold by F1 on prompts the "
+                               "direction did not see)")
+    src = fit.add_mutually_exclusive_group()
+    src.add_argument("--prompts", help='JSON file {"positive": [...], "negative": [...]}')
+    src.add_argument("--builtin", default="cooking", help="a built-in prompt set (default: cooking)")
+    fit.add_argument("--layers", type=int, nargs="+", default=None, help="candidate layers (default: all but 0)")
+    fit.add_argument("--reduce", default="mean", choices=["mean", "last"], help="pool the prompt's tokens")
+    fit.add_argument("--held-out", type=float, default=1 / 3, help="fraction of each set kept for the report")
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--raw", action="store_true", help="read the prompts as given, not wrapped in the chat template")
+    fit.add_argument("--out", required=True, help="output condition file (.safetensors)")
+    fit.set_defaults(func=cmd_condition_fit)

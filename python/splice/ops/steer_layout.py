@@ -8,14 +8,15 @@ says which step and how the fields read:
 * ``KIND_PROJECT``  ``u += f·(alpha + beta·(clamp(⟨u,v⟩, lo, hi) − ⟨u,v⟩))·v``  (add, ablate, clamp)
 * ``KIND_GATE``     sets the gate register ``g``: from the row gate ``gates[t, index]`` when
   ``index >= 0``; else from the score ``s = ⟨u,v⟩`` (``beta = 1``: ``⟨u,v⟩/|u|``, a cosine) as
-  ``g = sigmoid((s − lo)·alpha)`` (``alpha`` the inverse temperature; ``+inf``: ``g = [s > lo]``)
+  ``g = sigmoid((s − lo)·alpha)`` (``alpha`` the inverse temperature; infinite: ``g = [s > lo]``)
 * ``KIND_SCALE``    ``u += f·alpha·(v ⊙ u)``                 (per-dimension gain; heads scaled or zeroed)
 * ``KIND_READ``     ``reg[index] = ⟨u,v⟩``                   (a low-rank map's projections, all read
   from the same ``u`` before its writes)
 * ``KIND_WRITE``    ``u += f·alpha·(reg[index] − lo)·v``
 
 ``f`` is ``g`` where ``gated`` is 1, else 1. ``g`` starts at 1 on every token and is set to 0 by a
-gate entry whose window or phase does not admit the token; the registers start at 0.
+gate entry whose window or phase does not admit the token; the registers start at 0. ``index`` holds
+a whole number (it is truncated toward zero).
 """
 
 ALPHA, BETA, LO, HI, START, END, PHASE, KIND, GATED, INDEX = range(10)

@@ -169,7 +169,7 @@ def fused_steer_reference(
     """Residual add + steering + RMSNorm, computed in fp32 and rounded once; see module docstring."""
     check_fused_steer(x, delta, vecs, params, slot, pos, gen, weight, gates)
     check_steer_slots(slot, vecs)
-    xf = x.to(torch.float32)
+    xf = x.to(torch.float32, copy=True)  # never an alias of x, whatever the dtype
     u = steer_reference(delta.to(torch.float32) if delta is not None else xf, vecs, params, slot, pos, gen, gates)
     r = (xf + u if delta is not None else u).to(x.dtype)
     if weight is None:

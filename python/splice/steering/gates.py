@@ -8,6 +8,8 @@ per request at prefill (a row gate per request, read by the fused op on every la
   input of ``layer``, averaged over its tokens (``reduce="mean"``) or its last token (``"last"``);
   the score is ``cos(h, tanh(⟨h, ĉ⟩ ĉ))`` as in IBM's reference code, and the request is steered
   for its whole generation when the score is above (``compare="above"``) or below the threshold.
+  Departure from CAST: the mean leaves out the prompt's first token, the attention sink, whose
+  hidden state is 10–200× the norm of the others in SmolLM2 and would otherwise be the mean.
 
 A decision made at prefill applies from the layer after ``layer`` on the prompt, and everywhere on
 generated tokens; a row whose request carries no decision reads 0 (unsteered).
@@ -112,11 +114,14 @@ class RowDecider(ABC):
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, reduce: str) -> torch.Tensor:
-    """[batch, H] float32: the mean over real tokens, or the last real token (left padding)."""
+    """[batch, H] float32: the mean over real tokens but the first, or the last real token (left
+    padding); a one-token prompt's mean is that token."""
     hidden = hidden.float()
     if reduce == "last":
         return hidden[:, -1]
-    return (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1.0)
+    rest = mask * (mask.cumsum(1) > 1)
+    rest = torch.where(rest.sum(1, keepdim=True) > 0, rest, mask)
+    return (hidden * rest[..., None]).sum(1) / rest.sum(1, keepdim=True).clamp_min(1.0)
 
 
 def cast_score(h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

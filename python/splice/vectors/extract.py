@@ -59,6 +59,15 @@ def extract_vectors(model, tokenizer, positive: Sequence[str], negative: Sequenc
                      arch=gguf_arch(_text_config(model).model_type))
 
 
+def prompt_activations(model, tokenizer, prompts: Sequence[str], layers: Sequence[int], site: str = "in",
+                       position: str = "mean", batch_size: int = 8, progress: bool = True) -> torch.Tensor:
+    """[len(prompts), len(layers), hidden] float32 activations of each prompt at ``site`` of each
+    of ``layers`` (sorted), pooled as ``position`` says (module docstring)."""
+    n_layers = num_layers(model)
+    layers = _check_args(prompts, prompts, "mean_diff", layers, n_layers, site, batch_size, position, tokenizer)
+    return _activations(model, tokenizer, list(prompts), layers, n_layers, site, batch_size, position, progress)
+
+
 def _model_name(model) -> str | None:
     """The model's hub id, or its directory's name when it was loaded from a local path."""
     name = getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", None)

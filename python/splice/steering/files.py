@@ -1,0 +1,100 @@
+"""Save and load conditions and maps as safetensors files that say what they are and what they fit.
+
+Metadata: ``format`` (``"splice.intervention"``), ``version``, ``kind`` (``condition``, ``lowrank``
+or ``affine``), ``hidden_size``, ``model`` (when known) and ``settings`` (JSON: a condition's layer,
+threshold, comparison and pooling; a map's site, scale and positions), plus ``user.*`` entries.
+Tensors: a condition's ``vector``; a low-rank map's ``A.{l}``, ``B.{l}``, ``c.{l}``; an affine
+map's ``a.{l}``, ``b.{l}``. Loading checks the format, the shapes and finiteness; the object's own
+checks then refuse another model's file when it is patched in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
+
+from ..utils.atomic import write_atomic
+from .gates import Condition
+from .maps import Affine, LowRank
+
+FORMAT = "splice.intervention"
+VERSION = "1"
+KINDS = {"condition": Condition, "lowrank": LowRank, "affine": Affine}
+_NAME = re.compile(r"([A-Za-z]+)\.(0|[1-9][0-9]*)")
+
+
+def _kind(obj) -> str:
+    for kind, cls in KINDS.items():
+        if isinstance(obj, cls):
+            return kind
+    raise TypeError(f"cannot save a {type(obj).__name__}; savable: {sorted(c.__name__ for c in KINDS.values())}")
+
+
+def save_intervention(obj, path: str | os.PathLike, model: str | None = None) -> Path:
+    """Write ``obj`` (a Condition, LowRank or Affine) to ``path``, atomically."""
+    kind = _kind(obj)
+    if kind == "condition":
+        tensors, hidden = {"vector": obj.vector}, obj.vector.numel()
+        settings = obj.settings()
+        user = obj.metadata
+    else:
+        fields = ("A", "B", "c") if kind == "lowrank" else ("a", "b")
+        tensors = {f"{f}.{l}": t for f in fields for l, t in getattr(obj, f).items()}
+        hidden = next(iter(getattr(obj, fields[0]).values())).shape[0]
+        settings = {"site": obj.site, "scale": obj.scale, "positions": obj.positions.to_config()}
+        user = {}
+    meta = {"format": FORMAT, "version": VERSION, "kind": kind, "hidden_size": str(hidden),
+            "settings": json.dumps(settings), **({"model": model} if model else {}),
+            **{f"user.{k}": str(v) for k, v in user.items()}}
+    write_atomic(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta))
+    obj.source = str(path)
+    return Path(path)
+
+
+def load_intervention(path: str | os.PathLike):
+    """The Condition, LowRank or Affine in ``path``; ValueError naming the file if it is invalid."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no intervention file at {path}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {name: f.get_tensor(name).clone() for name in f.keys()}
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a valid safetensors file: {e}") from e
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise ValueError(f"{path} is not a splice intervention file (format={meta.get('format')!r}, "
+                         f"version={meta.get('version')!r}; expected {FORMAT!r} version {VERSION})")
+    kind = meta.get("kind")
+    if kind not in KINDS:
+        raise ValueError(f"{path}: unknown kind {kind!r}; known: {sorted(KINDS)}")
+    try:
+        settings = json.loads(meta.get("settings", "{}"))
+        hidden = int(meta["hidden_size"])
+        user = {k[5:]: v for k, v in meta.items() if k.startswith("user.")}
+        if kind == "condition":
+            if set(tensors) != {"vector"} or tensors["vector"].shape != (hidden,):
+                raise ValueError(f"a condition holds one [{hidden}] tensor 'vector'")
+            obj = Condition(tensors["vector"], **settings, metadata=user)
+        else:
+            fields = ("A", "B", "c") if kind == "lowrank" else ("a", "b")
+            by_field: dict[str, dict[int, torch.Tensor]] = {f: {} for f in fields}
+            for name, t in tensors.items():
+                m = _NAME.fullmatch(name)
+                if m is None or m.group(1) not in fields:
+                    raise ValueError(f"unexpected tensor {name!r} for a {kind} map")
+                by_field[m.group(1)][int(m.group(2))] = t
+            if any(t.shape[0] != hidden for f in fields[:2] for t in by_field[f].values()):
+                raise ValueError(f"tensors do not have the file's hidden size {hidden}")
+            cls = LowRank if kind == "lowrank" else Affine
+            obj = cls(**by_field, site=settings["site"], scale=settings["scale"], positions=settings["positions"])
+    except (ValueError, TypeError, KeyError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: {e}") from e
+    obj.source = str(path)
+    return obj
