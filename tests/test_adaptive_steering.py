@@ -223,3 +223,65 @@ def test_bad_maps_and_gates_are_refused_before_the_model_changes():
 def test_prompt_token_mask_marks_the_left_padded_prompt():
     mask = prompt_token_mask(torch.tensor([3, 1]), 4)
     assert mask.tolist() == [[0, 1, 1, 1], [0, 0, 0, 1]]
+
+
+def _layer_input(model, ids, mask, layer):
+    captured = {}
+    handle = model.model.layers[layer].register_forward_pre_hook(
+        lambda m, args, kwargs: captured.update(h=kwargs.get("hidden_states", args[0] if args else None)),
+        with_kwargs=True)
+    logits(model, ids, mask)
+    handle.remove()
+    return captured["h"]
+
+
+def test_probe_selected_bank_gives_each_request_the_vector_its_probe_chose():
+    """G-ACT: a probe at layer 0 picks one of three vectors per request; each row then equals that
+    row steered by its chosen vector alone (layers 1-2, after the probe)."""
+    from splice.steering.probe_select import ProbeSelect
+
+    model = tiny_model("llama")
+    ids, mask = left_padded_batch()
+    probe = ProbeSelect(rand(3, HIDDEN, seed=8), torch.zeros(3), torch.zeros(HIDDEN), torch.ones(HIDDEN), 0)
+    h = _layer_input(model, ids, mask, 0)
+    choice = probe.logits(h, prompt_token_mask(mask.sum(1), ids.shape[1])).argmax(-1).tolist()
+    assert len(set(choice)) >= 2, "pick another seed: the probe sends every row to one vector"
+    bank = [rand(HIDDEN, seed=30 + k, scale=4.0) for k in range(3)]
+    with splice.patch(model, *[splice.Steer(v, layers=[1, 2], gate=probe.choice(k), name=f"b{k}")
+                               for k, v in enumerate(bank)]):
+        got = logits(model, ids, mask)
+    for row, k in enumerate(choice):
+        with splice.patch(model, splice.Steer(bank[k], layers=[1, 2])):
+            alone = logits(model, ids, mask)
+        torch.testing.assert_close(got[row], alone[row], atol=ATOL, rtol=0)
+
+
+def test_kmeans_recovers_separated_clusters():
+    from splice.tools.gact import kmeans
+
+    g = torch.Generator().manual_seed(0)
+    centers = torch.tensor([[5.0, 0.0], [-5.0, 0.0], [0.0, 5.0]])
+    truth = torch.arange(30) % 3
+    x = centers[truth] + 0.3 * torch.randn(30, 2, generator=g)
+    labels = kmeans(x, 3)
+    for k in range(3):  # every true cluster maps to one found cluster, and vice versa
+        assert labels[truth == k].unique().numel() == 1
+    assert labels.unique().numel() == 3
+
+
+def test_bad_probes_are_refused():
+    from splice.steering.probe_select import ProbeSelect
+
+    ok = dict(weight=rand(3, HIDDEN), bias=torch.zeros(3), mean=torch.zeros(HIDDEN), std=torch.ones(HIDDEN), layer=0)
+    with pytest.raises(ValueError, match="K >= 2"):
+        ProbeSelect(**{**ok, "weight": rand(1, HIDDEN), "bias": torch.zeros(1)})
+    with pytest.raises(ValueError, match="std must be positive"):
+        ProbeSelect(**{**ok, "std": torch.zeros(HIDDEN)})
+    with pytest.raises(ValueError, match="out of range"):
+        ProbeSelect(**ok).choice(3)
+    model = tiny_model("llama")
+    wrong = ProbeSelect(**{**ok, "weight": rand(3, HIDDEN + 1), "mean": torch.zeros(HIDDEN + 1),
+                           "std": torch.ones(HIDDEN + 1)})
+    with pytest.raises(ValueError, match="hidden size"):
+        splice.patch(model, splice.Steer(rand(HIDDEN), layers=[1], gate=wrong.choice(0)))
+    assert not hasattr(model, "splice_runtime")

@@ -74,3 +74,19 @@ def test_rates_by_hand():
     r = Rates.of(predicted, truth)  # tp 2, fp 1, fn 1, tn 1
     assert (r.precision, r.tpr, r.fpr) == (2 / 3, 2 / 3, 0.5)
     assert r.f1 == pytest.approx(2 / 3)
+
+
+def test_probe_bank_round_trip(tmp_path):
+    from splice.steering.files import save_bank
+    from splice.steering.probe_select import ProbeSelect
+
+    probe = ProbeSelect(rand(2, 16), rand(2, seed=1), rand(16, seed=2), rand(16, seed=3).abs() + 0.1, 4)
+    bank = [splice.Steer({l: rand(16, seed=10 * k + l) for l in (6, 7)}, gate=probe.choice(k), name=f"gact{k}")
+            for k in range(2)]
+    back = load_intervention(save_bank(bank, probe, tmp_path / "bank.safetensors"))
+    assert [s.name for s in back] == ["gact0", "gact1"]
+    assert back[0].gate.decider is back[1].gate.decider and [s.gate.offset for s in back] == [0, 1]
+    assert torch.equal(back[1].gate.decider.weight, probe.weight) and back[0].gate.decider.layer == 4
+    assert all(torch.equal(b.vector[l], s.vector[l]) for b, s in zip(back, bank) for l in (6, 7))
+    with pytest.raises(ValueError, match="bank vector 0 is not gated by the probe's choice 0"):
+        save_bank(bank[::-1], probe, tmp_path / "wrong.safetensors")

@@ -1,10 +1,10 @@
-"""``splice demo``, ``splice extract`` and ``splice condition fit``."""
+"""``splice demo``, ``splice extract``, ``splice condition fit`` and ``splice train lineas``."""
 
 from __future__ import annotations
 
 import json
 
-from .common import load, model_options, report_option
+from .common import load, model_options, report_option, threads_option
 
 
 def cmd_demo(args) -> int:
@@ -58,6 +58,45 @@ def cmd_condition_fit(args) -> int:
     return 0
 
 
+def cmd_train_lineas(args) -> int:
+    from ..steering.files import save_intervention
+    from ..tools.lineas import train_lineas
+    from ..utils.atomic import write_atomic
+    from ..vectors.extract import builtin_pairs, load_pairs
+
+    target, source = load_pairs(args.pairs) if args.pairs else builtin_pairs(args.builtin)
+    model, tokenizer = load(args)
+    affine, report = train_lineas(model, tokenizer, source, target, layers=args.layers, steps=args.steps, lr=args.lr,
+                                  sparsity=args.sparsity, seed=args.seed)
+    save_intervention(affine, args.out, model=getattr(model.config, "_name_or_path", None))
+    report.update(source=args.pairs or f"builtin:{args.builtin}", out=args.out)
+    if args.json:
+        write_atomic(args.json, json.dumps(report, indent=2))
+    print(f"LinEAS: W2 {report['w2_first']:.4f} -> {report['w2_last']:.4f} over {args.steps} steps; "
+          f"{len(report['kept_layers'])} of {len(report['layers'])} layers kept; wrote {args.out}")
+    return 0
+
+
+def cmd_train_gact(args) -> int:
+    from ..steering.files import save_bank
+    from ..tools.gact import fit_gact
+    from ..utils.atomic import write_atomic
+    from ..vectors.extract import builtin_pairs, load_pairs
+
+    positive, negative = load_pairs(args.pairs) if args.pairs else builtin_pairs(args.builtin)
+    model, tokenizer = load(args)
+    bank, probe, report = fit_gact(model, tokenizer, positive, negative, clusters=args.clusters, layers=args.layers,
+                                   seed=args.seed)
+    save_bank(bank, probe, args.out, model=getattr(model.config, "_name_or_path", None))
+    report.update(source=args.pairs or f"builtin:{args.builtin}", out=args.out)
+    if args.json:
+        write_atomic(args.json, json.dumps(report, indent=2))
+    print(f"G-ACT: {args.clusters} vectors (pairs per cluster {report['cluster_sizes']}), probe at layer "
+          f"{report['probe_layer']} with held-out accuracy {report['probe_held_out_accuracy']:.3f} "
+          f"(majority class {report['chance']:.3f}); wrote {args.out}")
+    return 0
+
+
 def add_commands(sub) -> None:
     demo = sub.add_parser("demo", parents=[model_options()],
                           help="steer the default model and show generations and throughput")
@@ -90,3 +129,29 @@ def add_commands(sub) -> None:
     fit.add_argument("--raw", action="store_true", help="read the prompts as given, not wrapped in the chat template")
     fit.add_argument("--out", required=True, help="output condition file (.safetensors)")
     fit.set_defaults(func=cmd_condition_fit)
+
+    train = sub.add_parser("train", help="learn interventions from the model's activations")
+    tsub = train.add_subparsers(dest="train_command", required=True)
+    lin = tsub.add_parser("lineas", parents=[model_options(), report_option(plot=False), threads_option()],
+                          help="LinEAS: per-layer affine maps trained end to end (negative prompts -> positive)")
+    src = lin.add_mutually_exclusive_group()
+    src.add_argument("--pairs", help='JSON file of [{"positive": ..., "negative": ...}, ...] (used unpaired)')
+    src.add_argument("--builtin", default="happy_sad", help="a built-in pair set (default: happy_sad)")
+    lin.add_argument("--layers", type=int, nargs="+", default=None, help="layers to map (default: all)")
+    lin.add_argument("--steps", type=int, default=100)
+    lin.add_argument("--lr", type=float, default=5e-3)
+    lin.add_argument("--sparsity", type=float, default=0.0, help="group-lasso weight that switches layers off")
+    lin.add_argument("--seed", type=int, default=0)
+    lin.add_argument("--out", required=True, help="output map file (.safetensors)")
+    lin.set_defaults(func=cmd_train_lineas)
+
+    gact = tsub.add_parser("gact", parents=[model_options(), report_option(plot=False), threads_option()],
+                           help="G-ACT: cluster per-pair differences into a vector bank and fit the probe that picks one")
+    src = gact.add_mutually_exclusive_group()
+    src.add_argument("--pairs", help='JSON file of [{"positive": ..., "negative": ...}, ...]')
+    src.add_argument("--builtin", default="happy_sad", help="a built-in pair set (default: happy_sad)")
+    gact.add_argument("--clusters", type=int, default=2)
+    gact.add_argument("--layers", type=int, nargs="+", default=list(range(12, 19)), help="steered layers")
+    gact.add_argument("--seed", type=int, default=0)
+    gact.add_argument("--out", required=True, help="output bank file (.safetensors)")
+    gact.set_defaults(func=cmd_train_gact)

@@ -1,10 +1,12 @@
 """Save and load conditions and maps as safetensors files that say what they are and what they fit.
 
-Metadata: ``format`` (``"splice.intervention"``), ``version``, ``kind`` (``condition``, ``lowrank``
-or ``affine``), ``hidden_size``, ``model`` (when known) and ``settings`` (JSON: a condition's layer,
-threshold, comparison and pooling; a map's site, scale and positions), plus ``user.*`` entries.
-Tensors: a condition's ``vector``; a low-rank map's ``A.{l}``, ``B.{l}``, ``c.{l}``; an affine
-map's ``a.{l}``, ``b.{l}``. Loading checks the format, the shapes and finiteness; the object's own
+Metadata: ``format`` (``"splice.intervention"``), ``version``, ``kind`` (``condition``, ``lowrank``,
+``affine`` or ``probe_bank``), ``hidden_size``, ``model`` (when known) and ``settings`` (JSON: a
+condition's or probe's layer, threshold, comparison and pooling; a map's site, scale and positions;
+a bank's layers), plus ``user.*`` entries. Tensors: a condition's ``vector``; a low-rank map's
+``A.{l}``, ``B.{l}``, ``c.{l}``; an affine map's ``a.{l}``, ``b.{l}``; a probe bank's
+``probe.weight``, ``probe.bias``, ``probe.mean``, ``probe.std`` and ``vector.{k}.{l}`` (G-ACT:
+bank vector ``k`` at layer ``l``, gated by the probe's choice ``k``). Loading checks the format, the shapes and finiteness; the object's own
 checks then refuse another model's file when it is patched in.
 """
 
@@ -20,8 +22,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from ..utils.atomic import write_atomic
+from ..vectors.vector_set import VectorSet
 from .gates import Condition
 from .maps import Affine, LowRank
+from .probe_select import ProbeSelect
+from .spec import Steer
 
 FORMAT = "splice.intervention"
 VERSION = "1"
@@ -57,8 +62,42 @@ def save_intervention(obj, path: str | os.PathLike, model: str | None = None) ->
     return Path(path)
 
 
+PROBE_TENSORS = ("weight", "bias", "mean", "std")
+_BANK_VECTOR = re.compile(r"vector\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)")
+
+
+def save_bank(bank: list[Steer], probe: ProbeSelect, path: str | os.PathLike, model: str | None = None) -> Path:
+    """Write a G-ACT bank (each Steer gated by ``probe.choice(k)``, in order) and its probe."""
+    for k, steer in enumerate(bank):
+        if getattr(steer.gate, "decider", None) is not probe or steer.gate.offset != k:
+            raise ValueError(f"bank vector {k} is not gated by the probe's choice {k}")
+    tensors = {f"probe.{n}": getattr(probe, n) for n in PROBE_TENSORS}
+    tensors.update({f"vector.{k}.{l}": s.vector[l] for k, s in enumerate(bank) for l in s.layers})
+    settings = {"layer": probe.layer, "reduce": probe.reduce, "layers": bank[0].layers}
+    meta = {"format": FORMAT, "version": VERSION, "kind": "probe_bank", "hidden_size": str(probe.mean.numel()),
+            "settings": json.dumps(settings), **({"model": model} if model else {})}
+    write_atomic(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta))
+    return Path(path)
+
+
+def _bank(tensors: dict, settings: dict, hidden: int, path: Path) -> list[Steer]:
+    probe = ProbeSelect(*(tensors.pop(f"probe.{n}") for n in PROBE_TENSORS), layer=settings["layer"],
+                        reduce=settings["reduce"], source=str(path))
+    vectors: dict[int, dict[int, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        m = _BANK_VECTOR.fullmatch(name)
+        if m is None or t.shape != (hidden,):
+            raise ValueError(f"unexpected tensor {name!r} {tuple(t.shape)} in a probe bank")
+        vectors.setdefault(int(m.group(1)), {})[int(m.group(2))] = t
+    if sorted(vectors) != list(range(probe.width)):
+        raise ValueError(f"a bank of {probe.width} vectors holds vectors {sorted(vectors)}")
+    return [Steer(VectorSet(vectors[k], method="gact"), layers=settings["layers"], gate=probe.choice(k),
+                  name=f"gact{k}", source=str(path)) for k in range(probe.width)]
+
+
 def load_intervention(path: str | os.PathLike):
-    """The Condition, LowRank or Affine in ``path``; ValueError naming the file if it is invalid."""
+    """The Condition, LowRank or Affine in ``path`` (a probe bank: its list of gated Steers);
+    ValueError naming the file if it is invalid."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no intervention file at {path}")
@@ -72,12 +111,14 @@ def load_intervention(path: str | os.PathLike):
         raise ValueError(f"{path} is not a splice intervention file (format={meta.get('format')!r}, "
                          f"version={meta.get('version')!r}; expected {FORMAT!r} version {VERSION})")
     kind = meta.get("kind")
-    if kind not in KINDS:
-        raise ValueError(f"{path}: unknown kind {kind!r}; known: {sorted(KINDS)}")
+    if kind not in (*KINDS, "probe_bank"):
+        raise ValueError(f"{path}: unknown kind {kind!r}; known: {sorted([*KINDS, 'probe_bank'])}")
     try:
         settings = json.loads(meta.get("settings", "{}"))
         hidden = int(meta["hidden_size"])
         user = {k[5:]: v for k, v in meta.items() if k.startswith("user.")}
+        if kind == "probe_bank":
+            return _bank(tensors, settings, hidden, path)
         if kind == "condition":
             if set(tensors) != {"vector"} or tensors["vector"].shape != (hidden,):
                 raise ValueError(f"a condition holds one [{hidden}] tensor 'vector'")

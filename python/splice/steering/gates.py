@@ -97,11 +97,15 @@ class TokenGate:
 
 class RowDecider(ABC):
     """Decides ``width`` row-gate values per request at prefill, from the prompt's hidden states at
-    the input of decoder layer ``layer``."""
+    the input of decoder layer ``layer``. As a gate it reads column ``column_offset(l)`` of its
+    decision at layer ``l`` (0 unless a decider says otherwise)."""
 
     layer: int
     width: int = 1
     name: str | None = None
+
+    def column_offset(self, layer: int) -> int:
+        return 0
 
     @abstractmethod
     def decide(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -111,6 +115,28 @@ class RowDecider(ABC):
     @abstractmethod
     def validate_for(self, adapter) -> None:
         """Raise before any change if the decider does not fit the model."""
+
+
+@dataclass(frozen=True)
+class RowColumn:
+    """A gate that reads column ``offset`` of a multi-column decider's decision (e.g. the one-hot
+    choice of a probe: vector ``offset`` of its bank)."""
+
+    decider: RowDecider
+    offset: int
+
+    def __post_init__(self):
+        if not 0 <= self.offset < self.decider.width:
+            raise ValueError(f"column {self.offset} out of range for a decider of width {self.decider.width}")
+
+
+def decider_column(gate, layer: int) -> tuple[RowDecider, int] | None:
+    """(decider, column offset) of a prefill-decided gate at ``layer``, or None for other gates."""
+    if isinstance(gate, RowColumn):
+        return gate.decider, gate.offset
+    if isinstance(gate, RowDecider):
+        return gate, gate.column_offset(layer)
+    return None
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, reduce: str) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from ..runtime.steering_tables import Key
-from .gates import RowDecider
+from .gates import RowDecider, decider_column
 from .maps import Affine, HeadScale, LowRank
 from .spec import Steer
 
@@ -17,9 +17,10 @@ def row_deciders(steers: dict[str, Intervention], names: Iterable[str]) -> list[
     """The prefill deciders that gate the interventions ``names``, each once, in order."""
     out: list[RowDecider] = []
     for name in names:
-        gate = steers[name].gate
-        if isinstance(gate, RowDecider) and all(gate is not d for d in out):
-            out.append(gate)
+        steer = steers[name]
+        found = decider_column(steer.gate, steer.layers[0])
+        if found is not None and all(found[0] is not d for d in out):
+            out.append(found[0])
     return out
 
 
@@ -32,11 +33,10 @@ def slot_entries(steers: dict[str, Intervention], items: Iterable[tuple[str, flo
     for name, scale in items:
         steer = steers[name]
         size = adapter.site_size(steer.site)
-        column = None
-        if isinstance(steer.gate, RowDecider):
-            if column_of is None:
-                raise ValueError(f"{name!r} is gated by a prefill decision, which this path cannot make")
-            column = column_of(steer.gate)
         for layer in steer.layers:
+            found = decider_column(steer.gate, layer)
+            if found is not None and column_of is None:
+                raise ValueError(f"{name!r} is gated by a prefill decision, which this path cannot make")
+            column = column_of(found[0]) + found[1] if found is not None else None
             entries.setdefault((layer, steer.site), []).extend(steer.entries(layer, scale, size, column))
     return entries

@@ -23,7 +23,7 @@ import torch
 
 from ..ops.steer_layout import KIND_PROJECT, PHASE_ALL, PHASE_GENERATED, PHASE_PROMPT
 from ..vectors.vector_set import SITES, VectorSet
-from .gates import RowDecider, TokenGate
+from .gates import RowColumn, RowDecider, TokenGate
 from .program import Entry, entry, gated, row_gate_entry
 
 OPS = ("add", "ablate", "clamp")
@@ -142,7 +142,7 @@ class Steer:
 
     def entries(self, layer: int, scale: float, site_size: int, column: int | None = None) -> list[Entry]:
         """The kernel's entries for ``layer`` at ``scale``, behind the gate (``column``: the row-gate
-        column of a prefill decision)."""
+        column of a prefill decision at this layer)."""
         return gate_entries(self.gate, layer, self.positions.window(), site_size, column,
                             [self.entry(layer, scale, site_size)])
 
@@ -165,8 +165,9 @@ class Steer:
 
 
 def check_gate_type(gate) -> None:
-    if gate is not None and not isinstance(gate, (TokenGate, RowDecider)):
-        raise TypeError(f"gate must be a TokenGate or a RowDecider (e.g. a Condition), got {type(gate).__name__}")
+    if gate is not None and not isinstance(gate, (TokenGate, RowDecider, RowColumn)):
+        raise TypeError(f"gate must be a TokenGate, a RowDecider (e.g. a Condition) or a RowColumn, "
+                        f"got {type(gate).__name__}")
 
 
 def check_gate_fits(gate, layers, site_size: int, adapter) -> None:
@@ -175,6 +176,8 @@ def check_gate_fits(gate, layers, site_size: int, adapter) -> None:
         gate.check(layers, site_size)
     elif isinstance(gate, RowDecider):
         gate.validate_for(adapter)
+    elif isinstance(gate, RowColumn):
+        gate.decider.validate_for(adapter)
 
 
 def gate_entries(gate, layer: int, window, site_size: int, column: int | None, body: list[Entry]) -> list[Entry]:
