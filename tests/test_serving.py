@@ -3,6 +3,7 @@
 import math
 
 import pytest
+import torch
 import yaml
 
 from splice.bench.serve_recipe import write_recipe
@@ -76,6 +77,42 @@ def test_serving_recipe_refusals(tmp_path, extra, message):
         return
     with pytest.raises(RecipeError, match=message):
         load_serving_recipe(_recipe(tmp_path, **extra))
+
+
+def _entry_recipe(tmp_path, cfg):
+    """The serving recipe with one more entry, ``extra: cfg``, and its files (hidden 576, 30 layers)."""
+    from splice.steering.files import save_intervention
+    from splice.steering.gates import Condition
+    from splice.steering.maps import Affine, LowRank
+
+    path = _recipe(tmp_path)
+    gen = torch.Generator().manual_seed(0)
+    save_intervention(Condition(torch.randn(576, generator=gen), 3, 0.1), tmp_path / "cond.safetensors")
+    save_intervention(LowRank(A={2: torch.randn(576, 2, generator=gen)}, B={2: torch.randn(576, 2, generator=gen)}),
+                      tmp_path / "lowrank.safetensors")
+    save_intervention(Affine(a={2: torch.ones(576)}, b={2: torch.zeros(576)}), tmp_path / "affine.safetensors")
+    data = yaml.safe_load(open(path))
+    data["steering"]["vectors"]["extra"] = cfg
+    open(path, "w").write(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("cfg, message", [
+    ({"file": "v0.safetensors", "gate": {"condition": "cond.safetensors"}}, r"steering.vectors.extra.gate: a gated"),
+    ({"file": "v0.safetensors", "gate": {"direction": "v0.safetensors", "threshold": 0.1}},
+     r"steering.vectors.extra.gate: a gated"),
+    ({"map": "lowrank.safetensors"}, r"steering.vectors.extra: a low-rank map"),
+    ({"map": "affine.safetensors", "scale": 0.5}, r"steering.vectors.extra: an affine map"),
+    ({"heads": {4: [0, 1]}}, r"steering.vectors.extra: a head scale"),
+])
+def test_serving_refuses_gates_maps_and_head_scales(tmp_path, cfg, message):
+    path = _entry_recipe(tmp_path, cfg)
+    with pytest.raises(RecipeError, match=message + r".*not served behind vLLM yet; they run with splice.patch"):
+        load_serving_recipe(path)
+    data = yaml.safe_load(open(path))
+    data["steering"]["vectors"]["extra"] = {"file": "v0.safetensors", "scale": 2.0}  # the same entry, plain
+    open(path, "w").write(yaml.safe_dump(data))
+    assert sorted(load_serving_recipe(path).steers) == ["extra", "v0"]
 
 
 def test_serving_refuses_a_default_list(tmp_path):

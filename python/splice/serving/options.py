@@ -3,7 +3,8 @@ that do not need the model.
 
 ``recipe`` (required) is a recipe file (:mod:`splice.recipe`); ``max_vectors_per_request``
 (default 4) bounds how many vectors one request may combine, which sizes the steering tables.
-Every other key goes to vLLM's default loader.
+Every other key goes to vLLM's default loader. Only plain steering vectors are served: a recipe
+with gates, maps or head scales is refused (they run with ``splice.patch``).
 """
 
 from __future__ import annotations
@@ -12,8 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..recipe import Recipe, RecipeError, load_recipe
+from ..steering.maps import Affine, HeadScale, LowRank
+from ..steering.spec import Steer
 
 SERVED_SITES = ("out", "mlp", "attn")
+NOT_SERVED = ("gated steering (token gates, CAST conditions), maps and head scales are not served behind vLLM yet; "
+              "they run with splice.patch")
+KIND_NAMES = {LowRank: "a low-rank map", Affine: "an affine map", HeadScale: "a head scale"}
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,11 @@ def load_serving_recipe(path: str) -> Recipe:
         raise RecipeError("steering.default: behind vLLM each request chooses its vectors (vllm_xargs splice_vector) "
                           "and requests without steering stay unsteered; remove 'default'")
     for name, steer in recipe.steers.items():
+        if not isinstance(steer, Steer):
+            what = KIND_NAMES.get(type(steer), f"a {type(steer).__name__}")
+            raise RecipeError(f"steering.vectors.{name}: {what} ({NOT_SERVED})")
+        if steer.gate is not None:
+            raise RecipeError(f"steering.vectors.{name}.gate: a gated vector ({NOT_SERVED}); remove 'gate'")
         if steer.site not in SERVED_SITES:
             raise RecipeError(f"steering.vectors.{name}: site {steer.site!r} is not supported behind vLLM; "
                               f"use one of {list(SERVED_SITES)} ('out' of layer l-1 is the input of layer l)")
