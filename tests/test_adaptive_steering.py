@@ -285,3 +285,28 @@ def test_bad_probes_are_refused():
     with pytest.raises(ValueError, match="hidden size"):
         splice.patch(model, splice.Steer(rand(HIDDEN), layers=[1], gate=wrong.choice(0)))
     assert not hasattr(model, "splice_runtime")
+
+
+def test_controller_gates_each_layer_by_its_global_scale_times_layer_weight():
+    """Guiding Giants: per request, vector v at layer l_j is added with gate s · w_j (decided at
+    prefill from layer 0's input); checked against hooks that add exactly that per row."""
+    from splice.steering.controller import Controller
+
+    model = tiny_model("qwen3")
+    ids, mask = left_padded_batch()
+    units, layers = 5, [1, 2]
+    ctl = Controller(rand(units, HIDDEN, seed=40) * 0.3, rand(units, seed=41), rand(3, units, seed=42),
+                     rand(3, seed=43), rand(HIDDEN, seed=44) * 0.1, torch.ones(HIDDEN), 0, layers)
+    gates = ctl.decide(_layer_input(model, ids, mask, 0), prompt_token_mask(mask.sum(1), ids.shape[1]))
+    assert gates.shape == (3, 2) and gates.std() > 0.01  # rows and layers get different gates
+    v = rand(HIDDEN, seed=45, scale=4.0)
+    expected = hooked_logits(model, {l: (lambda u, j=j: u + gates[:, j, None, None] * 1.5 * v)
+                                     for j, l in enumerate(layers)}, ids, mask)
+    with splice.patch(model, splice.Steer(v, layers=layers, scale=1.5, gate=ctl)):
+        torch.testing.assert_close(logits(model, ids, mask), expected, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="no weight for layer 0"):
+        splice.patch(model, splice.Steer(v, layers=[0, 1], gate=ctl))
+    assert not hasattr(model, "splice_runtime")
+    with pytest.raises(ValueError, match="shapes do not fit"):
+        Controller(rand(units, HIDDEN), rand(units), rand(2, units), rand(3), torch.zeros(HIDDEN),
+                   torch.ones(HIDDEN), 0, layers)

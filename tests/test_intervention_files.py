@@ -90,3 +90,19 @@ def test_probe_bank_round_trip(tmp_path):
     assert all(torch.equal(b.vector[l], s.vector[l]) for b, s in zip(back, bank) for l in (6, 7))
     with pytest.raises(ValueError, match="bank vector 0 is not gated by the probe's choice 0"):
         save_bank(bank[::-1], probe, tmp_path / "wrong.safetensors")
+
+
+def test_controlled_vector_round_trip(tmp_path):
+    from splice.steering.controller import Controller
+    from splice.steering.files import save_controlled
+
+    ctl = Controller(rand(4, 16), rand(4, seed=1), rand(3, 4, seed=2), rand(3, seed=3), rand(16, seed=4),
+                     torch.ones(16), 2, [5, 6])
+    steer = splice.Steer({5: rand(16, seed=5), 6: rand(16, seed=6)}, scale=0.3, gate=ctl)
+    back = load_intervention(save_controlled(steer, tmp_path / "ctl.safetensors"))
+    assert isinstance(back, splice.Steer) and back.layers == [5, 6] and back.scale == 0.3
+    assert back.gate.layers == [5, 6] and back.gate.layer == 2
+    for name in ("w1", "c1", "w2", "c2", "mean", "std"):
+        assert torch.equal(getattr(back.gate, name), getattr(ctl, name))
+    with pytest.raises(ValueError, match="whose gate is a Controller"):
+        save_controlled(splice.Steer({5: rand(16)}), tmp_path / "x.safetensors")

@@ -185,9 +185,10 @@ class _Files:
             obj = load_intervention(path)
         except (ValueError, OSError) as exc:
             raise RecipeError(f"{where}: {exc}{_hint(path, set(kinds))}") from exc
-        if isinstance(obj, list):
-            raise RecipeError(f"{where}: {path} holds a G-ACT probe bank, which recipes do not name yet; "
-                              "load it with splice.steering.files.load_intervention and pass its Steers to splice.patch")
+        if isinstance(obj, (list, Steer)):
+            raise RecipeError(f"{where}: {path} holds a G-ACT probe bank or a controlled vector, which recipes do "
+                              "not name yet; load it with splice.steering.files.load_intervention and pass its "
+                              "Steers to splice.patch")
         kind = next(k for k, cls in KINDS.items() if isinstance(obj, cls))
         if kind not in kinds:
             raise RecipeError(f"{where}: {path} holds {FILE_KINDS[kind]}, not {' or '.join(kinds.values())}"

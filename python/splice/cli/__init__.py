@@ -1,18 +1,18 @@
 """The ``splice`` command line: ``demo``, ``extract``, ``profile layers|heads``, ``route train``,
-``bench steer|skip|quant|attention|serve``, ``quantize``, ``export``, ``serve``."""
+``bench steer|skip|quant|attention|serve``, ``eval steer``, ``quantize``, ``export``, ``serve``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from . import bench, profiling, quantization, serving, steering
+from . import bench, evaluation, profiling, quantization, serving, steering
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="splice", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    for commands in (steering, bench, profiling, quantization, serving):
+    for commands in (steering, bench, evaluation, profiling, quantization, serving):
         commands.add_commands(sub)
     return p
 

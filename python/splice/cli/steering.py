@@ -97,6 +97,32 @@ def cmd_train_gact(args) -> int:
     return 0
 
 
+def cmd_train_controller(args) -> int:
+    from ..steering.files import save_controlled
+    from ..tools.controller_training import train_controller
+    from ..utils.atomic import write_atomic
+    from ..vectors.extract import builtin_pairs, extract_vectors
+    from ..vectors.io import load_vectors
+    from ..vectors.prompt_sets import as_chat, builtin_prompt_set, load_prompt_set, require
+
+    prompts = load_prompt_set(args.prompts) if args.prompts else builtin_prompt_set(args.builtin)
+    require(prompts, "positive", "negative", source=args.prompts or args.builtin)
+    model, tokenizer = load(args)
+    vector = load_vectors(args.vector) if args.vector else extract_vectors(model, tokenizer, *builtin_pairs("happy_sad"))
+    steer_prompts, keep_prompts = as_chat(tokenizer, prompts["positive"]), as_chat(tokenizer, prompts["negative"])
+    _, steer, report = train_controller(model, tokenizer, steer_prompts, keep_prompts, vector, args.layers, args.scale,
+                                        args.read_layer, steps=args.steps, lr=args.lr, seed=args.seed)
+    save_controlled(steer, args.out, model=getattr(model.config, "_name_or_path", None))
+    report.update(source=args.prompts or f"builtin:{args.builtin}", vector=args.vector or "builtin:happy_sad",
+                  out=args.out)
+    if args.json:
+        write_atomic(args.json, json.dumps(report, indent=2))
+    mean = lambda gates: sum(gates) / len(gates)  # noqa: E731
+    print(f"controller: loss {report['loss_first']:.4f} -> {report['loss_last']:.4f}; mean gate on steer prompts "
+          f"{mean(report['mean_gate_steer']):.3f}, on keep prompts {mean(report['mean_gate_keep']):.3f}; wrote {args.out}")
+    return 0
+
+
 def add_commands(sub) -> None:
     demo = sub.add_parser("demo", parents=[model_options()],
                           help="steer the default model and show generations and throughput")
@@ -155,3 +181,18 @@ def add_commands(sub) -> None:
     gact.add_argument("--seed", type=int, default=0)
     gact.add_argument("--out", required=True, help="output bank file (.safetensors)")
     gact.set_defaults(func=cmd_train_gact)
+
+    ctl = tsub.add_parser("controller", parents=[model_options(), report_option(plot=False), threads_option()],
+                          help="Guiding Giants: a controller that scales a vector per request and layer")
+    src = ctl.add_mutually_exclusive_group()
+    src.add_argument("--prompts", help='JSON {"positive": [steer these], "negative": [leave these]}')
+    src.add_argument("--builtin", default="cooking", help="a built-in prompt set (default: cooking)")
+    ctl.add_argument("--vector", help="vector file to control (default: happy_sad mean difference)")
+    ctl.add_argument("--layers", type=int, nargs="+", default=list(range(12, 19)))
+    ctl.add_argument("--scale", type=float, default=0.4)
+    ctl.add_argument("--read-layer", type=int, default=6, help="the layer whose input the controller reads")
+    ctl.add_argument("--steps", type=int, default=40)
+    ctl.add_argument("--lr", type=float, default=1e-2)
+    ctl.add_argument("--seed", type=int, default=0)
+    ctl.add_argument("--out", required=True, help="output file (.safetensors): the vector and its controller")
+    ctl.set_defaults(func=cmd_train_controller)

@@ -6,7 +6,8 @@ condition's or probe's layer, threshold, comparison and pooling; a map's site, s
 a bank's layers), plus ``user.*`` entries. Tensors: a condition's ``vector``; a low-rank map's
 ``A.{l}``, ``B.{l}``, ``c.{l}``; an affine map's ``a.{l}``, ``b.{l}``; a probe bank's
 ``probe.weight``, ``probe.bias``, ``probe.mean``, ``probe.std`` and ``vector.{k}.{l}`` (G-ACT:
-bank vector ``k`` at layer ``l``, gated by the probe's choice ``k``). Loading checks the format, the shapes and finiteness; the object's own
+bank vector ``k`` at layer ``l``, gated by the probe's choice ``k``); a controlled vector's
+``controller.{w1,c1,w2,c2,mean,std}`` and ``vector.{l}`` (kind ``controller``: the Steer it gates). Loading checks the format, the shapes and finiteness; the object's own
 checks then refuse another model's file when it is patched in.
 """
 
@@ -25,6 +26,8 @@ from ..utils.atomic import write_atomic
 from ..vectors.vector_set import VectorSet
 from .gates import Condition
 from .maps import Affine, LowRank
+from .controller import PARAMETERS as CONTROLLER_TENSORS
+from .controller import Controller
 from .probe_select import ProbeSelect
 from .spec import Steer
 
@@ -95,9 +98,37 @@ def _bank(tensors: dict, settings: dict, hidden: int, path: Path) -> list[Steer]
                   name=f"gact{k}", source=str(path)) for k in range(probe.width)]
 
 
+def save_controlled(steer: Steer, path: str | os.PathLike, model: str | None = None) -> Path:
+    """Write a Steer gated by a :class:`Controller` (vector, scale, layers and the controller)."""
+    ctl = steer.gate
+    if not isinstance(ctl, Controller):
+        raise ValueError("save_controlled takes a Steer whose gate is a Controller")
+    tensors = {f"controller.{n}": getattr(ctl, n) for n in CONTROLLER_TENSORS}
+    tensors.update({f"vector.{l}": steer.vector[l] for l in steer.layers})
+    settings = {"layer": ctl.layer, "layers": ctl.layers, "reduce": ctl.reduce, "scale": steer.scale,
+                "steered": steer.layers}
+    meta = {"format": FORMAT, "version": VERSION, "kind": "controller", "hidden_size": str(ctl.mean.numel()),
+            "settings": json.dumps(settings), **({"model": model} if model else {})}
+    write_atomic(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta))
+    return Path(path)
+
+
+def _controlled(tensors: dict, settings: dict, hidden: int, path: Path) -> Steer:
+    ctl = Controller(*(tensors.pop(f"controller.{n}") for n in CONTROLLER_TENSORS), layer=settings["layer"],
+                     layers=settings["layers"], reduce=settings["reduce"], source=str(path))
+    vectors = {}
+    for name, t in tensors.items():
+        m = _NAME.fullmatch(name)
+        if m is None or m.group(1) != "vector" or t.shape != (hidden,):
+            raise ValueError(f"unexpected tensor {name!r} {tuple(t.shape)} in a controlled vector")
+        vectors[int(m.group(2))] = t
+    return Steer(VectorSet(vectors), layers=settings["steered"], scale=settings["scale"], gate=ctl,
+                 name="controlled", source=str(path))
+
+
 def load_intervention(path: str | os.PathLike):
-    """The Condition, LowRank or Affine in ``path`` (a probe bank: its list of gated Steers);
-    ValueError naming the file if it is invalid."""
+    """The Condition, LowRank or Affine in ``path`` (a probe bank: its list of gated Steers; a
+    controlled vector: its Steer); ValueError naming the file if it is invalid."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no intervention file at {path}")
@@ -111,14 +142,16 @@ def load_intervention(path: str | os.PathLike):
         raise ValueError(f"{path} is not a splice intervention file (format={meta.get('format')!r}, "
                          f"version={meta.get('version')!r}; expected {FORMAT!r} version {VERSION})")
     kind = meta.get("kind")
-    if kind not in (*KINDS, "probe_bank"):
-        raise ValueError(f"{path}: unknown kind {kind!r}; known: {sorted([*KINDS, 'probe_bank'])}")
+    if kind not in (*KINDS, "probe_bank", "controller"):
+        raise ValueError(f"{path}: unknown kind {kind!r}; known: {sorted([*KINDS, 'probe_bank', 'controller'])}")
     try:
         settings = json.loads(meta.get("settings", "{}"))
         hidden = int(meta["hidden_size"])
         user = {k[5:]: v for k, v in meta.items() if k.startswith("user.")}
         if kind == "probe_bank":
             return _bank(tensors, settings, hidden, path)
+        if kind == "controller":
+            return _controlled(tensors, settings, hidden, path)
         if kind == "condition":
             if set(tensors) != {"vector"} or tensors["vector"].shape != (hidden,):
                 raise ValueError(f"a condition holds one [{hidden}] tensor 'vector'")

@@ -176,6 +176,8 @@ def check_gate_fits(gate, layers, site_size: int, adapter) -> None:
         gate.check(layers, site_size)
     elif isinstance(gate, RowDecider):
         gate.validate_for(adapter)
+        for layer in layers:
+            gate.column_offset(layer)  # a decider with per-layer columns must have one for each layer
     elif isinstance(gate, RowColumn):
         gate.decider.validate_for(adapter)
 

@@ -1,0 +1,59 @@
+"""``splice eval steer``: what steering does to generated text (concept, fluency, relevance)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from .common import load, model_options, threads_option
+
+
+def cmd_eval_steer(args) -> int:
+    from ..bench.output import provenance
+    from ..tools import steer_eval, steer_eval_report
+    from ..utils.atomic import write_atomic
+
+    unknown = [m for m in args.methods if m not in steer_eval.METHODS]
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}; registered: {sorted(steer_eval.METHODS)}")
+    model, tokenizer = load(args)
+    start = time.perf_counter()
+    report = steer_eval.evaluate(model, tokenizer, methods=args.methods, scales=args.scales,
+                                 instructions=args.instructions, max_new_tokens=args.max_new_tokens,
+                                 concept=args.concept, fluency_budget=args.fluency_budget,
+                                 probe_layer=args.probe_layer, condition_prompts=args.condition_prompts)
+    report["seconds"] = time.perf_counter() - start
+    report.update(provenance())
+    print(steer_eval_report.table(report))
+    print(f"took {report['seconds']:.0f} s")
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps(report, indent=2))
+        print(f"wrote {path}")
+        steer_eval_report.plot(report, path.with_suffix(".png"))
+        print(f"wrote {path.with_suffix('.png')}")
+    return 0
+
+
+def add_commands(sub) -> None:
+    ev = sub.add_parser("eval", help="evaluations of interventions")
+    esub = ev.add_subparsers(dest="eval_command", required=True)
+    st = esub.add_parser("steer", parents=[model_options(), threads_option()],
+                         help="AxBench-style: concept score, perplexity, repetition and relevance per method and scale")
+    st.add_argument("--json", help="write the report here (and a .png plot beside it)")
+    st.add_argument("--methods", nargs="+", default=["mean_diff", "pca", "conditional"],
+                    help="registered methods (default: mean_diff pca conditional)")
+    st.add_argument("--scales", type=float, nargs="+", default=[0.0, 0.2, 0.4, 0.6, 0.8],
+                    help="steering scales (0, the unsteered model, is always included)")
+    st.add_argument("--instructions", type=int, default=16, help="held-out instructions (the first N)")
+    st.add_argument("--max-new-tokens", type=int, default=32)
+    st.add_argument("--concept", default="happy_probe",
+                    help="concept probe data: a built-in prompt set or a JSON file with positive and negative lists")
+    st.add_argument("--fluency-budget", type=float, default=1.5,
+                    help="concept at equal fluency: the best scale with perplexity at most this × unsteered")
+    st.add_argument("--probe-layer", type=int, default=15, help="layer whose input the concept probe reads")
+    st.add_argument("--condition-prompts", type=int, default=None,
+                    help="held-out condition prompts generated from for conditional methods (default: all)")
+    st.set_defaults(func=cmd_eval_steer)
