@@ -33,7 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 
 # The sections whose Python block a test below runs.
-RUN = ("Python API", "Per-request steering", "Layer skipping", "Hybrid attention")
+RUN = ("Python API", "Per-request steering", "Conditional steering (CAST)",
+       "Learned maps and head edits (LinEAS, LoReFT's form, PH3)", "Layer skipping", "Hybrid attention")
 NOT_RUN_HERE = {"Serving behind vLLM": "needs a running vLLM server; tests/test_serving_vllm.py runs one"}
 
 
@@ -205,3 +206,31 @@ def test_hybrid_attention(session):
     answer, expected = printed.strip().split(" expected ")
     assert expected == session[0]["key"].answer
     assert answer.strip().startswith(expected), printed  # the key, read back from beyond the window
+
+
+@pytest.mark.real_model
+def test_conditional_steering(session):
+    """The fitted condition steers the cooking request and leaves the other exactly unsteered."""
+    printed = run(session, "Conditional steering (CAST)").rstrip("\n").split("\n")
+    ns = session[0]
+    model, tok, enc, out = ns["model"], ns["tok"], ns["enc"], ns["out"]
+    layer, f1 = printed[0].split()
+    assert 1 <= int(layer) <= 11 and float(f1) > 0.8
+    with torch.inference_mode():
+        plain = model.generate(**enc, max_new_tokens=24, do_sample=False)
+    n = enc.input_ids.shape[1]
+    assert torch.equal(out[1], plain[1])  # does not meet the condition: the unsteered answer
+    assert not torch.equal(out[0, n:], plain[0, n:])  # meets it: steered
+    assert_sensible(tok, tok.decode(out[0, n:], skip_special_tokens=True))
+
+
+@pytest.mark.real_model
+def test_learned_maps_and_head_edits(session):
+    printed = run(session, "Learned maps and head edits (LinEAS, LoReFT's form, PH3)").rstrip("\n")
+    losses, text = printed.split("\n", 1)
+    first, last = map(float, losses.split())
+    assert last < first
+    prompt = "Tell me about your weekend."
+    assert text.startswith(prompt)
+    assert_sensible(tok := session[0]["tok"], text[len(prompt):])
+    assert prompt + generate_text(session[0]["model"], tok, prompt, 20) != text  # the maps changed the answer

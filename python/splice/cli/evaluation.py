@@ -43,8 +43,8 @@ def add_commands(sub) -> None:
     st = esub.add_parser("steer", parents=[model_options(), threads_option()],
                          help="AxBench-style: concept score, perplexity, repetition and relevance per method and scale")
     st.add_argument("--json", help="write the report here (and a .png plot beside it)")
-    st.add_argument("--methods", nargs="+", default=["mean_diff", "pca", "conditional"],
-                    help="registered methods (default: mean_diff pca conditional)")
+    st.add_argument("--methods", nargs="+", default=["mean_diff", "pca", "conditional", "lineas", "gact", "controller"],
+                    help="registered methods (default: all six)")
     st.add_argument("--scales", type=float, nargs="+", default=[0.0, 0.2, 0.4, 0.6, 0.8],
                     help="steering scales (0, the unsteered model, is always included)")
     st.add_argument("--instructions", type=int, default=16, help="held-out instructions (the first N)")

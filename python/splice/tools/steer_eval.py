@@ -40,6 +40,7 @@ most ``fluency_budget`` × the unsteered perplexity, so methods are compared at 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -55,6 +56,9 @@ from ..steering.spec import Steer
 from ..vectors.extract import builtin_pairs, extract_vectors
 from ..vectors.prompt_sets import as_chat, builtin_prompt_set, load_prompt_set, require
 from .condition_fit import fit_condition
+from .controller_training import train_controller
+from .gact import fit_gact
+from .lineas import train_lineas
 
 DEFAULT_SCALES = (0.0, 0.2, 0.4, 0.6, 0.8)
 STEER_LAYERS = tuple(range(12, 19))
@@ -297,8 +301,8 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, item
             deciders = {id(g): g for g in (getattr(i, "gate", None) for i in items) if isinstance(g, RowDecider)}
             if deciders:
                 gates = p.runtime.gates
-                columns = [gates.column(d) for d in deciders.values()]
-                decisions = (gates.row[:, columns] > 0).any(1).tolist()
+                columns = [c for d in deciders.values() for c in range(gates.column(d), gates.column(d) + d.width)]
+                decisions = (gates.row[:, columns] > 0.5).any(1).tolist()  # as decisions() reads them
     else:
         out = model.generate(**kwargs)
     stop = eos_ids(model, tokenizer)
@@ -414,9 +418,36 @@ def _conditional(ctx: Context):
     return lambda scale: [Steer(vectors, layers=list(STEER_LAYERS), scale=scale, gate=condition)]
 
 
+def _lineas(ctx: Context):
+    positive, negative = ctx.pairs
+    affine, _ = train_lineas(ctx.model, ctx.tokenizer, negative, positive, layers=list(STEER_LAYERS), steps=60,
+                             progress=ctx.progress)
+    return lambda scale: [dataclasses.replace(affine, scale=scale)]
+
+
+def _gact(ctx: Context):
+    bank, _, _ = fit_gact(ctx.model, ctx.tokenizer, *ctx.pairs, clusters=2, layers=STEER_LAYERS,
+                          probe_layers=CONDITION_LAYERS, progress=ctx.progress)
+    return lambda scale: [Steer(s.vector, layers=s.layers, scale=scale, gate=s.gate, name=s.name) for s in bank]
+
+
+def _controller(ctx: Context):
+    """Trained to give the steer prompts (the condition set's fit half) the vector at scale 0.4 and
+    the others nothing; evaluated at each scale as ``scale · s · w_l``."""
+    split = ctx.condition_split()
+    controller, _, _ = train_controller(ctx.model, ctx.tokenizer, split["positive"][0], split["negative"][0],
+                                        ctx.vectors("mean_diff"), STEER_LAYERS, 0.4, read_layer=6, steps=30,
+                                        progress=ctx.progress)
+    vectors = ctx.vectors("mean_diff")
+    return lambda scale: [Steer(vectors, layers=list(STEER_LAYERS), scale=scale, gate=controller)]
+
+
 method("mean_diff", _steer("mean_diff"))
 method("pca", _steer("pca"))
 method("conditional", _conditional)
+method("lineas", _lineas)
+method("gact", _gact)
+method("controller", _controller)
 
 
 def deciders_of(items: Sequence) -> list[RowDecider]:
@@ -426,10 +457,11 @@ def deciders_of(items: Sequence) -> list[RowDecider]:
 
 def decisions(model, tokenizer, decider: RowDecider, prompts: Sequence[str]) -> list[bool]:
     """Whether ``decider`` steers each chat-formatted prompt: its own ``decide`` on the unsteered input
-    of its layer, encoded as :func:`generate` encodes it (a patched prefill reads the same)."""
+    of its layer, encoded as :func:`generate` encodes it (a patched prefill reads the same); a gate
+    counts as open above 0.5 (a condition's is 0 or 1, a controller's a product of sigmoids)."""
     out = []
     for hidden, mask in hidden_at(model, tokenizer, prompts, decider.layer, add_special_tokens=False):
-        out += (decider.decide(hidden, mask) > 0).any(1).tolist()
+        out += (decider.decide(hidden, mask) > 0.5).any(1).tolist()
     return out
 
 
