@@ -5,24 +5,13 @@ import math
 
 import pytest
 import torch
-from tiny_models import HEAD_DIM, HEADS, HIDDEN, LAYERS, left_padded_batch, tiny_model
+from tiny_models import HEAD_DIM, HEADS, HIDDEN, LAYERS, greedy, left_padded_batch, logits, tiny_model
 
 import splice
 from splice.steering.gates import cast_score, pool
 from splice.runtime.token_state import prompt_token_mask
 
 ATOL = 2e-5
-
-
-def logits(model, ids, mask):
-    with torch.inference_mode():
-        return model(input_ids=ids, attention_mask=mask).logits
-
-
-def greedy(model, ids, mask, n=6):
-    with torch.inference_mode():
-        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                              do_sample=False, pad_token_id=0)
 
 
 def rand(*shape, seed=0, scale=1.0):
@@ -116,14 +105,8 @@ def test_hard_token_gate_passes_or_blocks_every_token_at_its_extremes():
 
 def _condition_between(model, ids, mask, layer, rows_met):
     """A Condition at ``layer`` whose threshold lies between the prompts of ``rows_met`` and the others."""
-    captured = {}
-    handle = model.model.layers[layer].register_forward_pre_hook(
-        lambda m, args, kwargs: captured.update(h=kwargs.get("hidden_states", args[0] if args else None)),
-        with_kwargs=True)
-    logits(model, ids, mask)
-    handle.remove()
     c = rand(HIDDEN, seed=7)
-    scores = cast_score(pool(captured["h"], mask.float(), "mean"), c)
+    scores = cast_score(pool(_layer_input(model, ids, mask, layer), mask.float(), "mean"), c)
     met, other = scores[rows_met], scores[[i for i in range(len(scores)) if i not in rows_met]]
     if met.min() > other.max():
         return splice.Condition(c, layer, float(met.min() + other.max()) / 2, "above")

@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from tiny_models import CONFIGS, HEAD_DIM, HEADS, HIDDEN, LAYERS, left_padded_batch, tiny_model
+from tiny_models import CONFIGS, HEAD_DIM, HEADS, HIDDEN, LAYERS, greedy, left_padded_batch, logits, tiny_model
 
 import splice
 from splice.bench.hook_steering import add_output_hooks
@@ -13,17 +13,6 @@ from splice.runtime.splice_runtime import ATTRIBUTE
 
 FAMILIES = sorted(CONFIGS)
 ATOL = 2e-5
-
-
-def logits(model, ids, mask):
-    with torch.inference_mode():
-        return model(input_ids=ids, attention_mask=mask).logits
-
-
-def greedy(model, ids, mask, n=6):
-    with torch.inference_mode():
-        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                              do_sample=False, pad_token_id=0)
 
 
 def vec(seed=0, size=HIDDEN, norm=4.0):

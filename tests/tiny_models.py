@@ -31,6 +31,18 @@ def tiny_model(family: str, seed: int = 0, dtype=torch.float32):
     return model.to(dtype).eval()
 
 
+def logits(model, ids, mask):
+    with torch.inference_mode():
+        return model(input_ids=ids, attention_mask=mask).logits
+
+
+def greedy(model, ids, mask, n=6):
+    """``n`` greedy new tokens after ``ids`` (pad token 0), the prompt included."""
+    with torch.inference_mode():
+        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                              do_sample=False, pad_token_id=0)
+
+
 def left_padded_batch(lengths=(7, 4, 5), seed: int = 1):
     """input_ids and attention_mask for rows of the given lengths, left padded with token 0."""
     g = torch.Generator().manual_seed(seed)

@@ -34,10 +34,24 @@ def cmd_extract(args) -> int:
     return 0
 
 
+def _finish(args, report: dict, source: str, summary: str, **extra) -> int:
+    """Record where the inputs came from, write the JSON report if asked, print the summary."""
+    from ..utils.atomic import write_atomic
+
+    report.update(source=source, out=args.out, **extra)
+    if args.json:
+        write_atomic(args.json, json.dumps(report, indent=2))
+    print(f"{summary}; wrote {args.out}")
+    return 0
+
+
+def _model_name(model) -> str | None:
+    return getattr(model.config, "_name_or_path", None)
+
+
 def cmd_condition_fit(args) -> int:
     from ..steering.files import save_intervention
     from ..tools.condition_fit import fit_condition
-    from ..utils.atomic import write_atomic
     from ..vectors.prompt_sets import as_chat, builtin_prompt_set, load_prompt_set, require
 
     prompts = load_prompt_set(args.prompts) if args.prompts else builtin_prompt_set(args.builtin)
@@ -48,59 +62,47 @@ def cmd_condition_fit(args) -> int:
         positive, negative = as_chat(tokenizer, positive), as_chat(tokenizer, negative)
     condition, report = fit_condition(model, tokenizer, positive, negative, layers=args.layers, reduce=args.reduce,
                                       held_out=args.held_out, seed=args.seed)
-    save_intervention(condition, args.out, model=getattr(model.config, "_name_or_path", None))
-    report.update(source=args.prompts or f"builtin:{args.builtin}", chat=not args.raw, out=args.out)
-    if args.json:
-        write_atomic(args.json, json.dumps(report, indent=2))
+    save_intervention(condition, args.out, model=_model_name(model))
     held = report["held_out"]
-    print(f"condition at layer {report['layer']} ({report['compare']} {report['threshold']:.4f}): held-out F1 "
-          f"{held['f1']:.3f}, TPR {held['tpr']:.3f}, FPR {held['fpr']:.3f}; wrote {args.out}")
-    return 0
+    return _finish(args, report, args.prompts or f"builtin:{args.builtin}",
+                   f"condition at layer {report['layer']} ({report['compare']} {report['threshold']:.4f}): held-out "
+                   f"F1 {held['f1']:.3f}, TPR {held['tpr']:.3f}, FPR {held['fpr']:.3f}", chat=not args.raw)
 
 
 def cmd_train_lineas(args) -> int:
     from ..steering.files import save_intervention
     from ..tools.lineas import train_lineas
-    from ..utils.atomic import write_atomic
     from ..vectors.extract import builtin_pairs, load_pairs
 
     target, source = load_pairs(args.pairs) if args.pairs else builtin_pairs(args.builtin)
     model, tokenizer = load(args)
     affine, report = train_lineas(model, tokenizer, source, target, layers=args.layers, steps=args.steps, lr=args.lr,
                                   sparsity=args.sparsity, seed=args.seed)
-    save_intervention(affine, args.out, model=getattr(model.config, "_name_or_path", None))
-    report.update(source=args.pairs or f"builtin:{args.builtin}", out=args.out)
-    if args.json:
-        write_atomic(args.json, json.dumps(report, indent=2))
-    print(f"LinEAS: W2 {report['w2_first']:.4f} -> {report['w2_last']:.4f} over {args.steps} steps; "
-          f"{len(report['kept_layers'])} of {len(report['layers'])} layers kept; wrote {args.out}")
-    return 0
+    save_intervention(affine, args.out, model=_model_name(model))
+    return _finish(args, report, args.pairs or f"builtin:{args.builtin}",
+                   f"LinEAS: W2 {report['w2_first']:.4f} -> {report['w2_last']:.4f} over {args.steps} steps; "
+                   f"{len(report['kept_layers'])} of {len(report['layers'])} layers kept")
 
 
 def cmd_train_gact(args) -> int:
     from ..steering.files import save_bank
     from ..tools.gact import fit_gact
-    from ..utils.atomic import write_atomic
     from ..vectors.extract import builtin_pairs, load_pairs
 
     positive, negative = load_pairs(args.pairs) if args.pairs else builtin_pairs(args.builtin)
     model, tokenizer = load(args)
     bank, probe, report = fit_gact(model, tokenizer, positive, negative, clusters=args.clusters, layers=args.layers,
                                    seed=args.seed)
-    save_bank(bank, probe, args.out, model=getattr(model.config, "_name_or_path", None))
-    report.update(source=args.pairs or f"builtin:{args.builtin}", out=args.out)
-    if args.json:
-        write_atomic(args.json, json.dumps(report, indent=2))
-    print(f"G-ACT: {args.clusters} vectors (pairs per cluster {report['cluster_sizes']}), probe at layer "
-          f"{report['probe_layer']} with held-out accuracy {report['probe_held_out_accuracy']:.3f} "
-          f"(majority class {report['chance']:.3f}); wrote {args.out}")
-    return 0
+    save_bank(bank, probe, args.out, model=_model_name(model))
+    return _finish(args, report, args.pairs or f"builtin:{args.builtin}",
+                   f"G-ACT: {args.clusters} vectors (pairs per cluster {report['cluster_sizes']}), probe at layer "
+                   f"{report['probe_layer']} with held-out accuracy {report['probe_held_out_accuracy']:.3f} "
+                   f"(majority class {report['chance']:.3f})")
 
 
 def cmd_train_controller(args) -> int:
     from ..steering.files import save_controlled
     from ..tools.controller_training import train_controller
-    from ..utils.atomic import write_atomic
     from ..vectors.extract import builtin_pairs, extract_vectors
     from ..vectors.io import load_vectors
     from ..vectors.prompt_sets import as_chat, builtin_prompt_set, load_prompt_set, require
@@ -112,15 +114,12 @@ def cmd_train_controller(args) -> int:
     steer_prompts, keep_prompts = as_chat(tokenizer, prompts["positive"]), as_chat(tokenizer, prompts["negative"])
     _, steer, report = train_controller(model, tokenizer, steer_prompts, keep_prompts, vector, args.layers, args.scale,
                                         args.read_layer, steps=args.steps, lr=args.lr, seed=args.seed)
-    save_controlled(steer, args.out, model=getattr(model.config, "_name_or_path", None))
-    report.update(source=args.prompts or f"builtin:{args.builtin}", vector=args.vector or "builtin:happy_sad",
-                  out=args.out)
-    if args.json:
-        write_atomic(args.json, json.dumps(report, indent=2))
-    mean = lambda gates: sum(gates) / len(gates)  # noqa: E731
-    print(f"controller: loss {report['loss_first']:.4f} -> {report['loss_last']:.4f}; mean gate on steer prompts "
-          f"{mean(report['mean_gate_steer']):.3f}, on keep prompts {mean(report['mean_gate_keep']):.3f}; wrote {args.out}")
-    return 0
+    save_controlled(steer, args.out, model=_model_name(model))
+    steer_gate, keep_gate = (sum(g) / len(g) for g in (report["mean_gate_steer"], report["mean_gate_keep"]))
+    return _finish(args, report, args.prompts or f"builtin:{args.builtin}",
+                   f"controller: loss {report['loss_first']:.4f} -> {report['loss_last']:.4f}; mean gate on steer "
+                   f"prompts {steer_gate:.3f}, on keep prompts {keep_gate:.3f}",
+                   vector=args.vector or "builtin:happy_sad")
 
 
 def add_commands(sub) -> None:

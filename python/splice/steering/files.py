@@ -19,10 +19,10 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from ..utils.atomic import write_atomic
+from ..vectors.io import read_safetensors
 from ..vectors.vector_set import VectorSet
 from .gates import Condition
 from .maps import Affine, LowRank
@@ -130,14 +130,7 @@ def load_intervention(path: str | os.PathLike):
     """The Condition, LowRank or Affine in ``path`` (a probe bank: its list of gated Steers; a
     controlled vector: its Steer); ValueError naming the file if it is invalid."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no intervention file at {path}")
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {name: f.get_tensor(name).clone() for name in f.keys()}
-    except SafetensorError as e:
-        raise ValueError(f"{path} is not a valid safetensors file: {e}") from e
+    meta, tensors = read_safetensors(path, "intervention")
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise ValueError(f"{path} is not a splice intervention file (format={meta.get('format')!r}, "
                          f"version={meta.get('version')!r}; expected {FORMAT!r} version {VERSION})")

@@ -45,14 +45,7 @@ def load_vectors(path: str | os.PathLike, expect_hidden_size: int | None = None)
     ``expect_hidden_size``, when given, must equal the file's hidden size.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no vector file at {path}")
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {name: f.get_tensor(name).clone() for name in f.keys()}
-    except SafetensorError as e:
-        raise ValueError(f"{path} is not a valid safetensors file: {e}") from e
+    meta, tensors = read_safetensors(path, "vector")
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path} is not a splice vector file (metadata format="
                          f"{meta.get('format')!r}, expected {FORMAT!r})")
@@ -82,6 +75,17 @@ def load_vectors(path: str | os.PathLike, expect_hidden_size: int | None = None)
                          method=meta.get("method"), metadata=user, arch=meta.get("arch"))
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from e
+
+
+def read_safetensors(path: Path, what: str) -> tuple[dict, dict]:
+    """(metadata, tensors) of a safetensors file; FileNotFoundError or ValueError naming ``path``."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no {what} file at {path}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            return f.metadata() or {}, {name: f.get_tensor(name).clone() for name in f.keys()}
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a valid safetensors file: {e}") from e
 
 
 def _check_str_metadata(metadata: dict) -> None:
