@@ -47,36 +47,40 @@ def make_forward(adapter: Adapter, layer_idx: int, runtime):
     post_eps = {id(n): norm_eps(n) for n in (post_attn, post_ff) if n is not None}
     tables, state, skip, gates = runtime.tables, runtime.state, runtime.skip, runtime.gates
 
-    def steer(t, delta, site, tok, weight=None, eps=0.0):
-        """``fused_steer`` of ``t`` (+ ``delta``) with this layer's ``site`` table; ``tok`` is
-        (slot, pos, gen, row gates) of its tokens."""
-        vecs, params = tables.get(layer_idx, site) if site is not None else (None, None)
+    def steer(t, delta, table, tok, weight=None, eps=0.0):
+        """``fused_steer`` of ``t`` (+ ``delta``) with ``table`` (vecs, params: this layer's table of a
+        site, or (None, None)); ``tok`` is (slot, pos, gen, row gates) of its tokens."""
+        vecs, params = table
         return fused_steer(t, delta, vecs, params, *tok[:3], weight, eps, offset if weight is not None else 0.0,
                            tok[3] if vecs is not None else None)
+
+    def site(name):
+        return tables.get(layer_idx, name)
 
     def block(x, batch, seq, kwargs, tok, run_attn, run_mlp):
         """The layer on ``x`` [batch * seq, hidden]; returns the new residual stream."""
         hidden = x.shape[-1]
         if run_attn:
-            r, h = steer(x, None, "in", tok, norm1.weight, eps1)
+            r, h = steer(x, None, site("in"), tok, norm1.weight, eps1)
             a, _ = attn(hidden_states=h.view(batch, seq, hidden), **kwargs)
             a = a.reshape(batch * seq, hidden)
             if post_attn is not None:
-                a = steer(a, None, None, tok, post_attn.weight, post_eps[id(post_attn)])[1]
+                a = steer(a, None, (None, None), tok, post_attn.weight, post_eps[id(post_attn)])[1]
             if drop_attn is not None and layer.training:
                 a = drop_attn(a)
-            r, h = steer(r, a, "attn", tok, *((norm2.weight, eps2) if run_mlp else (None, 0.0)))
+            r, h = steer(r, a, site("attn"), tok, *((norm2.weight, eps2) if run_mlp else (None, 0.0)))
         else:
-            r, h = steer(x, None, "in", tok, norm2.weight, eps2)
+            r, h = steer(x, None, site("in"), tok, norm2.weight, eps2)
         if run_mlp:
             m = mlp(h.view(batch, seq, hidden)).reshape(batch * seq, hidden)
             if post_ff is not None:
-                m = steer(m, None, None, tok, post_ff.weight, post_eps[id(post_ff)])[1]
+                m = steer(m, None, (None, None), tok, post_ff.weight, post_eps[id(post_ff)])[1]
             if drop_mlp is not None and layer.training:
                 m = drop_mlp(m)
-            r, _ = steer(r, m, "mlp", tok)
-        if tables.get(layer_idx, "out")[0] is not None:
-            r, _ = steer(r, None, "out", tok)
+            r, _ = steer(r, m, site("mlp"), tok)
+        out = site("out")
+        if out[0] is not None:
+            r, _ = steer(r, None, out, tok)
         return r
 
     def on_rows(hidden_states, rows, kwargs, run_attn, run_mlp):

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .gates import REDUCES, RowDecider, pool
+from .gates import RowDecider, check_reading, finite_tensors, pool
 
 PARAMETERS = ("w1", "c1", "w2", "c2", "mean", "std")
 
@@ -42,11 +42,7 @@ class Controller(RowDecider):
     source: str | None = field(default=None, repr=False)
 
     def __post_init__(self):
-        for label in PARAMETERS:
-            t = getattr(self, label)
-            if not isinstance(t, torch.Tensor) or not torch.isfinite(t).all():
-                raise ValueError(f"controller {label} must be a finite tensor")
-            setattr(self, label, t.detach().float().cpu().contiguous())
+        finite_tensors(self, PARAMETERS, "controller")
         self.layers = [int(l) for l in self.layers]
         if not self.layers or len(set(self.layers)) != len(self.layers):
             raise ValueError(f"a controller needs distinct steered layers, got {self.layers}")
@@ -57,12 +53,7 @@ class Controller(RowDecider):
         if units < 1 or wrong:
             raise ValueError(f"controller shapes do not fit (hidden units {units}, hidden size {h}, "
                              f"{len(self.layers)} layers): {wrong}")
-        if (self.std <= 0).any():
-            raise ValueError("controller std must be positive")
-        if self.reduce not in REDUCES:
-            raise ValueError(f"controller reduce must be one of {REDUCES}, got {self.reduce!r}")
-        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
-            raise ValueError(f"controller layer must be a non-negative int, got {self.layer!r}")
+        check_reading(self, "controller")
 
     @property
     def width(self) -> int:

@@ -117,6 +117,25 @@ class RowDecider(ABC):
         """Raise before any change if the decider does not fit the model."""
 
 
+def finite_tensors(obj, names, what: str) -> None:
+    """Replace each of ``obj``'s tensors ``names`` by a float32 CPU copy; ValueError unless finite."""
+    for label in names:
+        t = getattr(obj, label)
+        if not isinstance(t, torch.Tensor) or not torch.isfinite(t).all():
+            raise ValueError(f"{what} {label} must be a finite tensor")
+        setattr(obj, label, t.detach().float().cpu().contiguous())
+
+
+def check_reading(obj, what: str) -> None:
+    """The checks every learned decider shares: a positive ``std``, a known ``reduce``, a layer."""
+    if (obj.std <= 0).any():
+        raise ValueError(f"{what} std must be positive")
+    if obj.reduce not in REDUCES:
+        raise ValueError(f"{what} reduce must be one of {REDUCES}, got {obj.reduce!r}")
+    if isinstance(obj.layer, bool) or not isinstance(obj.layer, int) or obj.layer < 0:
+        raise ValueError(f"{what} layer must be a non-negative int, got {obj.layer!r}")
+
+
 @dataclass(frozen=True)
 class RowColumn:
     """A gate that reads column ``offset`` of a multi-column decider's decision (e.g. the one-hot

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .gates import REDUCES, RowColumn, RowDecider, pool
+from .gates import RowColumn, RowDecider, check_reading, finite_tensors, pool
 
 
 @dataclass
@@ -28,21 +28,12 @@ class ProbeSelect(RowDecider):
     source: str | None = field(default=None, repr=False)
 
     def __post_init__(self):
-        for label in ("weight", "bias", "mean", "std"):
-            t = getattr(self, label)
-            if not isinstance(t, torch.Tensor) or not torch.isfinite(t).all():
-                raise ValueError(f"probe {label} must be a finite tensor")
-            setattr(self, label, t.detach().float().cpu().contiguous())
+        finite_tensors(self, ("weight", "bias", "mean", "std"), "probe")
         k, h = self.weight.shape if self.weight.dim() == 2 else (0, 0)
         if k < 2 or self.bias.shape != (k,) or self.mean.shape != (h,) or self.std.shape != (h,):
             raise ValueError(f"a probe needs weight [K >= 2, H], bias [K], mean and std [H]; got "
                              f"{[tuple(getattr(self, n).shape) for n in ('weight', 'bias', 'mean', 'std')]}")
-        if (self.std <= 0).any():
-            raise ValueError("probe std must be positive")
-        if self.reduce not in REDUCES:
-            raise ValueError(f"probe reduce must be one of {REDUCES}, got {self.reduce!r}")
-        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
-            raise ValueError(f"probe layer must be a non-negative int, got {self.layer!r}")
+        check_reading(self, "probe")
 
     @property
     def width(self) -> int:
