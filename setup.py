@@ -54,7 +54,7 @@ setup(
     long_description_content_type="text/markdown",
     package_dir={"splice": "python/splice", "splice.kernels": "kernels"},
     packages=PACKAGES,
-    package_data={"splice.vectors": ["data/*.json", "data/prompts/*.json"]},
+    package_data={"splice.vectors": ["data/*.json", "data/prompts/*.json", "data/conflicts/*.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     python_requires=">=3.10",

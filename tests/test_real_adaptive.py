@@ -89,7 +89,7 @@ def test_lineas_training_moves_source_towards_target_and_the_patch_applies_what_
     assert report["w2_last"] < 0.8 * report["w2_first"]
     assert affine.layers == layers
     # splice's fused Affine at site out gives what the training forward (hooks) computed
-    maps = {l: (affine.a[l] - 1.0, affine.b[l]) for l in layers}
+    maps = {l: (lambda u, l=l: (affine.a[l] - 1.0) * u + affine.b[l]) for l in layers}
     with torch.no_grad():
         trained = _layer_outputs(model, tok, negative[:2], layers, maps)
         with splice.patch(model, affine):
@@ -99,12 +99,45 @@ def test_lineas_training_moves_source_towards_target_and_the_patch_applies_what_
     assert _quantiles(trained[0], 8).shape == (8, model.config.hidden_size)
 
 
+def test_lowrank_training_moves_source_towards_target_and_the_patch_applies_what_was_trained(real_model):
+    """LoReFT's form under LinEAS's loss: the loss falls, the fused LowRank gives what the training
+    hooks computed, and the sparsity penalty switches layers off."""
+    model, tok = real_model
+    positive, negative = builtin_pairs("happy_sad")
+    layers = [4, 10]
+    low, report = train_lineas(model, tok, negative[:8], positive[:8], layers=layers, steps=10, lr=2e-2,
+                               form="lowrank", rank=4, progress=False)
+    assert report["w2_last"] < 0.9 * report["w2_first"] and report["form"] == "lowrank"
+    assert isinstance(low, splice.LowRank) and low.layers == layers and low.rank == 4
+    maps = {l: (lambda u, l=l: (u @ low.A[l] - low.c[l]) @ low.B[l].T) for l in layers}
+    with torch.no_grad():
+        trained = _layer_outputs(model, tok, negative[:2], layers, maps)
+        with splice.patch(model, low):
+            patched = _layer_outputs(model, tok, negative[:2], layers)
+        plain = _layer_outputs(model, tok, negative[:2], layers)
+    for t, p, u in zip(trained, patched, plain):
+        torch.testing.assert_close(p, t, atol=1e-3, rtol=1e-3)
+        assert float((t - u).abs().max()) > 1e-2  # the map moved something
+    # the proximal group-lasso step sets whole layers exactly back to the identity
+    sparse, report = train_lineas(model, tok, negative[:8], positive[:8], layers=[2, 10, 20], steps=10, lr=2e-2,
+                                  form="lowrank", rank=4, sparsity=0.7, progress=False)
+    assert report["group_norms"][20] == 0.0 and 20 not in report["kept_layers"]
+    assert sparse.layers == report["kept_layers"] and set(sparse.B) == set(report["kept_layers"]) != set()
+    with pytest.raises(ValueError, match="switched every layer off"):
+        train_lineas(model, tok, negative[:8], positive[:8], layers=[2, 10], steps=10, lr=2e-2, form="lowrank",
+                     rank=4, sparsity=2.0, progress=False)
+
+
 def test_lineas_refuses_too_few_samples_and_bad_layers(real_model):
     model, tok = real_model
     with pytest.raises(ValueError, match="at least 4 source prompts"):
         train_lineas(model, tok, ["a", "b"], ["c", "d", "e", "f"], steps=1)
     with pytest.raises(ValueError, match="out of range"):
         train_lineas(model, tok, ["a"] * 4, ["b"] * 4, layers=[30], steps=1)
+    with pytest.raises(ValueError, match="rank must be an int in 1..16"):
+        train_lineas(model, tok, ["a"] * 4, ["b"] * 4, layers=[3], steps=1, form="lowrank", rank=17)
+    with pytest.raises(ValueError, match="unknown map form"):
+        train_lineas(model, tok, ["a"] * 4, ["b"] * 4, layers=[3], steps=1, form="diagonal")
 
 
 def test_controller_training_learns_to_steer_where_wanted(real_model, happy):

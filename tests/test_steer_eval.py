@@ -1,11 +1,13 @@
 """``splice eval steer``'s measurements (splice.tools.steer_eval): repetition, PMI relevance on
 hand-made tokens, the fluency-budget choice, the concept probe, and one real-model run."""
 
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+import splice
 from splice.tools import steer_eval as se
 from splice.tools import steer_eval_report
 
@@ -152,3 +154,21 @@ def test_harness_on_the_real_model(real_model, tmp_path):
     assert cond["runs"][1]["met"]["concept"] > cond["runs"][0]["met"]["concept"]
     assert "| conditional | 0.8 |" in steer_eval_report.table(report)
     assert steer_eval_report.plot(report, tmp_path / "eval.png").stat().st_size > 0
+
+
+@pytest.mark.real_model
+def test_learned_maps_are_evaluated_over_their_own_scale_grid(real_model, monkeypatch):
+    """A map's scale is t in u + t*delta(u), not a vector's coefficient: map methods run over
+    map_scales, the others over scales, and each report says which grid it used."""
+    model, tokenizer = real_model
+    assert {"lineas", "loreft"} <= se.MAP_METHODS and not {"mean_diff", "pca", "conditional"} & se.MAP_METHODS
+    hidden = model.config.hidden_size
+    shift = splice.Affine(a={l: torch.ones(hidden) for l in se.STEER_LAYERS},
+                          b={l: torch.full((hidden,), 0.05) for l in se.STEER_LAYERS})
+    monkeypatch.setitem(se.METHODS, "shift", lambda ctx: lambda scale: [dataclasses.replace(shift, scale=scale)])
+    monkeypatch.setattr(se, "MAP_METHODS", {"shift"})
+    report = se.evaluate(model, tokenizer, methods=["mean_diff", "shift"], scales=[0.8], map_scales=[1.0, 2.0],
+                         instructions=1, max_new_tokens=4, progress=False)
+    assert [r["scale"] for r in report["methods"]["mean_diff"]["runs"]] == [0.0, 0.8]
+    assert [r["scale"] for r in report["methods"]["shift"]["runs"]] == [0.0, 1.0, 2.0]
+    assert report["settings"]["map_methods"] == ["shift"] and report["settings"]["map_scales"] == [0.0, 1.0, 2.0]

@@ -19,7 +19,7 @@ def cmd_eval_steer(args) -> int:
         raise SystemExit(f"unknown methods {unknown}; registered: {sorted(steer_eval.METHODS)}")
     model, tokenizer = load(args)
     start = time.perf_counter()
-    report = steer_eval.evaluate(model, tokenizer, methods=args.methods, scales=args.scales,
+    report = steer_eval.evaluate(model, tokenizer, methods=args.methods, scales=args.scales, map_scales=args.map_scales,
                                  instructions=args.instructions, max_new_tokens=args.max_new_tokens,
                                  concept=args.concept, fluency_budget=args.fluency_budget,
                                  probe_layer=args.probe_layer, condition_prompts=args.condition_prompts)
@@ -43,10 +43,13 @@ def add_commands(sub) -> None:
     st = esub.add_parser("steer", parents=[model_options(), threads_option()],
                          help="AxBench-style: concept score, perplexity, repetition and relevance per method and scale")
     st.add_argument("--json", help="write the report here (and a .png plot beside it)")
-    st.add_argument("--methods", nargs="+", default=["mean_diff", "pca", "conditional", "lineas", "gact", "controller"],
-                    help="registered methods (default: all six)")
+    st.add_argument("--methods", nargs="+",
+                    default=["mean_diff", "pca", "conditional", "lineas", "loreft", "gact", "controller"],
+                    help="registered methods (default: all seven)")
     st.add_argument("--scales", type=float, nargs="+", default=[0.0, 0.2, 0.4, 0.6, 0.8],
                     help="steering scales (0, the unsteered model, is always included)")
+    st.add_argument("--map-scales", type=float, nargs="+", default=[0.5, 1.0, 1.5, 2.0],
+                    help="scales t of the learned maps (lineas, loreft): u + t*delta(u), 1 the trained map")
     st.add_argument("--instructions", type=int, default=16, help="held-out instructions (the first N)")
     st.add_argument("--max-new-tokens", type=int, default=32)
     st.add_argument("--concept", default="happy_probe",

@@ -1,4 +1,4 @@
-"""``splice demo``, ``splice extract``, ``splice condition fit`` and ``splice train lineas``."""
+"""``splice demo``, ``extract``, ``condition fit``, ``train lineas|gact|controller`` and ``search heads``."""
 
 from __future__ import annotations
 
@@ -76,11 +76,11 @@ def cmd_train_lineas(args) -> int:
 
     target, source = load_pairs(args.pairs) if args.pairs else builtin_pairs(args.builtin)
     model, tokenizer = load(args)
-    affine, report = train_lineas(model, tokenizer, source, target, layers=args.layers, steps=args.steps, lr=args.lr,
-                                  sparsity=args.sparsity, seed=args.seed)
-    save_intervention(affine, args.out, model=_model_name(model))
+    learned, report = train_lineas(model, tokenizer, source, target, layers=args.layers, steps=args.steps, lr=args.lr,
+                                   sparsity=args.sparsity, form=args.form, rank=args.rank, seed=args.seed)
+    save_intervention(learned, args.out, model=_model_name(model))
     return _finish(args, report, args.pairs or f"builtin:{args.builtin}",
-                   f"LinEAS: W2 {report['w2_first']:.4f} -> {report['w2_last']:.4f} over {args.steps} steps; "
+                   f"LinEAS ({args.form}): W2 {report['w2_first']:.4f} -> {report['w2_last']:.4f} over {args.steps} steps; "
                    f"{len(report['kept_layers'])} of {len(report['layers'])} layers kept")
 
 
@@ -122,6 +122,28 @@ def cmd_train_controller(args) -> int:
                    vector=args.vector or "builtin:happy_sad")
 
 
+def cmd_search_heads(args) -> int:
+    from ..recipe import Recipe
+    from ..tools.head_search import search_heads
+    from ..tools.knowledge_conflict import builtin_facts, load_facts, make_conflicts
+
+    if not args.out.endswith((".yaml", ".yml", ".json")):
+        raise SystemExit("--out must end in .yaml, .yml or .json (a recipe)")
+    facts = load_facts(args.facts) if args.facts else builtin_facts()
+    model, tokenizer = load(args)
+    conflicts = make_conflicts(tokenizer, facts, seed=args.seed)
+    pruned, report = search_heads(model, tokenizer, conflicts, toward=args.toward, k=args.k,
+                                  candidates=args.candidates, retain=args.retain, held_out=args.held_out,
+                                  known_only=not args.all_facts, seed=args.seed)
+    Recipe(steers={pruned.name: pruned}, default=[(pruned.name, pruned.scale)]).save(args.out)
+    before, after = report["held_out"]["unpatched"], report["held_out"]["pruned"]
+    return _finish(args, report, args.facts or "builtin:facts",
+                   f"PH3 toward {args.toward}: pruned {len(report['pruned_heads'])} heads "
+                   f"{report['pruned_heads']}; held-out follows {args.toward} "
+                   f"{before['follows_' + args.toward]:.3f} -> {after['follows_' + args.toward]:.3f}, closed-book "
+                   f"accuracy {before['closed_book_accuracy']:.3f} -> {after['closed_book_accuracy']:.3f}")
+
+
 def add_commands(sub) -> None:
     demo = sub.add_parser("demo", parents=[model_options()],
                           help="steer the default model and show generations and throughput")
@@ -158,7 +180,8 @@ def add_commands(sub) -> None:
     train = sub.add_parser("train", help="learn interventions from the model's activations")
     tsub = train.add_subparsers(dest="train_command", required=True)
     lin = tsub.add_parser("lineas", parents=[model_options(), report_option(plot=False), threads_option()],
-                          help="LinEAS: per-layer affine maps trained end to end (negative prompts -> positive)")
+                          help="LinEAS: per-layer affine (or LoReFT-form low-rank) maps trained end to end "
+                               "(negative prompts -> positive)")
     src = lin.add_mutually_exclusive_group()
     src.add_argument("--pairs", help='JSON file of [{"positive": ..., "negative": ...}, ...] (used unpaired)')
     src.add_argument("--builtin", default="happy_sad", help="a built-in pair set (default: happy_sad)")
@@ -166,6 +189,9 @@ def add_commands(sub) -> None:
     lin.add_argument("--steps", type=int, default=100)
     lin.add_argument("--lr", type=float, default=5e-3)
     lin.add_argument("--sparsity", type=float, default=0.0, help="group-lasso weight that switches layers off")
+    lin.add_argument("--form", choices=("affine", "lowrank"), default="affine",
+                     help="affine: u <- a*u + b (LinEAS); lowrank: u <- u + B(A^T u - c) (LoReFT's form)")
+    lin.add_argument("--rank", type=int, default=8, help="rank of the lowrank form (1..16)")
     lin.add_argument("--seed", type=int, default=0)
     lin.add_argument("--out", required=True, help="output map file (.safetensors)")
     lin.set_defaults(func=cmd_train_lineas)
@@ -195,3 +221,21 @@ def add_commands(sub) -> None:
     ctl.add_argument("--seed", type=int, default=0)
     ctl.add_argument("--out", required=True, help="output file (.safetensors): the vector and its controller")
     ctl.set_defaults(func=cmd_train_controller)
+
+    search = sub.add_parser("search", help="measured searches for interventions")
+    ssub = search.add_subparsers(dest="search_command", required=True)
+    heads = ssub.add_parser("heads", parents=[model_options(), report_option(plot=False), threads_option()],
+                            help="PH3: the attention heads to prune so the model answers from memory (or context) "
+                                 "when a passage contradicts what it knows; writes a recipe")
+    heads.add_argument("--facts", help='JSON {"facts": [{"relation", "cloze", "memory"}, ...]} (default: built-in)')
+    heads.add_argument("--toward", choices=("memory", "context"), default="memory")
+    heads.add_argument("--k", type=int, default=8, help="most heads to prune")
+    heads.add_argument("--candidates", type=int, default=24, help="heads measured after gradient screening")
+    heads.add_argument("--retain", type=float, default=1.0,
+                       help="weight of the closed-book log-probability kept in the objective")
+    heads.add_argument("--held-out", type=float, default=0.34, help="fraction of conflicts kept for the report")
+    heads.add_argument("--all-facts", action="store_true",
+                       help="keep facts the model does not answer closed-book (default: known facts only)")
+    heads.add_argument("--seed", type=int, default=0)
+    heads.add_argument("--out", required=True, help="output recipe (.yaml or .json) that prunes the heads found")
+    heads.set_defaults(func=cmd_search_heads)

@@ -27,7 +27,9 @@ Every measurement is made with the *unsteered* model (the patch is only on while
   numerical floor (cached decode against one full forward).
 
 A *method* is a name and ``build(context) -> (scale -> [interventions])``, built once from the
-concept data (:func:`method` adds one). For each method and scale the model generates greedily,
+concept data (:func:`method` adds one), and a scale grid: a steering vector's ``scales`` (its
+coefficient), or, for a learned map (``lineas``, ``loreft``), ``map_scales`` (t in ``u + t·Δ(u)``,
+1 the map as trained). For each method and scale the model generates greedily,
 left-padded, in one batch, from the chat-templated held-out instructions; scale 0 is the
 unsteered model's generation, computed once and shared by every method. A method whose
 interventions carry a prefill decider (a :class:`~splice.steering.gates.Condition`) is also run on
@@ -61,6 +63,7 @@ from .gact import fit_gact
 from .lineas import train_lineas
 
 DEFAULT_SCALES = (0.0, 0.2, 0.4, 0.6, 0.8)
+DEFAULT_MAP_SCALES = (0.5, 1.0, 1.5, 2.0)
 STEER_LAYERS = tuple(range(12, 19))
 CONDITION_LAYERS = tuple(range(1, 12))
 
@@ -398,11 +401,14 @@ class Context:
 
 Build = Callable[[Context], Callable[[float], list]]
 METHODS: dict[str, Build] = {}
+MAP_METHODS: set[str] = set()  # evaluated over map_scales
 
 
-def method(name: str, build: Build) -> Build:
+def method(name: str, build: Build, learned_map: bool = False) -> Build:
     """Register ``build(context) -> (scale -> [interventions])`` as method ``name``."""
     METHODS[name] = build
+    if learned_map:
+        MAP_METHODS.add(name)
     return build
 
 
@@ -418,11 +424,13 @@ def _conditional(ctx: Context):
     return lambda scale: [Steer(vectors, layers=list(STEER_LAYERS), scale=scale, gate=condition)]
 
 
-def _lineas(ctx: Context):
-    positive, negative = ctx.pairs
-    affine, _ = train_lineas(ctx.model, ctx.tokenizer, negative, positive, layers=list(STEER_LAYERS), steps=60,
-                             progress=ctx.progress)
-    return lambda scale: [dataclasses.replace(affine, scale=scale)]
+def _lineas(form: str) -> Build:
+    def build(ctx: Context):
+        positive, negative = ctx.pairs
+        learned, _ = train_lineas(ctx.model, ctx.tokenizer, negative, positive, layers=list(STEER_LAYERS), steps=60,
+                                  form=form, rank=8, progress=ctx.progress)
+        return lambda scale: [dataclasses.replace(learned, scale=scale)]
+    return build
 
 
 def _gact(ctx: Context):
@@ -445,7 +453,8 @@ def _controller(ctx: Context):
 method("mean_diff", _steer("mean_diff"))
 method("pca", _steer("pca"))
 method("conditional", _conditional)
-method("lineas", _lineas)
+method("lineas", _lineas("affine"), learned_map=True)
+method("loreft", _lineas("lowrank"), learned_map=True)
 method("gact", _gact)
 method("controller", _controller)
 
@@ -474,7 +483,8 @@ def load_concept(concept: str) -> dict:
 
 # --- the harness --------------------------------------------------------------------------------
 def evaluate(model, tokenizer, methods: Sequence[str] = ("mean_diff", "pca", "conditional"),
-             scales: Sequence[float] = DEFAULT_SCALES, instructions: int = 16, max_new_tokens: int = 32,
+             scales: Sequence[float] = DEFAULT_SCALES, map_scales: Sequence[float] = DEFAULT_MAP_SCALES,
+             instructions: int = 16, max_new_tokens: int = 32,
              concept: str = "happy_probe", fluency_budget: float = 1.5, probe_layer: int = 15,
              pairs: str = "happy_sad", condition_set: str = "cooking", condition_prompts: int | None = None,
              progress: bool = True) -> dict:
@@ -484,8 +494,10 @@ def evaluate(model, tokenizer, methods: Sequence[str] = ("mean_diff", "pca", "co
     if unknown:
         raise ValueError(f"unknown methods {unknown}; registered: {sorted(METHODS)}")
     scales = sorted({float(s) for s in scales} | {0.0})
-    if any(not math.isfinite(s) for s in scales):
-        raise ValueError(f"scales must be finite, got {scales}")
+    map_scales = sorted({float(s) for s in map_scales} | {0.0})
+    if any(not math.isfinite(s) for s in scales + map_scales):
+        raise ValueError(f"scales must be finite, got {scales} and {map_scales}")
+    grid = {name: map_scales if name in MAP_METHODS else scales for name in methods}
     if instructions < 1 or max_new_tokens < 1 or fluency_budget <= 0:
         raise ValueError("instructions and max_new_tokens must be positive, and so must fluency_budget")
     concept_set = load_concept(concept)
@@ -503,7 +515,7 @@ def evaluate(model, tokenizer, methods: Sequence[str] = ("mean_diff", "pca", "co
     builds = {name: METHODS[name](ctx) for name in methods}
     items_at = {name: build(1.0) for name, build in builds.items()}
     conditional = {name: deciders_of(items) for name, items in items_at.items() if deciders_of(items)}
-    steps = len(methods) * (len(scales) - 1) + 1 + (len(scales) - 1) * len(conditional) + bool(conditional)
+    steps = sum(len(grid[m]) - 1 for m in methods) + 1 + sum(len(grid[m]) - 1 for m in conditional) + bool(conditional)
     bar = tqdm(total=steps, desc="eval steer", unit="run", disable=not progress)
 
     def run(label, batch, items=()):
@@ -515,7 +527,8 @@ def evaluate(model, tokenizer, methods: Sequence[str] = ("mean_diff", "pca", "co
     base = run("unsteered", prompts)
     report = {"benchmark": "eval-steer", "model": getattr(model.config, "_name_or_path", None),
               "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-              "settings": {"methods": list(methods), "scales": scales, "instructions": instructions,
+              "settings": {"methods": list(methods), "scales": scales, "map_scales": map_scales,
+                           "map_methods": sorted(MAP_METHODS & set(methods)), "instructions": instructions,
                            "max_new_tokens": max_new_tokens, "concept": concept, "pairs": pairs,
                            "probe_layer": probe_layer, "probe_site": "in", "steer_layers": list(STEER_LAYERS),
                            "steer_site": "out", "fluency_budget": fluency_budget, "condition_set": condition_set},
@@ -532,14 +545,14 @@ def evaluate(model, tokenizer, methods: Sequence[str] = ("mean_diff", "pca", "co
     for name in methods:
         runs = [{"scale": 0.0, **_without_rows(base)}]
         detail = {0.0: base}
-        for scale in scales[1:]:
+        for scale in grid[name][1:]:
             detail[scale] = run(f"{name} {scale:g}", prompts, builds[name](scale))
             runs.append({"scale": scale, **_without_rows(detail[scale])})
-        entry = {"runs": runs, "rows": {f"{s:g}": detail[s]["rows"] for s in scales},
+        entry = {"runs": runs, "rows": {f"{s:g}": detail[s]["rows"] for s in grid[name]},
                  "equal_fluency": equal_fluency(runs, base["perplexity"], fluency_budget)}
         if name in conditional:
             entry["condition"] = _condition_report(model, tokenizer, name, conditional[name], ctx, cond_eval,
-                                                   prompts, detail, scales, builds[name], run)
+                                                   prompts, detail, grid[name], builds[name], run)
         report["methods"][name] = entry
     bar.close()
     return report
