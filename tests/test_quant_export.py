@@ -14,6 +14,7 @@ from compressed_tensors.compressors.pack_quantized import PackedQuantizationComp
 from compressed_tensors.quantization import QuantizationConfig
 from safetensors.torch import load_file
 from tiny_models import tiny_model
+from vllm_probe import WNA16_MISSING, has_wna16_kernel
 
 import splice
 from splice.cli import main as cli_main
@@ -161,6 +162,7 @@ def smol_4bit(tmp_path_factory):
 
 
 @pytest.mark.skipif(vllm_missing, reason="vllm is not importable")
+@pytest.mark.skipif(not has_wna16_kernel(), reason=WNA16_MISSING)
 def test_vllm_loads_4_bit_and_matches_splice_greedy(smol_4bit):
     """vLLM (float16, CPUWNA16 kernel) generates splice's own greedy tokens for 16 steps, and each
     token's log-prob is within 0.05 of splice's (float32) on the same sequence."""
@@ -182,6 +184,7 @@ def test_vllm_loads_4_bit_and_matches_splice_greedy(smol_4bit):
 
 
 @pytest.mark.skipif(vllm_missing, reason="vllm is not importable")
+@pytest.mark.skipif(not has_wna16_kernel(), reason=WNA16_MISSING)
 def test_vllm_cpu_has_no_float32_path_for_pack_quantized(smol_4bit):
     _, tok, out = smol_4bit
     got = probe(out, tok("Hi").input_ids, dtype="float32")

@@ -66,17 +66,8 @@ def _recipe(tmp_path, **extra):
     return str(path)
 
 
-@pytest.mark.parametrize("extra, message", [
-    ({"vector": {"site": "heads", "head": 0}}, "site 'heads' is not supported behind vLLM"),
-    ({"vector": {"op": "ablate"}}, "ablate at site 'out' is not supported behind vLLM"),
-    ({"steering": None}, None),
-])
-def test_serving_recipe_refusals(tmp_path, extra, message):
-    if message is None:
-        assert load_serving_recipe(_recipe(tmp_path, **extra)).steers == {}
-        return
-    with pytest.raises(RecipeError, match=message):
-        load_serving_recipe(_recipe(tmp_path, **extra))
+def test_a_recipe_without_steering_serves_nothing(tmp_path):
+    assert load_serving_recipe(_recipe(tmp_path, steering=None)).steers == {}
 
 
 def _entry_recipe(tmp_path, cfg):
@@ -97,22 +88,27 @@ def _entry_recipe(tmp_path, cfg):
     return path
 
 
-@pytest.mark.parametrize("cfg, message", [
-    ({"file": "v0.safetensors", "gate": {"condition": "cond.safetensors"}}, r"steering.vectors.extra.gate: a gated"),
-    ({"file": "v0.safetensors", "gate": {"direction": "v0.safetensors", "threshold": 0.1}},
-     r"steering.vectors.extra.gate: a gated"),
-    ({"map": "lowrank.safetensors"}, r"steering.vectors.extra: a low-rank map"),
-    ({"map": "affine.safetensors", "scale": 0.5}, r"steering.vectors.extra: an affine map"),
-    ({"heads": {4: [0, 1]}}, r"steering.vectors.extra: a head scale"),
-])
-def test_serving_refuses_gates_maps_and_head_scales(tmp_path, cfg, message):
-    path = _entry_recipe(tmp_path, cfg)
-    with pytest.raises(RecipeError, match=message + r".*not served behind vLLM yet; they run with splice.patch"):
+SERVED = [
+    {"file": "v0.safetensors", "gate": {"direction": "v0.safetensors", "threshold": 0.1}},
+    {"map": "lowrank.safetensors"},
+    {"map": "affine.safetensors", "scale": 0.5},
+    {"heads": {4: [0, 1]}},
+    {"file": "v0.safetensors", "site": "in", "op": "ablate"},
+    {"file": "v0.safetensors", "site": "out", "op": "clamp", "hi": 1.0},
+    {"file": "v0.safetensors", "site": "heads", "head": 0},
+]
+
+
+@pytest.mark.parametrize("cfg", SERVED, ids=["token-gate", "lowrank", "affine", "head-scale", "in-ablate",
+                                             "out-clamp", "head-vector"])
+def test_serving_accepts_what_splice_patch_runs(tmp_path, cfg):
+    assert sorted(load_serving_recipe(_entry_recipe(tmp_path, cfg)).steers) == ["extra", "v0"]
+
+
+def test_serving_refuses_a_prefill_decided_gate_and_names_it(tmp_path):
+    path = _entry_recipe(tmp_path, {"file": "v0.safetensors", "gate": {"condition": "cond.safetensors"}})
+    with pytest.raises(RecipeError, match=r"steering.vectors.extra.gate: a gate decided at prefill .* chunked prefill"):
         load_serving_recipe(path)
-    data = yaml.safe_load(open(path))
-    data["steering"]["vectors"]["extra"] = {"file": "v0.safetensors", "scale": 2.0}  # the same entry, plain
-    open(path, "w").write(yaml.safe_dump(data))
-    assert sorted(load_serving_recipe(path).steers) == ["extra", "v0"]
 
 
 def test_serving_refuses_a_default_list(tmp_path):

@@ -10,8 +10,10 @@ import json
 import os
 import socket
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
+from vllm_probe import WNA16_MISSING, has_wna16_kernel
 
 pytestmark = [
     pytest.mark.real_model,
@@ -208,30 +210,70 @@ def test_recipe_that_does_not_fit_the_model_refuses_to_start(tmp_path):
     assert "out of range: the model has layers 0..29" in done.stdout + done.stderr
 
 
-def test_float32_server_matches_hugging_face_with_the_same_recipe(recipe, tmp_path):
-    """Static skips (a whole layer, an attention, an MLP) and steering at ``out`` (add) and ``mlp``
-    (ablate) behind vLLM give the greedy text splice.patch gives on the Hugging Face model."""
+def _parity_recipe(recipe: Path) -> Path:
+    """The session recipe plus static skips (a whole layer, an attention, an MLP) and one entry of
+    every kind splice.patch runs: ``in`` ablate, ``out`` clamp, a per-head vector at ``heads``, a head
+    scale, a low-rank and an affine map, a token-gated vector, a vector on generated tokens only."""
     import torch
     import yaml
 
-    import splice
-    from splice.models.loader import load_model
-    from splice.serving import launch
+    from splice.steering.files import save_intervention
+    from splice.steering.maps import Affine, LowRank
+    from splice.vectors.io import save_vectors
+    from splice.vectors.vector_set import VectorSet
 
+    gen = torch.Generator().manual_seed(1)
+    unit = lambda: torch.nn.functional.normalize(torch.randn(576, generator=gen), dim=0)  # noqa: E731
+    d = recipe.parent
+    save_intervention(LowRank(A={l: torch.randn(576, 8, generator=gen) / 24 for l in (3, 9)},
+                              B={l: torch.randn(576, 8, generator=gen) / 4 for l in (3, 9)}), d / "lowrank.safetensors")
+    save_intervention(Affine(a={l: 1 + 0.3 * torch.randn(576, generator=gen) for l in (4, 12)},
+                             b={l: 0.5 * unit() for l in (4, 12)}, site="mlp"), d / "affine.safetensors")
+    save_vectors(VectorSet({l: torch.randn(64, generator=gen) for l in (2, 3)}, site="heads", method="random"),
+                 d / "head.safetensors")
     data = yaml.safe_load(recipe.read_text())
     vectors = data["steering"]["vectors"]
     for cfg in vectors.values():  # splice refuses steering a skipped part
         cfg["layers"] = [l for l in range(30) if l != 20]
     vectors["flat"]["layers"] = [10, 11, 12]
+    vectors.update({
+        "stream_in": {"file": "v1.safetensors", "site": "in", "op": "ablate", "layers": [6, 7, 8]},
+        "clamp_out": {"file": "v2.safetensors", "op": "clamp", "lo": 2.0, "layers": [14, 15]},
+        "head_vec": {"file": "head.safetensors", "site": "heads", "head": 4, "scale": 12.0},
+        "prune": {"heads": {10: [2, 5], 11: [0]}},
+        "lowrank": {"map": "lowrank.safetensors"},
+        "affine": {"map": "affine.safetensors"},
+        "gated": {"file": "v0.safetensors", "scale": 8.0, "layers": [16, 17, 18],
+                  "gate": {"direction": "v1.safetensors", "threshold": 0.0, "temperature": 0.05}},
+        "late": {"file": "v3.safetensors", "scale": 8.0, "positions": "generated", "layers": [9, 10]},
+    })
     data["skip"] = {"layers": [20], "attn": [5], "mlp": [7]}
-    skip_recipe = recipe.with_name("skip.yaml")
-    skip_recipe.write_text(yaml.safe_dump(data))
-    prompts, cases = ["Hello, my name is", "The best way to learn a language is"], [None, [("v0", 6.0), ("flat", 1.0)]]
+    out = recipe.with_name("parity.yaml")
+    out.write_text(yaml.safe_dump(data))
+    return out
 
+
+PARITY_CASES = [None, [("v0", 6.0), ("flat", 1.0)], [("stream_in", 1.0), ("clamp_out", 1.0)],
+                [("head_vec", 12.0), ("prune", 0.0)], [("lowrank", 1.0)], [("affine", 1.0)],
+                [("gated", 8.0), ("late", 8.0)]]
+
+
+def test_float32_server_matches_hugging_face_with_the_same_recipe(recipe, tmp_path):
+    """Every kind of intervention behind vLLM (static skips; add, ablate and clamp at sites in, out,
+    mlp and heads; head scales; low-rank and affine maps; a token gate; a position range) gives the
+    greedy text splice.patch gives on the Hugging Face model, for the same recipe and request."""
+    import torch
+
+    import splice
+    from splice.models.loader import load_model
+    from splice.serving import launch
+
+    parity = _parity_recipe(recipe)
+    prompts = ["Hello, my name is", "The best way to learn a language is"]
     model, tok = load_model()
     expected = []
-    with splice.patch(model, recipe=skip_recipe) as p:
-        for items in cases:
+    with splice.patch(model, recipe=parity) as p:
+        for items in PARITY_CASES:
             p.set_slot(1, items or [])
             for prompt in prompts:
                 ids = tok(prompt, return_tensors="pt").input_ids
@@ -240,13 +282,13 @@ def test_float32_server_matches_hugging_face_with_the_same_recipe(recipe, tmp_pa
                 expected.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
 
     port = _free_port()
-    cmd = launch.command(skip_recipe, ["--model", str(model.config._name_or_path), "--port", str(port),
-                                       "--max-model-len", "512", "--dtype", "float32"])
+    cmd = launch.command(parity, ["--model", str(model.config._name_or_path), "--port", str(port),
+                                  "--max-model-len", "512", "--dtype", "float32"])
     proc = _serve(cmd, tmp_path / "fp32.log", port)
     try:
         server = Server(port, str(model.config._name_or_path))
         got = []
-        for items in cases:
+        for items in PARITY_CASES:
             xargs = None if items is None else {"splice_vector": [n for n, _ in items],
                                                 "splice_scale": [s for _, s in items]}
             for prompt in prompts:
@@ -255,10 +297,13 @@ def test_float32_server_matches_hugging_face_with_the_same_recipe(recipe, tmp_pa
                 got.append(r.choices[0].text)
     finally:
         launch.stop(proc)
-    assert got == expected
-    assert expected[:2] != expected[2:]
+    for case, (g, e) in enumerate(zip(got, expected)):
+        assert g == e, (PARITY_CASES[case // 2], g, e)
+    plain = expected[:2]
+    assert all(expected[i:i + 2] != plain for i in range(2, len(expected), 2)), "a case that changes nothing proves nothing"
 
 
+@pytest.mark.skipif(not has_wna16_kernel(), reason=WNA16_MISSING)
 def test_a_quantized_export_serves_with_per_request_steering(recipe, tmp_path):
     """4-bit weights reach vLLM through the compressed-tensors export (float16, vLLM's CPU kernel),
     under the same recipe: unsteered greedy text equals splice's own quantized model's, and a

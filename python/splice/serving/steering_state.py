@@ -50,6 +50,17 @@ class FixedTables(SteeringTables):
         """Never drop a table: the compiled graph reads every table the recipe declared."""
 
 
+def table_capacity(steers: dict, adapter, per_request: int) -> dict[Key, int]:
+    """Entries per slot each ``(layer, site)`` table needs: the sum of the ``per_request`` largest
+    entry counts of the interventions there (a vector is one entry, a gated one two, a rank-r map 2r)."""
+    counts: dict[Key, list[int]] = {}
+    for steer in steers.values():
+        size = adapter.site_size(steer.site)
+        for layer in steer.layers:
+            counts.setdefault((layer, steer.site), []).append(len(steer.entries(layer, steer.scale, size)))
+    return {key: sum(sorted(c, reverse=True)[:per_request]) for key, c in sorted(counts.items())}
+
+
 class SlotPool:
     """Steering configuration -> table slot (1..n-1), reference-counted by the rows using it.
     Unused slots keep their contents and are reused least recently released first."""
@@ -87,11 +98,7 @@ class ServeSteering(nn.Module):
     def __init__(self, adapter, recipe, max_rows: int, max_tokens: int, per_request: int):
         super().__init__()
         self.adapter, self.recipe = adapter, recipe
-        capacity: dict[Key, int] = {}
-        for steer in recipe.steers.values():
-            for layer in steer.layers:
-                key = (layer, steer.site)
-                capacity[key] = min(capacity.get(key, 0) + 1, per_request)
+        capacity = table_capacity(recipe.steers, adapter, per_request)
         sizes = {site: adapter.site_size(site) for site in ("in", "out", "attn", "mlp", "heads")}
         device = adapter.device
         self.tables = FixedTables(max_rows + 1, sizes, device, capacity)
@@ -102,6 +109,7 @@ class ServeSteering(nn.Module):
         self.register_buffer("row_prompt", torch.zeros(max_rows, dtype=torch.long, device=device), persistent=False)
         self.register_buffer("slot", torch.zeros(max_tokens, dtype=torch.int32, device=device), persistent=False)
         self.register_buffer("gen", torch.zeros(max_tokens, dtype=torch.bool, device=device), persistent=False)
+        self.register_buffer("pos", torch.zeros(max_tokens, dtype=torch.long, device=device), persistent=False)
         self.register_buffer("token", torch.arange(max_tokens, dtype=torch.int32, device=device), persistent=False)
         self.row_slots = [0] * max_rows  # host copy, for releasing slots
         self.steered_rows = 0
@@ -153,7 +161,8 @@ class ServeSteering(nn.Module):
 
     # --- tokens (one forward step) -----------------------------------------------------------
     def prepare(self, positions: torch.Tensor) -> None:
-        """Fill ``slot[:T]`` and ``gen[:T]`` for this step's ``T`` tokens (before the compiled model)."""
+        """Fill ``slot[:T]``, ``gen[:T]`` and ``pos[:T]`` (for sites whose module is not handed the
+        positions) for this step's ``T`` tokens (before the compiled model)."""
         from vllm.forward_context import get_forward_context, is_forward_context_available
 
         tokens = positions.shape[0]
@@ -165,6 +174,7 @@ class ServeSteering(nn.Module):
         if not self.steered_rows or not metadata:
             self.slot[:tokens].zero_()
             return
+        self.pos[:tokens].copy_(positions)
         starts = next(iter(metadata.values())).query_start_loc
         rows = torch.searchsorted(starts[1:], self.token[:tokens], right=True).clamp_(max=starts.numel() - 2)
         torch.index_select(self.row_slot, 0, rows, out=self.slot[:tokens])
