@@ -9,7 +9,7 @@ SOURCES := setup.py $(wildcard csrc/cpu/* csrc/cuda/*)
 
 VLLM_STAMP := $(VENV)/.splice-vllm-installed
 
-.PHONY: install install-vllm demo test bench clean
+.PHONY: install install-vllm demo test integration bench clean
 
 install: $(STAMP)
 
@@ -35,8 +35,13 @@ $(VLLM_STAMP): $(STAMP)
 demo: install
 	$(VENV)/bin/splice demo
 
+# The slow integration checks (marker `slow`: training, searches, vLLM servers of their own) run in
+# `make integration`; `make test` stays under 30 minutes on 2 cores.
 test: install install-vllm
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow"
+
+integration: install install-vllm
+	$(PY) -m pytest -q -m slow
 
 bench: install
 	$(VENV)/bin/splice bench steer --json out/steer.json

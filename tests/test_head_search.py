@@ -50,6 +50,7 @@ def test_last_logits_are_each_prompts_own_whichever_side_pads(real_model, confli
             tok.padding_side = side
 
 
+@pytest.mark.slow
 def test_the_model_follows_a_contradicting_passage_and_pruning_a_screened_head_reduces_that(real_model, conflicts):
     model, tok = real_model
     with torch.no_grad():
@@ -66,6 +67,7 @@ def test_the_model_follows_a_contradicting_passage_and_pruning_a_screened_head_r
     assert objective_with(model, tok, conflicts[:16], "context", 0.0, []) == pytest.approx(-base)
 
 
+@pytest.mark.slow
 def test_search_heads_cli_writes_a_recipe_that_reproduces_its_held_out_report(real_model, conflicts, tmp_path):
     model, tok = real_model
     out, report_path = tmp_path / "ph3.yaml", tmp_path / "ph3.json"

@@ -161,6 +161,7 @@ def smol_4bit(tmp_path_factory):
     return model, tok, export_compressed_tensors(model, tmp_path_factory.mktemp("smol") / "ct", tokenizer=tok)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(vllm_missing, reason="vllm is not importable")
 @pytest.mark.skipif(not has_wna16_kernel(), reason=WNA16_MISSING)
 def test_vllm_loads_4_bit_and_matches_splice_greedy(smol_4bit):
@@ -183,6 +184,7 @@ def test_vllm_loads_4_bit_and_matches_splice_greedy(smol_4bit):
     assert (logprobs - torch.tensor(got["logprobs"])).abs().max() < 0.05
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(vllm_missing, reason="vllm is not importable")
 @pytest.mark.skipif(not has_wna16_kernel(), reason=WNA16_MISSING)
 def test_vllm_cpu_has_no_float32_path_for_pack_quantized(smol_4bit):
@@ -191,6 +193,7 @@ def test_vllm_cpu_has_no_float32_path_for_pack_quantized(smol_4bit):
     assert "cpu_gemm_wna16" in got.get("error", "") and "not implemented for 'Float'" in got["error"], got
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(vllm_missing, reason="vllm is not importable")
 @pytest.mark.parametrize("bits, quant_type", [(2, "uint2"), (3, "uint3"), (8, "uint8")])
 def test_vllm_cpu_refuses_2_3_and_8_bit(tmp_path, bits, quant_type):

@@ -209,6 +209,7 @@ def test_hybrid_attention(session):
 
 
 @pytest.mark.real_model
+@pytest.mark.slow
 def test_conditional_steering(session):
     """The fitted condition steers the cooking request and leaves the other exactly unsteered."""
     printed = run(session, "Conditional steering (CAST)").rstrip("\n").split("\n")
@@ -225,6 +226,7 @@ def test_conditional_steering(session):
 
 
 @pytest.mark.real_model
+@pytest.mark.slow
 def test_learned_maps_and_head_edits(session):
     printed = run(session, "Learned maps and head edits (LinEAS, LoReFT's form, PH3)").rstrip("\n")
     losses, text = printed.split("\n", 1)

@@ -11,7 +11,7 @@ from splice.tools.lineas import _layer_outputs, _quantiles, train_lineas
 from splice.vectors.extract import builtin_pairs, extract_vectors
 from splice.vectors.prompt_sets import as_chat, builtin_prompt_set
 
-pytestmark = pytest.mark.real_model
+pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 BEHAVIOUR_LAYERS = list(range(12, 19))
 
 

@@ -178,6 +178,7 @@ def test_bad_steering_is_http_400_naming_the_field(server, body, field):
     assert server.text(max_tokens=4)  # everyone else is still served
 
 
+@pytest.mark.slow
 def test_unsteered_requests_match_an_unpatched_server(server, tmp_path):
     from splice.serving import launch
 
@@ -195,6 +196,7 @@ def test_unsteered_requests_match_an_unpatched_server(server, tmp_path):
         launch.stop(proc)
 
 
+@pytest.mark.slow
 def test_recipe_that_does_not_fit_the_model_refuses_to_start(tmp_path):
     import subprocess
 
@@ -258,6 +260,7 @@ PARITY_CASES = [None, [("v0", 6.0), ("flat", 1.0)], [("stream_in", 1.0), ("clamp
                 [("gated", 8.0), ("late", 8.0)]]
 
 
+@pytest.mark.slow
 def test_float32_server_matches_hugging_face_with_the_same_recipe(recipe, tmp_path):
     """Every kind of intervention behind vLLM (static skips; add, ablate and clamp at sites in, out,
     mlp and heads; head scales; low-rank and affine maps; a token gate; a position range) gives the
@@ -303,6 +306,7 @@ def test_float32_server_matches_hugging_face_with_the_same_recipe(recipe, tmp_pa
     assert all(expected[i:i + 2] != plain for i in range(2, len(expected), 2)), "a case that changes nothing proves nothing"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not has_wna16_kernel(), reason=WNA16_MISSING)
 def test_a_quantized_export_serves_with_per_request_steering(recipe, tmp_path):
     """4-bit weights reach vLLM through the compressed-tensors export (float16, vLLM's CPU kernel),
@@ -346,6 +350,7 @@ def test_a_quantized_export_serves_with_per_request_steering(recipe, tmp_path):
     assert steered != plain
 
 
+@pytest.mark.slow
 def test_the_readme_serving_example_as_written(tmp_path):
     """README, "Serving behind vLLM": its ``splice extract``, its recipe, its ``splice serve`` line (on a
     free port) and its client block, run as written; the steered reply is sensible text that differs
