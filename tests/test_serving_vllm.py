@@ -290,18 +290,24 @@ def test_float32_server_matches_hugging_face_with_the_same_recipe(recipe, tmp_pa
     proc = _serve(cmd, tmp_path / "fp32.log", port)
     try:
         server = Server(port, str(model.config._name_or_path))
-        got = []
-        for items in PARITY_CASES:
+
+        def complete(job):
+            items, prompt = job
             xargs = None if items is None else {"splice_vector": [n for n, _ in items],
                                                 "splice_scale": [s for _, s in items]}
-            for prompt in prompts:
-                r = server.client.completions.create(model=server.model, prompt=prompt, max_tokens=12,
-                                                     temperature=0, extra_body={"vllm_xargs": xargs} if xargs else {})
-                got.append(r.choices[0].text)
+            r = server.client.completions.create(model=server.model, prompt=prompt, max_tokens=12,
+                                                 temperature=0, extra_body={"vllm_xargs": xargs} if xargs else {})
+            return r.choices[0].text
+
+        jobs = [(items, prompt) for items in PARITY_CASES for prompt in prompts]
+        got = [complete(job) for job in jobs]
+        with ThreadPoolExecutor(len(jobs)) as pool:  # every kind in one batch: no request changes another's
+            together = list(pool.map(complete, jobs[::-1]))[::-1]
     finally:
         launch.stop(proc)
     for case, (g, e) in enumerate(zip(got, expected)):
         assert g == e, (PARITY_CASES[case // 2], g, e)
+    assert together == got
     plain = expected[:2]
     assert all(expected[i:i + 2] != plain for i in range(2, len(expected), 2)), "a case that changes nothing proves nothing"
 

@@ -65,6 +65,8 @@ def _layer_forward(layer: nn.Module, idx: int, state: ServeSteering, parts: tupl
         h = _steer(h, tables, idx, "mlp", state, positions)
         if steer_out:
             stream = _steer(h + residual, tables, idx, "out", state, positions)
+            # a zero residual, not None: the next fused add+norm then runs the same kernel on the
+            # same values as an unpatched layer's, so unsteered rows stay bit-identical
             return stream, torch.zeros_like(stream)
         return h, residual
 

@@ -15,7 +15,6 @@ from pathlib import Path
 
 from ..recipe import Recipe, RecipeError, load_recipe
 from ..steering.gates import TokenGate
-from ..steering.slot_entries import INTERVENTIONS
 
 NOT_SERVED = ("a gate decided at prefill (a CAST condition, a G-ACT probe or a controller) is not served behind "
               "vLLM yet: the decision pools the whole prompt, which chunked prefill and the prefix cache split; "
@@ -50,8 +49,6 @@ def load_serving_recipe(path: str) -> Recipe:
         raise RecipeError("steering.default: behind vLLM each request chooses its vectors (vllm_xargs splice_vector) "
                           "and requests without steering stay unsteered; remove 'default'")
     for name, steer in recipe.steers.items():
-        if not isinstance(steer, INTERVENTIONS):
-            raise RecipeError(f"steering.vectors.{name}: a {type(steer).__name__} cannot be served")
         if steer.gate is not None and not isinstance(steer.gate, TokenGate):
             raise RecipeError(f"steering.vectors.{name}.gate: {NOT_SERVED}")
     return recipe
