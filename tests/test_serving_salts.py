@@ -23,7 +23,9 @@ STEER = {"splice_vector": "v0", "splice_scale": 4.0}
 def app_state(tmp_path_factory):
     recipe = write_recipe(tmp_path_factory.mktemp("salts"), 8, 2, 2)
     load = SimpleNamespace(load_format="splice", model_loader_extra_config={"recipe": str(recipe)})
-    return SimpleNamespace(state=SimpleNamespace(vllm_config=SimpleNamespace(load_config=load)))
+    model = SimpleNamespace(hf_config=SimpleNamespace(num_hidden_layers=2, hidden_size=8, num_attention_heads=2))
+    config = SimpleNamespace(load_config=load, model_config=model, scheduler_config=SimpleNamespace(max_num_seqs=4))
+    return SimpleNamespace(state=SimpleNamespace(vllm_config=config))
 
 
 def _send(app_state, body: dict | bytes, path="/v1/chat/completions"):

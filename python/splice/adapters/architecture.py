@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .shape import ModelShape
+
 
 @dataclass(frozen=True)
 class Family:
@@ -62,25 +64,20 @@ def norm_eps(norm: nn.Module) -> float:
     raise ValueError(f"cannot find the epsilon of norm module {type(norm).__name__}")
 
 
-class Adapter:
+class Adapter(ModelShape):
     """A loaded model seen through its family: layers, sizes, and the modules splice replaces."""
 
     def __init__(self, model: nn.Module):
-        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        self.family = _family_for(config.model_type)
+        super().__init__(model.config)
+        self.family = _family_for(self.config.model_type)
         self.model = model
-        self.config = config
         base = getattr(model, "model", model)
         layers = getattr(base, "layers", None)
         if not isinstance(layers, nn.ModuleList):
             raise ValueError(f"{type(model).__name__} has no decoder layer list at .model.layers")
         self.layers: nn.ModuleList = layers
         self.num_layers = len(layers)
-        self.hidden_size = int(config.hidden_size)
-        self.num_heads = int(config.num_attention_heads)
-        self.num_kv_heads = int(getattr(config, "num_key_value_heads", None) or self.num_heads)
-        self.head_dim = int(getattr(config, "head_dim", None) or self.hidden_size // self.num_heads)
-        self.name = str(getattr(config, "_name_or_path", "") or config.model_type)
+        self.name = str(getattr(self.config, "_name_or_path", "") or self.config.model_type)
 
     @property
     def device(self) -> torch.device:
@@ -89,9 +86,6 @@ class Adapter:
     def o_proj(self, layer_idx: int) -> nn.Linear:
         """The attention output projection; its input is the concatenation of the head outputs."""
         return self.layers[layer_idx].self_attn.o_proj
-
-    def site_size(self, site: str) -> int:
-        return self.num_heads * self.head_dim if site == "heads" else self.hidden_size
 
     def describe(self) -> str:
         return (f"{self.family.name}: {self.num_layers} layers, hidden {self.hidden_size}, "

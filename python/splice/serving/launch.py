@@ -17,21 +17,26 @@ from pathlib import Path
 
 from . import salts
 from .middleware import IMPORT_PATH
-from .options import load_serving_recipe
+from ..recipe import RecipeError
+from .options import ServeOptions, load_serving_recipe
 
 
-def command(recipe: str | os.PathLike, vllm_args: list[str]) -> list[str]:
-    """The server command line; the recipe is checked first so a bad one fails before vLLM starts.
+def command(recipe: str | os.PathLike, vllm_args: list[str], **options) -> list[str]:
+    """The server command line; the recipe and ``options`` (:class:`~.options.ServeOptions` keys:
+    ``registry``, ``max_slots``, ...) are checked first so bad ones fail before vLLM starts.
     Without ``--model`` the default model (SmolLM2-135M-Instruct, converted locally) is served."""
     recipe = str(Path(recipe).expanduser().absolute())
     load_serving_recipe(recipe)
+    served, rest = ServeOptions.split({"recipe": recipe, **options})
+    if rest:
+        raise RecipeError(f"unknown serving option {sorted(rest)[0]!r}")
     args = list(vllm_args)
     if "--model" not in args and not any(a.startswith("--model=") for a in args):
         from ..models.loader import default_model_dir
 
         args = ["--model", str(default_model_dir())] + args
     return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--load-format", "splice",
-            "--model-loader-extra-config", json.dumps({"recipe": recipe}), "--middleware", IMPORT_PATH, *args]
+            "--model-loader-extra-config", json.dumps(served.to_extra()), "--middleware", IMPORT_PATH, *args]
 
 
 def server_env(env: dict | None = None) -> dict:

@@ -21,6 +21,8 @@ from ..adapters.architecture import Adapter
 from ..recipe import RecipeError, check_steering_fits
 from ..skipping.spec import skipped_parts
 from . import steering_state
+from .catalog import admin_token
+from .registry import Registry
 from .model import install
 from .options import ServeOptions, load_serving_recipe
 
@@ -39,11 +41,25 @@ def _check_fits(recipe, adapter, parts) -> None:
         raise RecipeError(f"steering.vectors: {exc}") from exc
 
 
+def _check_options(options: ServeOptions, vllm_config, adapter) -> None:
+    """Refuse options this server cannot honour, before anything is installed."""
+    processes = getattr(vllm_config.parallel_config, "_api_process_count", 1)
+    bounded = options.max_slots is not None and options.max_slots < vllm_config.scheduler_config.max_num_seqs
+    if processes > 1 and (options.registry is not None or bounded):
+        raise RecipeError(f"registry and max_slots need one API server process ({processes} asked): each process "
+                          "admits requests on its own and could hand the worker more configurations than slots")
+    if options.registry is not None:
+        admin_token()  # the worker's environment is the server's: fail the start, not the first admin call
+        if adapter.family.sandwich:
+            raise RecipeError(f"registry: serving supports pre-norm families, not {adapter.family.name}")
+
+
 def _graph_fingerprint(options: ServeOptions, recipe, adapter, parts) -> str:
     """What changes the compiled graph: which tables exist (and their sizes) and what is skipped."""
-    tables = sorted(steering_state.table_capacity(recipe.steers, adapter, options.max_vectors_per_request).items())
+    tables = sorted(steering_state.table_capacity(recipe.steers, adapter, options.max_vectors_per_request,
+                                                  options.registry_tables).items())
     code = sorted(p.read_text() for p in Path(__file__).parent.glob("*.py"))
-    data = json.dumps([tables, parts, options.max_vectors_per_request, len(recipe.steers), code])
+    data = json.dumps([tables, parts, options.max_vectors_per_request, options.max_slots, len(recipe.steers), code])
     return hashlib.sha256(data.encode()).hexdigest()
 
 
@@ -67,9 +83,11 @@ class SpliceModelLoader(DefaultModelLoader):
         except ValueError as exc:
             raise RecipeError(f"skip: {exc}") from exc
         _check_fits(recipe, adapter, parts)
+        _check_options(self.options, vllm_config, adapter)
         scheduler = vllm_config.scheduler_config
+        lookup = Registry(self.options.registry).load if self.options.registry is not None else None
         state = steering_state.ServeSteering(adapter, recipe, scheduler.max_num_seqs,
-                                             scheduler.max_num_batched_tokens, self.options.max_vectors_per_request)
+                                             scheduler.max_num_batched_tokens, self.options, lookup)
         install(model, adapter, state, parts)
         steering_state.set_current(state)
         if isinstance(vllm_config.additional_config, dict):  # keeps vLLM's compile cache apart per recipe

@@ -10,7 +10,11 @@ It sees every HTTP request and decides every request's prefix-cache salt (:mod:`
   configuration to the salt), which vLLM's request validation (:mod:`.request_rows`) requires;
 * any other POST whose JSON body carries a ``cache_salt`` gets it namespaced (``splice-c-…``), so
   no client can pick a salt that steered requests use;
+* ``/splice/v1/interventions`` is the admin endpoint (:mod:`.admin`), answered here;
 * everything else passes through untouched.
+
+A steered request holds its configuration's table slot while vLLM handles it (:mod:`.admission`);
+when every slot is held by other configurations it waits, then gets HTTP 503 with ``Retry-After``.
 
 A client's ``cache_salt`` is checked as vLLM checks it (a non-empty string of at most 128
 characters without ``@``, ``/``, ``\\`` or NUL) before it is namespaced.
@@ -21,9 +25,11 @@ from __future__ import annotations
 import json
 
 from ..recipe import RecipeError
-from . import salts
-from .options import ServeOptions, load_serving_recipe
-from .request_params import SALT, TOKEN, VECTOR, RequestSteering, SteeringParamError, parse, wants_steering
+from . import admin, salts
+from .admission import SlotsBusy
+from .catalog import Catalog
+from .registry import RegistryError
+from .request_params import SALT, TOKEN, VECTOR, RequestSteering, SteeringParamError, wants_steering
 
 IMPORT_PATH = "splice.serving.middleware.SteeringMiddleware"
 PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
@@ -54,79 +60,102 @@ def _client_salt(data: dict) -> str | None:
     return salt
 
 
-def _error(message: str, field: str) -> bytes:
-    return json.dumps({"error": {"message": message, "type": "BadRequestError", "param": field,
-                                 "code": 400}}).encode()
+def _payload(message: str, field: str, status: int) -> bytes:
+    kind = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError", 404: "NotFoundError",
+            409: "ConflictError", 413: "RequestTooLargeError", 503: "ServiceUnavailableError"}.get(status, "Error")
+    return json.dumps({"error": {"message": message, "type": kind, "param": field, "code": status}}).encode()
+
+
+async def _respond(send, status: int, payload: bytes, headers=()) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+                            *headers]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+async def _read_body(receive, limit: int | None) -> bytes | None:
+    """The whole request body (None: the client left, or it is over ``limit`` bytes)."""
+    chunks, size, more = [], 0, True
+    while more:
+        message = await receive()
+        if message["type"] != "http.request":
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if limit is not None and size > limit:
+            return None
+        chunks.append(chunk)
+        more = message.get("more_body", False)
+    return b"".join(chunks)
 
 
 class SteeringMiddleware:
     def __init__(self, app):
         self.app = app
-        self.catalog: tuple[dict[str, float], int] | None = None
+        self.catalog: Catalog | None = None
 
-    def _catalog(self, asgi_app) -> tuple[dict[str, float], int]:
-        """(default scale of every registered vector, max vectors per request) of the served recipe."""
+    def _catalog(self, scope) -> Catalog:
         if self.catalog is None:
-            load = asgi_app.state.vllm_config.load_config
-            if load.load_format != "splice":
-                raise SteeringParamError(VECTOR, "this server applies no splice recipe (start it with --load-format splice)")
-            options, _ = ServeOptions.split(load.model_loader_extra_config)
-            recipe = load_serving_recipe(options.recipe)
-            self.catalog = ({n: s.scale for n, s in recipe.steers.items()}, options.max_vectors_per_request)
+            self.catalog = Catalog(scope["app"].state.vllm_config)
         return self.catalog
 
-    def _steering(self, scope, data) -> RequestSteering:
-        scales, per_request = self._catalog(scope["app"])
-        steering = parse(data["vllm_xargs"], scales)
-        if len(steering.items) > per_request:
-            raise SteeringParamError(VECTOR, f"{len(steering.items)} vectors; this server allows "
-                                             f"{per_request} per request (max_vectors_per_request)")
-        return steering
-
-    def _rewrite(self, scope, data: dict) -> bool:
-        """Set ``data``'s salt (and steering) in place; whether anything changed. Raises on bad input."""
+    def _rewrite(self, scope, data: dict) -> RequestSteering | None:
+        """Set ``data``'s salt (and steering) in place; the steering (None: unsteered). Raises on bad input."""
         client_salt = _client_salt(data)
         if not wants_steering(data.get("vllm_xargs")):
-            if client_salt is None:
-                return False
-            data[SALT_FIELD] = salts.client_salt(client_salt)
-            return True
+            if client_salt is not None:
+                data[SALT_FIELD] = salts.client_salt(client_salt)
+            return None
         if scope["path"] not in PATHS:
             raise SteeringParamError(VECTOR, f"steering is served on {', '.join(PATHS)} only")
-        steering = self._steering(scope, data)
+        steering = self._catalog(scope).resolve(data["vllm_xargs"])
         salt = salts.steered_salt(steering.key, client_salt)
         data["vllm_xargs"].update(steering.to_xargs(), **{SALT: salt, TOKEN: salts.mark(steering.key, salt)})
         data[SALT_FIELD] = salt
-        return True
+        return steering
+
+    async def _admin(self, scope, receive, send):
+        try:
+            catalog = self._catalog(scope)
+            if catalog.registry is None:
+                raise RegistryError("registry", "the admin endpoint is off: start the server with a 'registry' "
+                                                "directory (splice serve --registry DIR)", 404)
+            refused = admin.authorize(scope, catalog.token)
+            if refused is not None:
+                raise refused
+            limit = catalog.options.max_upload_mb << 20
+            body = await _read_body(receive, limit)
+            if body is None:
+                raise RegistryError("body", f"larger than max_upload_mb ({catalog.options.max_upload_mb} MiB)", 413)
+            status, payload = admin.handle(catalog, scope["method"], scope["path"], body)
+        except RegistryError as exc:
+            extra = [(b"www-authenticate", b"Bearer")] if exc.status == 401 else []
+            return await _respond(send, exc.status, _payload(str(exc), exc.field, exc.status), extra)
+        await _respond(send, status, json.dumps(payload).encode())
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and admin.is_admin(scope["path"]):
+            return await self._admin(scope, receive, send)
         if scope["type"] != "http" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
-        chunks, more = [], True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                return await self.app(scope, receive, send)
-            chunks.append(message.get("body", b""))
-            more = message.get("more_body", False)
-        body = b"".join(chunks)
+        body = await _read_body(receive, None)
+        if body is None:
+            return  # the client left before its request was whole
         try:
             data = json.loads(body)
         except ValueError:
             data = None  # not JSON: vLLM refuses it, or reads it as a form, which has no salt
+        steering = None
         if isinstance(data, dict):
+            salt = data.get(SALT_FIELD)
             try:
-                changed = self._rewrite(scope, data)
+                steering = self._rewrite(scope, data)
             except (RequestError, SteeringParamError, RecipeError) as exc:
-                payload = _error(str(exc), getattr(exc, "field", VECTOR))
-                await send({"type": "http.response.start", "status": 400,
-                            "headers": [(b"content-type", b"application/json"),
-                                        (b"content-length", str(len(payload)).encode())]})
-                return await send({"type": "http.response.body", "body": payload})
-            if changed:
-                body = json.dumps(data).encode()
-                headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
-                scope = dict(scope, headers=headers + [(b"content-length", str(len(body)).encode())])
+                return await _respond(send, 400, _payload(str(exc), getattr(exc, "field", VECTOR), 400))
+        if steering is not None or (isinstance(data, dict) and data.get(SALT_FIELD) != salt):
+            body = json.dumps(data).encode()
+            headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
+            scope = dict(scope, headers=headers + [(b"content-length", str(len(body)).encode())])
         replayed = False
 
         async def replay():
@@ -136,4 +165,11 @@ class SteeringMiddleware:
             replayed = True
             return {"type": "http.request", "body": body, "more_body": False}
 
-        return await self.app(scope, replay, send)
+        if steering is None:
+            return await self.app(scope, replay, send)
+        catalog = self._catalog(scope)
+        try:
+            async with catalog.admission.hold(steering.key, steering.versions, catalog.collect):
+                return await self.app(scope, replay, send)
+        except SlotsBusy as exc:
+            return await _respond(send, 503, _payload(str(exc), VECTOR, 503), [(b"retry-after", b"1")])

@@ -1,8 +1,18 @@
 """The ``splice`` load format's options (``--model-loader-extra-config``) and the recipe checks
 that do not need the model.
 
-``recipe`` (required) is a recipe file (:mod:`splice.recipe`); ``max_vectors_per_request``
-(default 4) bounds how many vectors one request may combine, which sizes the steering tables.
+* ``recipe`` (required): a recipe file (:mod:`splice.recipe`);
+* ``max_vectors_per_request`` (default 4): how many vectors one request may combine, which sizes the
+  steering tables;
+* ``max_slots`` (default: vLLM's ``max_num_seqs``): how many distinct steering configurations may be
+  in flight at once (each holds one slot of the tables); a request that needs one more waits up to
+  ``slot_wait_s`` (default 10) seconds for one to free, then gets HTTP 503;
+* ``registry`` (default none): a directory for interventions registered at run time through the admin
+  endpoint (:mod:`.admin`), which is off without it; ``registry_tables`` (default
+  ``{"out": max_vectors_per_request}``) the steering tables registered interventions may use,
+  ``{site: entries per slot}`` at every layer (a vector takes one entry, a gated one two, a rank-r
+  map 2r); ``max_upload_mb`` (default 64) bounds one registration's body.
+
 Every other key goes to vLLM's default loader. Served: steering vectors (every op, every site),
 token gates, low-rank and affine maps and head scales. Refused with the reason: interventions gated
 by a decision made at prefill (CAST conditions, G-ACT probes, controllers), routing and a default list.
@@ -10,10 +20,12 @@ by a decision made at prefill (CAST conditions, G-ACT probes, controllers), rout
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..recipe import Recipe, RecipeError, load_recipe
+from ..vectors.vector_set import SITES
 from ..steering.gates import TokenGate
 
 NOT_SERVED = ("a gate decided at prefill (a CAST condition, a G-ACT probe or a controller) is not served behind "
@@ -21,10 +33,21 @@ NOT_SERVED = ("a gate decided at prefill (a CAST condition, a G-ACT probe or a c
               "it runs with splice.patch")
 
 
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise RecipeError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class ServeOptions:
     recipe: str
     max_vectors_per_request: int = 4
+    max_slots: int | None = None
+    slot_wait_s: float = 10.0
+    registry: str | None = None
+    registry_tables: dict[str, int] = field(default_factory=dict)
+    max_upload_mb: int = 64
 
     @classmethod
     def split(cls, extra) -> tuple["ServeOptions", dict]:
@@ -33,15 +56,41 @@ class ServeOptions:
         if "recipe" not in extra:
             raise RecipeError('--load-format splice needs --model-loader-extra-config \'{"recipe": "R.yaml"}\'')
         recipe = str(Path(extra.pop("recipe")).expanduser().absolute())
-        per_request = extra.pop("max_vectors_per_request", 4)
-        if isinstance(per_request, bool) or not isinstance(per_request, int) or per_request < 1:
-            raise RecipeError(f"max_vectors_per_request must be a positive integer, got {per_request!r}")
-        return cls(recipe, per_request), extra
+        per_request = _positive_int("max_vectors_per_request", extra.pop("max_vectors_per_request", 4))
+        slots = extra.pop("max_slots", None)
+        slots = None if slots is None else _positive_int("max_slots", slots)
+        wait = extra.pop("slot_wait_s", 10.0)
+        if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not (math.isfinite(wait) and wait >= 0):
+            raise RecipeError(f"slot_wait_s must be a number of seconds >= 0, got {wait!r}")
+        registry = extra.pop("registry", None)
+        tables = extra.pop("registry_tables", None)
+        upload = _positive_int("max_upload_mb", extra.pop("max_upload_mb", 64))
+        if registry is None:
+            if tables is not None:
+                raise RecipeError("registry_tables needs a registry directory (option 'registry')")
+            return cls(recipe, per_request, slots, float(wait), None, {}, upload), extra
+        if not isinstance(registry, str) or not registry:
+            raise RecipeError(f"registry must be a directory path, got {registry!r}")
+        tables = {"out": per_request} if tables is None else tables
+        if not isinstance(tables, dict) or not tables or not set(tables) <= set(SITES):
+            raise RecipeError(f"registry_tables must map sites of {SITES} to entries per slot, got {tables!r}")
+        tables = {site: _positive_int(f"registry_tables.{site}", n) for site, n in sorted(tables.items())}
+        registry = str(Path(registry).expanduser().absolute())
+        return cls(recipe, per_request, slots, float(wait), registry, tables, upload), extra
+
+    def to_extra(self) -> dict:
+        """The ``--model-loader-extra-config`` entries that give these options back."""
+        out = {"recipe": self.recipe, "max_vectors_per_request": self.max_vectors_per_request,
+               "slot_wait_s": self.slot_wait_s, "max_upload_mb": self.max_upload_mb}
+        if self.max_slots is not None:
+            out["max_slots"] = self.max_slots
+        if self.registry is not None:
+            out.update(registry=self.registry, registry_tables=self.registry_tables)
+        return out
 
 
-def load_serving_recipe(path: str) -> Recipe:
-    """The recipe at ``path``, refused with a reason where vLLM serving cannot apply it."""
-    recipe = load_recipe(path)
+def check_served(recipe: Recipe, where: str = "steering.vectors") -> Recipe:
+    """``recipe``, refused with a reason where vLLM serving cannot apply it."""
     if recipe.router is not None:
         raise RecipeError("routing: per-request layer routing is not supported behind vLLM "
                           "(it gathers rows of Hugging Face's KV cache); remove 'routing' or serve with static 'skip'")
@@ -50,5 +99,10 @@ def load_serving_recipe(path: str) -> Recipe:
                           "and requests without steering stay unsteered; remove 'default'")
     for name, steer in recipe.steers.items():
         if steer.gate is not None and not isinstance(steer.gate, TokenGate):
-            raise RecipeError(f"steering.vectors.{name}.gate: {NOT_SERVED}")
+            raise RecipeError(f"{where}.{name}.gate: {NOT_SERVED}")
     return recipe
+
+
+def load_serving_recipe(path: str) -> Recipe:
+    """The recipe at ``path``, refused with a reason where vLLM serving cannot apply it."""
+    return check_served(load_recipe(path))

@@ -2,8 +2,9 @@
 
 ``splice_vector`` is a name or a list of names (applied in that order); ``splice_scale`` a number
 or a list of numbers of the same length (absent: each vector's scale from the recipe);
-``splice_salt`` and ``splice_token`` are written by the middleware (see :mod:`.middleware`; a
-client's values are replaced). Any other ``splice_*`` key is refused. Errors are
+``splice_version``, ``splice_salt`` and ``splice_token`` are written by the middleware (see
+:mod:`.middleware`; a client's values are replaced): the content version of each vector (``""`` for
+the recipe's own, a hash of the files for one registered at run time, :mod:`.registry`). Any other ``splice_*`` key is refused. Errors are
 :class:`SteeringParamError`, whose message names the field.
 """
 
@@ -14,8 +15,9 @@ import json
 import math
 from dataclasses import dataclass
 
-VECTOR, SCALE, SALT, TOKEN = "splice_vector", "splice_scale", "splice_salt", "splice_token"
-FIELDS = (VECTOR, SCALE, SALT, TOKEN)
+VECTOR, SCALE, VERSION = "splice_vector", "splice_scale", "splice_version"
+SALT, TOKEN = "splice_salt", "splice_token"
+FIELDS = (VECTOR, SCALE, VERSION, SALT, TOKEN)
 PREFIX = "splice_"
 
 
@@ -29,18 +31,22 @@ class SteeringParamError(ValueError):
 
 @dataclass(frozen=True)
 class RequestSteering:
-    """Ordered ``(name, scale)`` pairs one request is steered with."""
+    """Ordered ``(name, scale)`` pairs one request is steered with, and each vector's content version."""
 
     items: tuple[tuple[str, float], ...]
+    versions: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:
-        """A digest of the configuration: equal for equal steering, different otherwise."""
-        return hashlib.sha256(json.dumps(self.items).encode()).hexdigest()[:32]
+        """A digest of the configuration (names, scales, contents): equal for equal steering."""
+        return hashlib.sha256(json.dumps([self.items, self.versions]).encode()).hexdigest()[:32]
+
+    def with_versions(self, versions) -> "RequestSteering":
+        return RequestSteering(self.items, tuple(versions))
 
     def to_xargs(self) -> dict:
         """The canonical ``vllm_xargs`` form (explicit lists)."""
-        return {VECTOR: [n for n, _ in self.items], SCALE: [s for _, s in self.items]}
+        return {VECTOR: [n for n, _ in self.items], SCALE: [s for _, s in self.items], VERSION: list(self.versions)}
 
 
 def wants_steering(extra_args) -> bool:
@@ -88,4 +94,12 @@ def parse(extra_args, scales: dict[str, float] | None = None) -> RequestSteering
         values = [_scale(v, SCALE) for v in _as_list(raw, SCALE)]
         if len(values) != len(names):
             raise SteeringParamError(SCALE, f"has {len(values)} values for {len(names)} vectors")
-    return RequestSteering(tuple(zip(names, values)))
+    return RequestSteering(tuple(zip(names, values)), _versions(extra_args.get(VERSION), len(names)))
+
+
+def _versions(value, count: int) -> tuple[str, ...]:
+    if value is None:
+        return ("",) * count
+    if not (isinstance(value, list) and len(value) == count and all(isinstance(v, str) for v in value)):
+        raise SteeringParamError(VERSION, f"must be a list of {count} strings, got {value!r}")
+    return tuple(value)

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..runtime.steering_tables import Key, SteeringTables
 from ..steering.slot_entries import slot_entries
+from ..vectors.vector_set import SITES
 from .request_params import parse
 
 _CURRENT: "ServeSteering | None" = None
@@ -50,15 +51,40 @@ class FixedTables(SteeringTables):
         """Never drop a table: the compiled graph reads every table the recipe declared."""
 
 
-def table_capacity(steers: dict, adapter, per_request: int) -> dict[Key, int]:
-    """Entries per slot each ``(layer, site)`` table needs: the sum of the ``per_request`` largest
-    entry counts of the interventions there (a vector is one entry, a gated one two, a rank-r map 2r)."""
+def entry_counts(steer, shape) -> dict[Key, int]:
+    """Table entries one intervention takes at each ``(layer, site)`` (a vector one, a gated one two,
+    a rank-r map 2r)."""
+    size = shape.site_size(steer.site)
+    return {(layer, steer.site): len(steer.entries(layer, steer.scale, size)) for layer in steer.layers}
+
+
+def table_capacity(steers: dict, shape, per_request: int, registry_tables: dict[str, int] | None = None) -> dict[Key, int]:
+    """Entries per slot each ``(layer, site)`` table holds: the sum of the ``per_request`` largest
+    entry counts of the recipe's interventions there, raised to ``registry_tables[site]`` at every
+    layer for the sites interventions registered at run time may use."""
     counts: dict[Key, list[int]] = {}
     for steer in steers.values():
-        size = adapter.site_size(steer.site)
-        for layer in steer.layers:
-            counts.setdefault((layer, steer.site), []).append(len(steer.entries(layer, steer.scale, size)))
-    return {key: sum(sorted(c, reverse=True)[:per_request]) for key, c in sorted(counts.items())}
+        for key, n in entry_counts(steer, shape).items():
+            counts.setdefault(key, []).append(n)
+    capacity = {key: sum(sorted(c, reverse=True)[:per_request]) for key, c in counts.items()}
+    for site, entries in (registry_tables or {}).items():
+        for layer in range(shape.num_layers):
+            capacity[(layer, site)] = max(capacity.get((layer, site), 0), entries)
+    return dict(sorted(capacity.items()))
+
+
+def overflow(counts: list[dict[Key, int]], capacity: dict[Key, int]) -> str | None:
+    """Why interventions with these entry counts cannot share one slot (None: they fit)."""
+    total: dict[Key, int] = {}
+    for c in counts:
+        for key, n in c.items():
+            total[key] = total.get(key, 0) + n
+    for (layer, site), n in sorted(total.items()):
+        room = capacity.get((layer, site), 0)
+        if n > room:
+            return (f"{n} table entries at layer {layer} site {site!r}, which holds {room} per request"
+                    + (" (no table there: the server's recipe and registry_tables give none)" if not room else ""))
+    return None
 
 
 class SlotPool:
@@ -76,7 +102,7 @@ class SlotPool:
         fresh = slot is None
         if fresh:
             if not self.idle:
-                raise RuntimeError("splice: no free steering slot (more steered rows than max_num_seqs)")
+                raise RuntimeError("splice: no free steering slot (more configurations in flight than max_slots)")
             slot, old = self.idle.popitem(last=False)
             self.slot_of.pop(old, None)
             self.slot_of[items] = slot
@@ -93,18 +119,19 @@ class SlotPool:
 
 
 class ServeSteering(nn.Module):
-    """Tables, slots and row/token buffers for one served model (attached as ``splice_serving``)."""
+    """Tables, slots and row/token buffers for one served model (attached as ``splice_serving``).
+    ``lookup(name, version)`` gives a registered intervention (:class:`~.registry.Registry.load`)."""
 
-    def __init__(self, adapter, recipe, max_rows: int, max_tokens: int, per_request: int):
+    def __init__(self, adapter, recipe, max_rows: int, max_tokens: int, options, lookup=None):
         super().__init__()
-        self.adapter, self.recipe = adapter, recipe
-        capacity = table_capacity(recipe.steers, adapter, per_request)
-        sizes = {site: adapter.site_size(site) for site in ("in", "out", "attn", "mlp", "heads")}
+        self.adapter, self.recipe, self.lookup = adapter, recipe, lookup
+        capacity = table_capacity(recipe.steers, adapter, options.max_vectors_per_request, options.registry_tables)
+        sizes = {site: adapter.site_size(site) for site in SITES}
         device = adapter.device
-        self.tables = FixedTables(max_rows + 1, sizes, device, capacity)
-        self.pool = SlotPool(max_rows + 1)
-        self.per_request = per_request
-        self.scales = {name: steer.scale for name, steer in recipe.steers.items()}
+        slots = min(max_rows, options.max_slots or max_rows) + 1
+        self.tables = FixedTables(slots, sizes, device, capacity)
+        self.pool = SlotPool(slots)
+        self.per_request = options.max_vectors_per_request
         self.register_buffer("row_slot", torch.zeros(max_rows, dtype=torch.int32, device=device), persistent=False)
         self.register_buffer("row_prompt", torch.zeros(max_rows, dtype=torch.long, device=device), persistent=False)
         self.register_buffer("slot", torch.zeros(max_tokens, dtype=torch.int32, device=device), persistent=False)
@@ -124,15 +151,24 @@ class ServeSteering(nn.Module):
         self.row_slot[row] = slot
         self.row_prompt[row] = prompt_len
 
+    def _intervention(self, name: str, version: str):
+        if not version:
+            return self.recipe.steers[name]
+        if self.lookup is None:
+            raise ValueError(f"{name!r} names a registered intervention; this server has no registry")
+        return self.lookup(name, version)
+
     def _slot_for(self, extra_args) -> int:
-        steering = parse(extra_args, self.scales)
+        """The slot of a request's (middleware-checked, canonical) steering; 0 when unsteered."""
+        steering = parse(extra_args)
         if steering is None:
             return 0
         if len(steering.items) > self.per_request:
             raise ValueError(f"{len(steering.items)} vectors in one request; max_vectors_per_request is {self.per_request}")
-        slot, fresh = self.pool.acquire(steering.items)
+        steers = {n: self._intervention(n, v) for (n, _), v in zip(steering.items, steering.versions)}
+        slot, fresh = self.pool.acquire((steering.items, steering.versions))
         if fresh:
-            self.tables.write_slot(slot, slot_entries(self.recipe.steers, steering.items, self.adapter))
+            self.tables.write_slot(slot, slot_entries(steers, steering.items, self.adapter))
         return slot
 
     def update(self, batch_update) -> None:
