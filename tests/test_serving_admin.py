@@ -216,7 +216,7 @@ def test_admission_bounds_distinct_configurations():
                 assert admission.held["a"] == 2 and admission.versions["v1"] == 1
             with pytest.raises(SlotsBusy):
                 async with admission.hold("b"):
-                    pass
+                    pytest.fail("admitted a second configuration with the only slot held")
         freed = []
         async with admission.hold("b", on_release=freed.extend):
             assert dict(admission.held) == {"b": 1}
@@ -231,6 +231,26 @@ def test_admission_bounds_distinct_configurations():
 async def _hold_after(admission):
     async with admission.hold("c"):
         return "c"
+
+
+def test_a_request_with_every_slot_held_gets_503(tmp_path, monkeypatch):
+    edge = Edge(tmp_path, monkeypatch, max_slots=1, slot_wait_s=0.05)
+
+    async def scenario():
+        edge.gate = asyncio.Event()  # the fake vLLM holds every request until it is set
+        busy = asyncio.ensure_future(edge.acall("POST", "/v1/chat/completions", {"vllm_xargs": {"splice_vector": "v0"}}))
+        await asyncio.sleep(0.01)
+        status, body, headers = await edge.acall("POST", "/v1/chat/completions", {"vllm_xargs": {"splice_vector": "v1"}})
+        assert status == 503 and headers[b"retry-after"] == b"1" and "steering slots" in body["error"]["message"]
+        shared = asyncio.ensure_future(edge.acall("POST", "/v1/completions", {"vllm_xargs": {"splice_vector": "v0"}}))
+        unsteered = asyncio.ensure_future(edge.acall("POST", "/v1/completions", {"prompt": "hi"}))
+        await asyncio.sleep(0.01)
+        assert len(edge.seen) == 3  # the same configuration shares the slot; unsteered requests need none
+        edge.gate.set()
+        assert [(await t)[0] for t in (busy, shared, unsteered)] == [200, 200, 200]
+        assert (await edge.acall("POST", "/v1/chat/completions", {"vllm_xargs": {"splice_vector": "v1"}}))[0] == 200
+        assert not edge.middleware.catalog.admission.held
+    asyncio.run(scenario())
 
 
 def test_versions_enter_the_salt_and_the_mark():

@@ -15,9 +15,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+from ..recipe import RecipeError
 from . import salts
 from .middleware import IMPORT_PATH
-from ..recipe import RecipeError
 from .options import ServeOptions, load_serving_recipe
 
 

@@ -10,7 +10,7 @@ step to its row through the attention metadata's ``query_start_loc``, before the
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 
 import torch
 from torch import nn
@@ -75,10 +75,7 @@ def table_capacity(steers: dict, shape, per_request: int, registry_tables: dict[
 
 def overflow(counts: list[dict[Key, int]], capacity: dict[Key, int]) -> str | None:
     """Why interventions with these entry counts cannot share one slot (None: they fit)."""
-    total: dict[Key, int] = {}
-    for c in counts:
-        for key, n in c.items():
-            total[key] = total.get(key, 0) + n
+    total = sum((Counter(c) for c in counts), Counter())
     for (layer, site), n in sorted(total.items()):
         room = capacity.get((layer, site), 0)
         if n > room:
