@@ -105,10 +105,37 @@ def test_serving_accepts_what_splice_patch_runs(tmp_path, cfg):
     assert sorted(load_serving_recipe(_entry_recipe(tmp_path, cfg)).steers) == ["extra", "v0"]
 
 
-def test_serving_refuses_a_prefill_decided_gate_and_names_it(tmp_path):
+def test_a_cast_condition_serves_without_chunked_prefill_and_is_never_registered(tmp_path):
+    """A recipe's CAST condition loads; ``splice serve`` turns chunked prefill off for it; the loader
+    refuses a server that splits prompts (or runs CUDA graphs); the registry refuses a condition."""
+    from types import SimpleNamespace
+
+    pytest.importorskip("vllm", reason="vLLM is not installed (pip install '.[vllm]')")
+    from splice.serving import launch
+    from splice.serving.loader import _check_prefill_decisions
+    from splice.serving.registry import RegistryError, _parse
+
     path = _entry_recipe(tmp_path, {"file": "v0.safetensors", "gate": {"condition": "cond.safetensors"}})
-    with pytest.raises(RecipeError, match=r"steering.vectors.extra.gate: a gate decided at prefill .* chunked prefill"):
-        load_serving_recipe(path)
+    recipe = load_serving_recipe(path)
+    assert "--no-enable-chunked-prefill" in launch.command(path, ["--model", "m"])
+    assert "--no-enable-chunked-prefill" not in launch.command(_recipe(tmp_path / "plain"), ["--model", "m"])
+
+    def config(chunked=False, threshold=0, eager=False):
+        return SimpleNamespace(scheduler_config=SimpleNamespace(enable_chunked_prefill=chunked,
+                                                                long_prefill_token_threshold=threshold),
+                               model_config=SimpleNamespace(enforce_eager=eager))
+
+    cpu, cuda = SimpleNamespace(device=torch.device("cpu")), SimpleNamespace(device=torch.device("cuda"))
+    _check_prefill_decisions(recipe, config(), cpu)
+    _check_prefill_decisions(recipe, config(eager=True), cuda)
+    for bad, adapter, why in [(config(chunked=True), cpu, "--no-enable-chunked-prefill"),
+                              (config(threshold=64), cpu, "long-prefill-token-threshold"),
+                              (config(), cuda, "--enforce-eager")]:
+        with pytest.raises(RecipeError, match=why):
+            _check_prefill_decisions(recipe, bad, adapter)
+    with pytest.raises(RegistryError, match="cannot be registered at run time") as refused:
+        _parse("extra", {"file": "v0.safetensors", "gate": {"condition": "cond.safetensors"}}, tmp_path)
+    assert refused.value.field == "entry"
 
 
 def test_serving_refuses_a_default_list(tmp_path):
@@ -147,4 +174,9 @@ def test_steered_requests_without_the_middleware_mark_are_refused():
         with pytest.raises(ValueError, match="vllm_xargs.splice_vector: steering is served through"):
             SteeringRows.validate_params(SamplingParams(max_tokens=1, extra_args={**xargs, **mark}))
     marked = {**xargs, "splice_token": salts.mark(key, salt), "splice_salt": salt}
-    SteeringRows.validate_params(SamplingParams(max_tokens=1, extra_args=marked))
+    params = SamplingParams(max_tokens=1, extra_args=marked)
+    SteeringRows.validate_params(params)
+    assert params.skip_reading_prefix_cache is False
+    whole = SamplingParams(max_tokens=1, extra_args={**marked, "splice_whole_prompt": True})  # a CAST condition's
+    SteeringRows.validate_params(whole)
+    assert whole.skip_reading_prefix_cache is True

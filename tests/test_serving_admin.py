@@ -253,6 +253,32 @@ def test_a_request_with_every_slot_held_gets_503(tmp_path, monkeypatch):
     asyncio.run(scenario())
 
 
+def test_the_catalog_takes_a_recipe_with_head_scales(tmp_path):
+    """A head scale's entries need the head size, which the API server's catalog learns from the
+    model's configuration (a recipe with one once made every steered request a 500)."""
+    import yaml
+
+    from splice.serving.catalog import Catalog
+
+    recipe = write_recipe(tmp_path, HIDDEN, LAYERS, 1)
+    data = yaml.safe_load(recipe.read_text())
+    data["steering"]["vectors"]["prune"] = {"heads": {1: [0]}}
+    recipe.write_text(yaml.safe_dump(data))
+    config = SimpleNamespace(load_config=SimpleNamespace(load_format="splice", model_loader_extra_config={"recipe": str(recipe)}),
+                             model_config=SimpleNamespace(hf_config=SimpleNamespace(
+                                 num_hidden_layers=LAYERS, hidden_size=HIDDEN, num_attention_heads=2)),
+                             scheduler_config=SimpleNamespace(max_num_seqs=4))
+    steering = Catalog(config).resolve({"splice_vector": ["prune", "v0"]})
+    assert steering.items == (("prune", 0.0), ("v0", 4.0))
+
+
+def test_only_the_server_says_a_request_skips_the_prefix_cache(edge):
+    """``splice_whole_prompt`` (no prefix-cache reads, for CAST conditions) is the middleware's: a
+    client's is dropped, and a recipe without a condition never gets one."""
+    status, body, _ = edge.steer({"splice_vector": "v0", "splice_whole_prompt": True})
+    assert status == 200 and "splice_whole_prompt" not in body["vllm_xargs"]
+
+
 def test_versions_enter_the_salt_and_the_mark():
     from splice.serving.request_params import RequestSteering
 

@@ -5,6 +5,7 @@ Servers run in float32: in bfloat16 vLLM's own greedy output already depends on 
 batch and on prefix-cache hits (different matmul shapes round differently), which would hide
 whether one request's steering leaks into another."""
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -23,6 +24,7 @@ pytestmark = [
 
 PROMPT = "Tell me about your weekend."
 SECRET = "5a" * 32  # the servers' salt secret (SPLICE_SERVE_SECRET), known here to play the strongest attacker
+ADMIN_TOKEN = "admin-" + "7f" * 20  # the session server's admin token (SPLICE_ADMIN_TOKEN)
 
 
 def _free_port() -> int:
@@ -35,6 +37,7 @@ def _env() -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # conftest sets it for kernels
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     env["SPLICE_SERVE_SECRET"] = SECRET
+    env["SPLICE_ADMIN_TOKEN"] = ADMIN_TOKEN
     return env
 
 
@@ -84,7 +87,8 @@ def server(recipe, tmp_path_factory):
     port, model = _free_port(), str(default_model_dir())
     log = tmp_path_factory.mktemp("logs") / "splice-server.log"
     cmd = launch.command(recipe, ["--model", model, "--port", str(port), "--max-model-len", "2048",
-                                  "--dtype", "float32", "--enable-prompt-tokens-details"])
+                                  "--dtype", "float32", "--enable-prompt-tokens-details"],
+                         registry=str(tmp_path_factory.mktemp("registry")))
     proc = _serve(cmd, log, port)
     yield Server(port, model)
     launch.stop(proc)
@@ -159,6 +163,67 @@ def test_an_unsteered_request_cannot_plant_blocks_for_a_steered_one(server, monk
     assert again.choices[0].message.content == victim.choices[0].message.content
 
 
+def _random_vectors(path: Path, seed: int, hidden: int = 576) -> Path:
+    import torch
+
+    from splice.vectors.io import save_vectors
+    from splice.vectors.vector_set import VectorSet
+
+    gen = torch.Generator().manual_seed(seed)
+    unit = lambda: torch.nn.functional.normalize(torch.randn(hidden, generator=gen), dim=0)  # noqa: E731
+    save_vectors(VectorSet({l: unit() for l in range(30)}, site="out", method="random"), path)
+    return path
+
+
+def test_vectors_registered_replaced_and_deleted_at_run_time(server, recipe, tmp_path):
+    """The admin endpoint on a real server: a registered copy of the recipe's v0 steers as v0 does;
+    replacing its tensors under the same name changes the text and reuses no cached block; putting the
+    first tensors back gives the first version and text again; a bad upload is refused naming the
+    field and changes nothing; a deleted name is a 400; a client's own splice_version is ignored."""
+    import httpx
+
+    from splice.serving.client import AdminClient, AdminError
+
+    admin = AdminClient(f"http://127.0.0.1:{server.port}", ADMIN_TOKEN)
+    base = f"http://127.0.0.1:{server.port}/splice/v1/interventions"
+    assert httpx.get(base, timeout=30).status_code == 401
+    assert httpx.get(base, headers={"Authorization": "Bearer " + "x" * 40}, timeout=30).status_code == 403
+    preamble = "A long briefing that every tenant of this service reads first. " * 20 + "Summarise it."
+    first = admin.register_vectors("tenant", recipe.parent / "v0.safetensors", scale=8.0)
+    assert admin.list()["registered"] == {"tenant": first["version"]}
+
+    def cached(xargs):
+        return server.chat(xargs, prompt=preamble, max_tokens=2).usage.prompt_tokens_details.cached_tokens or 0
+
+    with_first = server.text({"splice_vector": "tenant"})
+    assert with_first == server.text({"splice_vector": "v0", "splice_scale": 8.0}) != server.text()
+    cached({"splice_vector": "tenant"})
+    assert cached({"splice_vector": "tenant"}) > 0  # its own blocks are shared
+
+    second = admin.register_vectors("tenant", _random_vectors(tmp_path / "w.safetensors", 7), scale=8.0)
+    assert second["version"] != first["version"]
+    assert cached({"splice_vector": "tenant"}) == 0  # blocks computed with the old tensors are never reused
+    with_second = server.text({"splice_vector": "tenant"})
+    assert with_second not in (with_first, server.text())
+    assert server.text({"splice_vector": "tenant", "splice_version": first["version"]}) == with_second
+
+    with pytest.raises(AdminError) as refused:
+        admin.register_vectors("tenant", _random_vectors(tmp_path / "small.safetensors", 3, hidden=64), scale=8.0)
+    assert refused.value.status == 400 and refused.value.body["error"]["param"] == "entry"
+    assert admin.list()["registered"] == {"tenant": second["version"]}
+    assert server.text({"splice_vector": "tenant"}) == with_second
+
+    again = admin.register_vectors("tenant", recipe.parent / "v0.safetensors", scale=8.0)
+    assert again["version"] == first["version"]
+    assert server.text({"splice_vector": ["tenant", "v1"], "splice_scale": [8.0, 0.0]}) == with_first
+
+    admin.delete("tenant")
+    r = httpx.post(f"http://127.0.0.1:{server.port}/v1/completions", timeout=60,
+                   json={"model": server.model, "prompt": "hi", "max_tokens": 2, "vllm_xargs": {"splice_vector": "tenant"}})
+    assert r.status_code == 400 and "vllm_xargs.splice_vector" in r.json()["error"]["message"]
+    assert admin.list()["registered"] == {} and admin.list()["slots"]["in_use"] == 0
+
+
 @pytest.mark.parametrize("body, field", [
     ({"splice_vector": "nope"}, "splice_vector"),
     ({"splice_vector": "v0", "splice_scale": "inf"}, "splice_scale"),
@@ -212,10 +277,11 @@ def test_recipe_that_does_not_fit_the_model_refuses_to_start(tmp_path):
     assert "out of range: the model has layers 0..29" in done.stdout + done.stderr
 
 
-def _parity_recipe(recipe: Path) -> Path:
+def _parity_recipe(recipe: Path, condition) -> Path:
     """The session recipe plus static skips (a whole layer, an attention, an MLP) and one entry of
     every kind splice.patch runs: ``in`` ablate, ``out`` clamp, a per-head vector at ``heads``, a head
-    scale, a low-rank and an affine map, a token-gated vector, a vector on generated tokens only."""
+    scale, a low-rank and an affine map, a token-gated vector, a vector on generated tokens only, and
+    a vector gated by the CAST ``condition``."""
     import torch
     import yaml
 
@@ -233,6 +299,7 @@ def _parity_recipe(recipe: Path) -> Path:
                              b={l: 0.5 * unit() for l in (4, 12)}, site="mlp"), d / "affine.safetensors")
     save_vectors(VectorSet({l: torch.randn(64, generator=gen) for l in (2, 3)}, site="heads", method="random"),
                  d / "head.safetensors")
+    save_intervention(condition, d / "condition.safetensors")
     data = yaml.safe_load(recipe.read_text())
     vectors = data["steering"]["vectors"]
     for cfg in vectors.values():  # splice refuses steering a skipped part
@@ -248,6 +315,8 @@ def _parity_recipe(recipe: Path) -> Path:
         "gated": {"file": "v0.safetensors", "scale": 8.0, "layers": [16, 17, 18],
                   "gate": {"direction": "v1.safetensors", "threshold": 0.0, "temperature": 0.05}},
         "late": {"file": "v3.safetensors", "scale": 8.0, "positions": "generated", "layers": [9, 10]},
+        "cast": {"file": "v2.safetensors", "scale": 16.0, "layers": list(range(8, 20)),
+                 "gate": {"condition": "condition.safetensors"}},
     })
     data["skip"] = {"layers": [20], "attn": [5], "mlp": [7]}
     out = recipe.with_name("parity.yaml")
@@ -255,25 +324,44 @@ def _parity_recipe(recipe: Path) -> Path:
     return out
 
 
+def _condition_between(model, tok, prompts, layer):
+    """A CAST condition at ``layer`` met by the first prompt and not the second: its vector is the
+    difference of their pooled hidden states there, its threshold halfway between their scores."""
+    import torch
+
+    from splice.steering.gates import Condition
+
+    pooled = []
+    for prompt in prompts:
+        with torch.no_grad():
+            h = model(tok(prompt, return_tensors="pt").input_ids, output_hidden_states=True).hidden_states[layer]
+        pooled.append(h[0, 1:].float().mean(0))  # CAST's mean, without the attention sink
+    probe = Condition(pooled[0] - pooled[1], layer, threshold=0.0)
+    scores = [float(probe.score(p[None, None], torch.ones(1, 1))) for p in pooled]
+    assert scores[0] > scores[1]
+    return Condition(probe.vector, layer, threshold=sum(scores) / 2)
+
+
 PARITY_CASES = [None, [("v0", 6.0), ("flat", 1.0)], [("stream_in", 1.0), ("clamp_out", 1.0)],
                 [("head_vec", 12.0), ("prune", 0.0)], [("lowrank", 1.0)], [("affine", 1.0)],
-                [("gated", 8.0), ("late", 8.0)]]
+                [("gated", 8.0), ("late", 8.0)], [("cast", 16.0)]]
 
 
 @pytest.mark.slow
 def test_float32_server_matches_hugging_face_with_the_same_recipe(recipe, tmp_path):
     """Every kind of intervention behind vLLM (static skips; add, ablate and clamp at sites in, out,
-    mlp and heads; head scales; low-rank and affine maps; a token gate; a position range) gives the
-    greedy text splice.patch gives on the Hugging Face model, for the same recipe and request."""
+    mlp and heads; head scales; low-rank and affine maps; a token gate; a position range; a CAST
+    condition that steers one prompt and not the other) gives the greedy text splice.patch gives on
+    the Hugging Face model, for the same recipe and request."""
     import torch
 
     import splice
     from splice.models.loader import load_model
     from splice.serving import launch
 
-    parity = _parity_recipe(recipe)
     prompts = ["Hello, my name is", "The best way to learn a language is"]
     model, tok = load_model()
+    parity = _parity_recipe(recipe, _condition_between(model, tok, prompts, layer=6))
     expected = []
     with splice.patch(model, recipe=parity) as p:
         for items in PARITY_CASES:
@@ -356,29 +444,34 @@ def test_a_quantized_export_serves_with_per_request_steering(recipe, tmp_path):
     assert steered != plain
 
 
-@pytest.mark.slow
-def test_the_readme_serving_example_as_written(tmp_path):
-    """README, "Serving behind vLLM": its ``splice extract``, its recipe, its ``splice serve`` line (on a
-    free port) and its client block, run as written; the steered reply is sensible text that differs
-    from the unsteered reply to the same request."""
-    import contextlib
+def _readme_server(tmp_path, section: str):
+    """Run "Serving behind vLLM"'s ``splice extract`` and recipe in ``tmp_path``, then ``section``'s
+    bash block as written: its ``export``s and its ``splice serve`` line (on a free port). Returns
+    (process, port, environment)."""
     import re
     import shlex
+    import subprocess
     import sys
 
-    from test_readme_examples import assert_sensible, block
+    from test_readme_examples import block
 
     from splice.cli import main
     from splice.serving import launch
 
-    bash, client = block("Serving behind vLLM", "bash").code, block("Serving behind vLLM", "python").code
-    lines = [line.split("#")[0].strip() for line in bash.splitlines()]
+    first = block("Serving behind vLLM", "bash").code
+    lines = [line.split("#")[0].strip() for line in first.splitlines()]
     extract = next(shlex.split(line) for line in lines if line.startswith("splice extract"))
     with contextlib.chdir(tmp_path):
         assert main(extract[1:]) == 0
-    (tmp_path / "serve.yaml").write_text(re.search(r"<<'YAML'\n(.*?)\nYAML", bash, re.S).group(1) + "\n")
-    serve = next(shlex.split(line) for line in lines if " splice serve " in f" {line} ")
+    (tmp_path / "serve.yaml").write_text(re.search(r"<<'YAML'\n(.*?)\nYAML", first, re.S).group(1) + "\n")
+    lines = [line.split("#")[0].strip() for line in block(section, "bash").code.replace("\\\n", " ").splitlines()]
     env = _env()
+    for line in lines:
+        if line.startswith("export "):
+            key = line[len("export "):].split("=", 1)[0]
+            env[key] = subprocess.run(["bash", "-c", f"{line}; echo ${key}"], capture_output=True, text=True,
+                                      check=True, env=env).stdout.strip()
+    serve = next(shlex.split(line) for line in lines if " splice serve " in f" {line} ")
     while "=" in serve[0]:
         key, value = serve.pop(0).split("=", 1)
         env[key] = value
@@ -387,19 +480,108 @@ def test_the_readme_serving_example_as_written(tmp_path):
     assert args[:2] == ["splice", "serve"] and "--port" in args
     with contextlib.chdir(tmp_path):
         proc = launch.start_ready([sys.executable, "-m", "splice.cli", *args[1:]], port, tmp_path / "serve.log", env)
-    try:
-        namespace = {}
-        exec(compile(client.replace("localhost:8000", f"127.0.0.1:{port}"), "README client", "exec"), namespace)
-        steered = namespace["reply"].choices[0].message.content
-        plain = namespace["client"].chat.completions.create(
-            model=namespace["model"], messages=[{"role": "user", "content": "Tell me about your weekend."}],
-            max_tokens=48, temperature=0).choices[0].message.content
-    finally:
-        launch.stop(proc)
+    return proc, port, env
+
+
+def _run_client(code: str, port: int, tmp_path, env: dict) -> dict:
+    """Execute a README client block against the server on ``port``, in ``tmp_path`` with ``env``."""
+    namespace = {}
+    with contextlib.chdir(tmp_path), pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        exec(compile(code.replace("localhost:8000", f"127.0.0.1:{port}"), "README client", "exec"), namespace)
+    return namespace
+
+
+def _unsteered_weekend(namespace) -> str:
+    return namespace["client"].chat.completions.create(
+        model=namespace["model"], messages=[{"role": "user", "content": "Tell me about your weekend."}],
+        max_tokens=48, temperature=0).choices[0].message.content
+
+
+@pytest.mark.slow
+def test_the_readme_serving_example_as_written(tmp_path):
+    """README, "Serving behind vLLM": its ``splice extract``, its recipe, its ``splice serve`` line (on a
+    free port) and its client block, run as written; the steered reply is sensible text that differs
+    from the unsteered reply to the same request."""
+    from test_readme_examples import assert_sensible, block
     from transformers import AutoTokenizer
 
     from splice.models.loader import default_model_dir
+    from splice.serving import launch
 
-    tok = AutoTokenizer.from_pretrained(default_model_dir())
-    assert_sensible(tok, steered)
+    proc, port, env = _readme_server(tmp_path, "Serving behind vLLM")
+    try:
+        namespace = _run_client(block("Serving behind vLLM", "python").code, port, tmp_path, env)
+        steered, plain = namespace["reply"].choices[0].message.content, _unsteered_weekend(namespace)
+    finally:
+        launch.stop(proc)
+    assert_sensible(AutoTokenizer.from_pretrained(default_model_dir()), steered)
     assert steered != plain
+
+
+@pytest.mark.slow
+def test_the_readme_registry_example_as_written(tmp_path):
+    """README, "Serving in production": its server line (a registry, a generated admin token) and its
+    client block, run as written: the vector registered at run time steers the reply (sensible text,
+    not the unsteered reply), and after the block's delete the name is gone and no slot is held."""
+    from test_readme_examples import assert_sensible, block
+    from transformers import AutoTokenizer
+
+    from splice.models.loader import default_model_dir
+    from splice.serving import launch
+
+    proc, port, env = _readme_server(tmp_path, "Serving in production")
+    try:
+        namespace = _run_client(block("Serving in production", "python").code, port, tmp_path, env)
+        steered, plain = namespace["reply"].choices[0].message.content, _unsteered_weekend(namespace)
+        listing = namespace["admin"].list()
+    finally:
+        launch.stop(proc)
+    assert_sensible(AutoTokenizer.from_pretrained(default_model_dir()), steered)
+    assert steered != plain
+    assert listing["registered"] == {} and listing["slots"]["in_use"] == 0
+    assert len(env["SPLICE_ADMIN_TOKEN"]) >= 32
+
+
+@pytest.mark.slow
+def test_windowed_layers_serve_as_vllm_sliding_windows(tmp_path):
+    """A head map whose first 15 layers are all-windowed (4 tokens, no sinks) behind vLLM: its layers
+    get vLLM's per-layer sliding windows, and greedy float32 text equals splice.patch's on Hugging Face
+    with the same map, over prompts longer than the window (a window one token off changes the text)."""
+    import torch
+
+    import splice
+    from splice.hybrid.head_map import HeadMap
+    from splice.models.loader import load_model
+    from splice.serving import launch
+
+    model, tok = load_model()
+    full = {l: set() if l < 15 else {0, 1, 2} for l in range(30)}
+    heads = HeadMap(30, 3, full, sinks=0, window=4, kind="window")
+    heads.save(tmp_path / "heads.json")
+    prompts = ["Hello, my name is", "The best way to learn a new language is to practise every day with"]
+    expected, plain = [], []
+    for out in (expected, plain):
+        with splice.patch(model, heads=heads) if out is expected else contextlib.nullcontext():
+            for prompt in prompts:
+                ids = tok(prompt, return_tensors="pt").input_ids
+                with torch.no_grad():
+                    gen = model.generate(ids, max_new_tokens=12, do_sample=False)
+                out.append(tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
+    assert expected != plain  # the windows matter for these prompts
+
+    from splice.bench.serve_recipe import write_recipe
+
+    recipe = write_recipe(tmp_path / "recipe", 576, 30, 1)
+    port = _free_port()
+    cmd = launch.command(recipe, ["--model", str(model.config._name_or_path), "--port", str(port),
+                                  "--max-model-len", "512", "--dtype", "float32"], head_map=str(tmp_path / "heads.json"))
+    proc = _serve(cmd, tmp_path / "windows.log", port)
+    try:
+        server = Server(port, str(model.config._name_or_path))
+        got = [server.client.completions.create(model=server.model, prompt=p, max_tokens=12, temperature=0)
+               .choices[0].text for p in prompts]
+    finally:
+        launch.stop(proc)
+    assert got == expected

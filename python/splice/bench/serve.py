@@ -9,11 +9,13 @@ wall time. Settings, interleaved round by round after a discarded warm-up round 
 * ``plain``         plain vLLM, unsteered (the baseline),
 * ``unsteered``     the plugin's server, no request steered,
 * ``steer_all``     the plugin's server, every request steered by the same vector (every layer),
-* ``distinct16``    the plugin's server, request ``i`` steered by vector ``i mod 16``.
+* ``distinct16``    the plugin's server, request ``i`` steered by vector ``i mod 16``,
+* ``gated``         the plugin's server, every request steered by ``v0`` behind a token gate on ``v1``,
+* ``rank8``         the plugin's server, every request steered by a rank-8 map at every layer.
 
 Only one server is sent requests at a time; the other waits idle. ``ratios``: ``serve_plugin_idle``,
-``serve_steer_all_vs_plain`` and ``serve_distinct16_vs_plain`` (each ÷ ``plain``), and
-``serve_steer_all`` and ``serve_distinct16`` (÷ ``unsteered``: the cost of steering alone).
+``serve_{steer_all,distinct16,gated,rank8}_vs_plain`` (each ÷ ``plain``), and
+``serve_{steer_all,distinct16,gated,rank8}`` (÷ ``unsteered``: the cost of steering alone).
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ VECTORS = 16
 PROMPT = "Write a short story about a lighthouse keeper and a storm."
 
 
-SETTINGS = ("plain", "unsteered", "steer_all", "distinct16")
+SETTINGS = ("plain", "unsteered", "steer_all", "distinct16", "gated", "rank8")
+STEERED = SETTINGS[2:]
 
 
 def _mix(name: str, requests: int) -> list[dict | None]:
@@ -43,6 +46,8 @@ def _mix(name: str, requests: int) -> list[dict | None]:
         return [None] * requests
     if name == "steer_all":
         return [{"splice_vector": "v0"}] * requests
+    if name in ("gated", "rank8"):
+        return [{"splice_vector": name}] * requests
     return [{"splice_vector": f"v{i % VECTORS}"} for i in range(requests)]
 
 
@@ -74,7 +79,7 @@ def run(model: str | None, requests: int = 32, max_tokens: int = 64, repeats: in
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     served = ["--model", model_dir, *(vllm_args or [])]
     with tempfile.TemporaryDirectory() as tmp:
-        recipe = write_recipe(tmp, config.hidden_size, config.num_hidden_layers, VECTORS)
+        recipe = write_recipe(tmp, config.hidden_size, config.num_hidden_layers, VECTORS, learned=True)
         commands = {"plain": [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *served,
                               "--port", str(port + 1)],
                     "splice": launch.command(recipe, [*served, "--port", str(port)])}
@@ -100,8 +105,6 @@ def run(model: str | None, requests: int = 32, max_tokens: int = 64, repeats: in
         "max_tokens": max_tokens, "repeats": repeats, "vllm_args": vllm_args or [], **provenance(),
         "results": {name: {"median_tps": medians[name], "runs_tps": results[name]} for name in results},
         "ratios": {"serve_plugin_idle": medians["unsteered"] / medians["plain"],
-                   "serve_steer_all_vs_plain": medians["steer_all"] / medians["plain"],
-                   "serve_distinct16_vs_plain": medians["distinct16"] / medians["plain"],
-                   "serve_steer_all": medians["steer_all"] / medians["unsteered"],
-                   "serve_distinct16": medians["distinct16"] / medians["unsteered"]},
+                   **{f"serve_{s}_vs_plain": medians[s] / medians["plain"] for s in STEERED},
+                   **{f"serve_{s}": medians[s] / medians["unsteered"] for s in STEERED}},
     }

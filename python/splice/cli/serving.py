@@ -8,7 +8,8 @@ def cmd_serve(args) -> int:
 
     from ..serving.launch import command, server_env
 
-    options = {k: v for k, v in (("registry", args.registry), ("max_slots", args.max_slots)) if v is not None}
+    options = {k: v for k, v in (("registry", args.registry), ("max_slots", args.max_slots), ("head_map", args.head_map))
+               if v is not None}
     cmd = command(args.recipe, args.vllm_args, **options)
     print("splice: " + " ".join(cmd), flush=True)
     os.execve(cmd[0], cmd, server_env())
@@ -21,4 +22,6 @@ def add_commands(sub) -> None:
                                        "endpoint /splice/v1/interventions (bearer token from SPLICE_ADMIN_TOKEN)")
     sv.add_argument("--max-slots", type=int, help="distinct steering configurations in flight at once "
                                                   "(default: vLLM's max_num_seqs); more wait, then get 503")
+    sv.add_argument("--head-map", help="head map (splice heads) whose windowed layers run vLLM's per-layer "
+                                       "sliding windows: kind 'window', each layer all full or all windowed")
     sv.set_defaults(func=cmd_serve, vllm_args=[])  # every other argument goes to vLLM (--model DIR, --port, ...)

@@ -3,9 +3,9 @@
 Each distinct configuration (:attr:`RequestSteering.key`) in the worker's batch holds one table slot
 (:class:`~.steering_state.SlotPool`), and the pool has ``slots`` of them. A request holds its
 configuration from before it reaches vLLM until vLLM's handler returns (the response is complete,
-refused, or its client is gone, and vLLM has aborted it), so the configurations the worker holds
-are always among those held here: vLLM delivers a finished or aborted request's removal to the
-worker before any request admitted after it, through one ordered queue from one API server. A
+refused, or its client is gone) and vLLM has sent the engine its abort (the middleware waits for a
+cancelled handler's abort), so the configurations the worker holds are always among those held here:
+one API server sends adds and aborts to the engine through one ordered socket. A
 request needing a slot when all are held waits up to ``wait_s`` for one to free, then gets
 :class:`SlotsBusy` (HTTP 503); it never shares another configuration's slot.
 """

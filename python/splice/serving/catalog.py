@@ -9,10 +9,11 @@ import os
 from ..adapters.shape import ModelShape
 from ..recipe import Recipe, RecipeError, check_steering_fits
 from ..skipping.spec import skipped_parts
+from ..steering.slot_entries import row_deciders
 from .admission import Admission
 from .options import ServeOptions, load_serving_recipe
 from .registry import Registry, RegistryError
-from .request_params import VECTOR, VERSION, RequestSteering, SteeringParamError, parse
+from .request_params import SERVER_FIELDS, VECTOR, RequestSteering, SteeringParamError, parse
 from .steering_state import entry_counts, overflow, table_capacity
 
 TOKEN_ENV = "SPLICE_ADMIN_TOKEN"
@@ -36,10 +37,13 @@ class Catalog:
         self.options, _ = ServeOptions.split(load.model_loader_extra_config)
         self.recipe = load_serving_recipe(self.options.recipe)
         self.shape = ModelShape(vllm_config.model_config.hf_config)
+        self.recipe.validate_for(self.shape)  # as the worker's loader did; head scales learn the head size here
         self.parts = skipped_parts(self.recipe.skips, self.shape.num_layers)
         self.capacity = table_capacity(self.recipe.steers, self.shape, self.options.max_vectors_per_request,
                                        self.options.registry_tables)
         self.known = {name: ("", steer.scale, entry_counts(steer, self.shape)) for name, steer in self.recipe.steers.items()}
+        self.decided_at_prefill = {name for name, steer in self.recipe.steers.items()
+                                   if row_deciders({name: steer}, [name])}
         max_rows = vllm_config.scheduler_config.max_num_seqs
         self.admission = Admission(min(self.options.max_slots or max_rows, max_rows), self.options.slot_wait_s)
         self.registry, self.token = None, None
@@ -56,7 +60,7 @@ class Catalog:
     # --- requests ----------------------------------------------------------------------------
     def resolve(self, extra_args: dict) -> RequestSteering:
         """The request's steering with each vector's version; SteeringParamError when it does not fit."""
-        extra_args = {k: v for k, v in extra_args.items() if k != VERSION}  # the server's to set
+        extra_args = {k: v for k, v in extra_args.items() if k not in SERVER_FIELDS}  # the server's to set
         steering = parse(extra_args, {name: known[1] for name, known in self.known.items()})
         per_request = self.options.max_vectors_per_request
         if len(steering.items) > per_request:
@@ -67,6 +71,10 @@ class Catalog:
         if why:
             raise SteeringParamError(VECTOR, f"these vectors do not fit one request's steering tables: {why}")
         return steering.with_versions(k[0] for k in known)
+
+    def whole_prompt(self, steering: RequestSteering) -> bool:
+        """Whether a gate of ``steering`` is decided at prefill (the request must not read the prefix cache)."""
+        return any(name in self.decided_at_prefill for name, _ in steering.items)
 
     # --- the admin endpoint ------------------------------------------------------------------
     def _check(self, name: str, steer) -> None:

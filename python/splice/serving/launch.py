@@ -16,17 +16,21 @@ import urllib.request
 from pathlib import Path
 
 from ..recipe import RecipeError
+from ..steering.slot_entries import row_deciders
 from . import salts
 from .middleware import IMPORT_PATH
 from .options import ServeOptions, load_serving_recipe
+from .sliding_windows import load_head_map, window_overrides
 
 
 def command(recipe: str | os.PathLike, vllm_args: list[str], **options) -> list[str]:
     """The server command line; the recipe and ``options`` (:class:`~.options.ServeOptions` keys:
-    ``registry``, ``max_slots``, ...) are checked first so bad ones fail before vLLM starts.
-    Without ``--model`` the default model (SmolLM2-135M-Instruct, converted locally) is served."""
+    ``registry``, ``max_slots``, ``head_map``, ...) are checked first so bad ones fail before vLLM
+    starts; a head map becomes ``--hf-overrides`` (:mod:`.sliding_windows`), and a recipe with a CAST
+    condition gets ``--no-enable-chunked-prefill`` unless the arguments say otherwise. Without
+    ``--model`` the default model (SmolLM2-135M-Instruct, converted locally) is served."""
     recipe = str(Path(recipe).expanduser().absolute())
-    load_serving_recipe(recipe)
+    loaded = load_serving_recipe(recipe)
     served, rest = ServeOptions.split({"recipe": recipe, **options})
     if rest:
         raise RecipeError(f"unknown serving option {sorted(rest)[0]!r}")
@@ -35,6 +39,12 @@ def command(recipe: str | os.PathLike, vllm_args: list[str], **options) -> list[
         from ..models.loader import default_model_dir
 
         args = ["--model", str(default_model_dir())] + args
+    if served.head_map is not None:
+        if any(a == "--hf-overrides" or a.startswith("--hf-overrides=") for a in args):
+            raise RecipeError("head_map sets vLLM's --hf-overrides (the layers' sliding windows); pass one or the other")
+        args += ["--hf-overrides", json.dumps(window_overrides(load_head_map(served.head_map)))]
+    if row_deciders(loaded.steers, loaded.steers) and not any("chunked-prefill" in a for a in args):
+        args.append("--no-enable-chunked-prefill")  # a CAST condition decides from the whole prompt in one step
     return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--load-format", "splice",
             "--model-loader-extra-config", json.dumps(served.to_extra()), "--middleware", IMPORT_PATH, *args]
 

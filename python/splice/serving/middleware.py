@@ -7,7 +7,8 @@ It sees every HTTP request and decides every request's prefix-cache salt (:mod:`
   when wrong), then the body is rewritten with the canonical steering (explicit names and scales),
   the steered ``cache_salt`` (derived under the server's secret from the configuration and the
   client's own salt), ``splice_salt`` (that salt) and ``splice_token`` (the mark binding the
-  configuration to the salt), which vLLM's request validation (:mod:`.request_rows`) requires;
+  configuration to the salt), which vLLM's request validation (:mod:`.request_rows`) requires, and
+  ``splice_whole_prompt`` when a gate is decided at prefill;
 * any other POST whose JSON body carries a ``cache_salt`` gets it namespaced (``splice-c-…``), so
   no client can pick a salt that steered requests use;
 * ``/splice/v1/interventions`` is the admin endpoint (:mod:`.admin`), answered here;
@@ -22,6 +23,7 @@ characters without ``@``, ``/``, ``\\`` or NUL) before it is namespaced.
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from ..recipe import RecipeError
@@ -29,7 +31,7 @@ from . import admin, salts
 from .admission import SlotsBusy
 from .catalog import Catalog
 from .registry import RegistryError
-from .request_params import SALT, TOKEN, VECTOR, RequestSteering, SteeringParamError, wants_steering
+from .request_params import SALT, TOKEN, VECTOR, WHOLE_PROMPT, RequestSteering, SteeringParamError, wants_steering
 
 IMPORT_PATH = "splice.serving.middleware.SteeringMiddleware"
 PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
@@ -89,6 +91,19 @@ async def _read_body(receive, limit: int | None) -> bytes | None:
     return b"".join(chunks)
 
 
+async def _let_aborts_out() -> None:
+    """Let a handler vLLM cancelled on a disconnect send its abort before the slot is released.
+
+    vLLM's ``with_cancellation`` (non-streamed responses) returns once it has called ``cancel()`` on
+    the handler task, without awaiting it. The cancelled task, waiting on its output queue's event,
+    wakes on the next loop step and in that step, without suspending, hands the abort to the engine's
+    socket (``AsyncLLM.generate`` → ``abort`` → ``send_multipart``). The loop runs callbacks first in,
+    first out, so after these steps a request admitted on the freed slot reaches the engine after
+    the abort. (Streamed responses await their cancelled stream before returning.)"""
+    for _ in range(3):
+        await asyncio.sleep(0)
+
+
 class SteeringMiddleware:
     def __init__(self, app):
         self.app = app
@@ -108,9 +123,13 @@ class SteeringMiddleware:
             return None
         if scope["path"] not in PATHS:
             raise SteeringParamError(VECTOR, f"steering is served on {', '.join(PATHS)} only")
-        steering = self._catalog(scope).resolve(data["vllm_xargs"])
+        catalog = self._catalog(scope)
+        steering = catalog.resolve(data["vllm_xargs"])
         salt = salts.steered_salt(steering.key, client_salt)
+        data["vllm_xargs"] = {k: v for k, v in data["vllm_xargs"].items() if k != WHOLE_PROMPT}
         data["vllm_xargs"].update(steering.to_xargs(), **{SALT: salt, TOKEN: salts.mark(steering.key, salt)})
+        if catalog.whole_prompt(steering):
+            data["vllm_xargs"][WHOLE_PROMPT] = True
         data[SALT_FIELD] = salt
         return steering
 
@@ -128,6 +147,8 @@ class SteeringMiddleware:
             if body is None:
                 raise RegistryError("body", f"larger than max_upload_mb ({catalog.options.max_upload_mb} MiB)", 413)
             status, payload = admin.handle(catalog, scope["method"], scope["path"], body)
+        except SteeringParamError as exc:  # a vLLM server that loaded no splice recipe
+            return await _respond(send, 404, _payload(str(exc), "registry", 404))
         except RegistryError as exc:
             extra = [(b"www-authenticate", b"Bearer")] if exc.status == 401 else []
             return await _respond(send, exc.status, _payload(str(exc), exc.field, exc.status), extra)
@@ -170,6 +191,8 @@ class SteeringMiddleware:
         catalog = self._catalog(scope)
         try:
             async with catalog.admission.hold(steering.key, steering.versions, catalog.collect):
-                return await self.app(scope, replay, send)
+                await self.app(scope, replay, send)
+                await _let_aborts_out()
+                return
         except SlotsBusy as exc:
             return await _respond(send, 503, _payload(str(exc), VECTOR, 503), [(b"retry-after", b"1")])

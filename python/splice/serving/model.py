@@ -11,7 +11,9 @@ to the next layer's fused add+norm. Steering keeps that contract:
   next fused add+norm would do, in the same order as Hugging Face's), steered by any op, and handed
   on as ``(u, None)`` into the layer (``in``) or ``(u, 0)`` out of it (``out``), so the next add is
   exact and every op (add, ablate, clamp, gates, maps) sees the whole stream;
-* ``heads`` steers ``o_proj``'s input ``[tokens, heads · head_dim]`` (head scales, per-head vectors).
+* ``heads`` steers ``o_proj``'s input ``[tokens, heads · head_dim]`` (head scales, per-head vectors);
+* a layer with a CAST condition first hands its input stream to the prefill decisions
+  (:mod:`.prefill_decisions`).
 
 Tokens of unsteered rows pass through every op unchanged, bit for bit. The outer (not compiled)
 forward fills the per-token buffers once per step; the compiled layers only read buffers.
@@ -23,6 +25,7 @@ import torch
 from torch import nn
 
 from ..ops import fused_steer
+from .prefill_decisions import serve_decide
 from .steering_state import ServeSteering
 
 ATTRIBUTE = "splice_serving"
@@ -33,7 +36,8 @@ def _steer(t, tables, layer: int, site: str, state: ServeSteering, positions):
     if vecs is None:
         return t
     n = t.shape[0]
-    return fused_steer(t, None, vecs, params, state.slot[:n], positions, state.gen[:n])[0]
+    gates = state.decisions.gates[:n] if state.decisions.deciders else None
+    return fused_steer(t, None, vecs, params, state.slot[:n], positions, state.gen[:n], gates=gates)[0]
 
 
 def _layer_forward(layer: nn.Module, idx: int, state: ServeSteering, parts: tuple[bool, bool]):
@@ -41,8 +45,11 @@ def _layer_forward(layer: nn.Module, idx: int, state: ServeSteering, parts: tupl
     original = type(layer).forward
     tables = state.tables
     steer_in, steer_out = (idx, "in") in tables.keys, (idx, "out") in tables.keys
+    decides = idx in state.decisions.layers
 
     def forward(positions, hidden_states, residual, *args, **kwargs):
+        if decides:  # prefill decisions read the layer's input stream
+            serve_decide(hidden_states if residual is None else hidden_states + residual, state.decisions.gates, idx)
         if not (run_attn or run_mlp):
             return hidden_states, residual
         if steer_in:
@@ -109,7 +116,7 @@ def install(model: nn.Module, adapter, state: ServeSteering, parts: list[tuple[b
     model.add_module(ATTRIBUTE, state)
     keys = state.tables.keys
     for idx, layer in enumerate(adapter.layers):
-        if parts[idx] != (True, True) or any(key[0] == idx for key in keys):
+        if parts[idx] != (True, True) or any(key[0] == idx for key in keys) or idx in state.decisions.layers:
             layer.forward = _layer_forward(layer, idx, state, parts[idx])
         if (idx, "attn") in keys:
             layer.self_attn.forward = _attn_forward(layer.self_attn, idx, state)

@@ -11,11 +11,13 @@ that do not need the model.
   endpoint (:mod:`.admin`), which is off without it; ``registry_tables`` (default
   ``{"out": max_vectors_per_request}``) the steering tables registered interventions may use,
   ``{site: entries per slot}`` at every layer (a vector takes one entry, a gated one two, a rank-r
-  map 2r); ``max_upload_mb`` (default 64) bounds one registration's body.
+  map 2r); ``max_upload_mb`` (default 64) bounds one registration's body;
+* ``head_map`` (default none): a head map file (:mod:`splice.hybrid.head_map`) whose windowed layers
+  run vLLM's per-layer sliding windows (:mod:`.sliding_windows`).
 
 Every other key goes to vLLM's default loader. Served: steering vectors (every op, every site),
-token gates, low-rank and affine maps and head scales. Refused with the reason: interventions gated
-by a decision made at prefill (CAST conditions, G-ACT probes, controllers), routing and a default list.
+token gates, CAST conditions (:mod:`.prefill_decisions`), low-rank and affine maps and head scales.
+Refused with the reason: routing, a default list, and a CAST condition registered at run time.
 """
 
 from __future__ import annotations
@@ -26,11 +28,10 @@ from pathlib import Path
 
 from ..recipe import Recipe, RecipeError, load_recipe
 from ..vectors.vector_set import SITES
-from ..steering.gates import TokenGate
+from ..steering.gates import Condition, TokenGate
 
-NOT_SERVED = ("a gate decided at prefill (a CAST condition, a G-ACT probe or a controller) is not served behind "
-              "vLLM yet: the decision pools the whole prompt, which chunked prefill and the prefix cache split; "
-              "it runs with splice.patch")
+NOT_REGISTERED = ("a CAST condition cannot be registered at run time: its decision columns are allocated when the "
+                  "server loads; put it in the recipe")
 
 
 def _positive_int(name: str, value) -> int:
@@ -48,6 +49,7 @@ class ServeOptions:
     registry: str | None = None
     registry_tables: dict[str, int] = field(default_factory=dict)
     max_upload_mb: int = 64
+    head_map: str | None = None
 
     @classmethod
     def split(cls, extra) -> tuple["ServeOptions", dict]:
@@ -65,10 +67,15 @@ class ServeOptions:
         registry = extra.pop("registry", None)
         tables = extra.pop("registry_tables", None)
         upload = _positive_int("max_upload_mb", extra.pop("max_upload_mb", 64))
+        head_map = extra.pop("head_map", None)
+        if head_map is not None:
+            if not isinstance(head_map, str) or not head_map:
+                raise RecipeError(f"head_map must be a head map file's path, got {head_map!r}")
+            head_map = str(Path(head_map).expanduser().absolute())
         if registry is None:
             if tables is not None:
                 raise RecipeError("registry_tables needs a registry directory (option 'registry')")
-            return cls(recipe, per_request, slots, float(wait), None, {}, upload), extra
+            return cls(recipe, per_request, slots, float(wait), None, {}, upload, head_map), extra
         if not isinstance(registry, str) or not registry:
             raise RecipeError(f"registry must be a directory path, got {registry!r}")
         tables = {"out": per_request} if tables is None else tables
@@ -76,7 +83,7 @@ class ServeOptions:
             raise RecipeError(f"registry_tables must map sites of {SITES} to entries per slot, got {tables!r}")
         tables = {site: _positive_int(f"registry_tables.{site}", n) for site, n in sorted(tables.items())}
         registry = str(Path(registry).expanduser().absolute())
-        return cls(recipe, per_request, slots, float(wait), registry, tables, upload), extra
+        return cls(recipe, per_request, slots, float(wait), registry, tables, upload, head_map), extra
 
     def to_extra(self) -> dict:
         """The ``--model-loader-extra-config`` entries that give these options back."""
@@ -86,11 +93,14 @@ class ServeOptions:
             out["max_slots"] = self.max_slots
         if self.registry is not None:
             out.update(registry=self.registry, registry_tables=self.registry_tables)
+        if self.head_map is not None:
+            out["head_map"] = self.head_map
         return out
 
 
-def check_served(recipe: Recipe, where: str = "steering.vectors") -> Recipe:
-    """``recipe``, refused with a reason where vLLM serving cannot apply it."""
+def check_served(recipe: Recipe, where: str = "steering.vectors", conditions: bool = True) -> Recipe:
+    """``recipe``, refused with a reason where vLLM serving cannot apply it (a CAST condition also
+    when not ``conditions``: an intervention registered at run time)."""
     if recipe.router is not None:
         raise RecipeError("routing: per-request layer routing is not supported behind vLLM "
                           "(it gathers rows of Hugging Face's KV cache); remove 'routing' or serve with static 'skip'")
@@ -98,8 +108,10 @@ def check_served(recipe: Recipe, where: str = "steering.vectors") -> Recipe:
         raise RecipeError("steering.default: behind vLLM each request chooses its vectors (vllm_xargs splice_vector) "
                           "and requests without steering stay unsteered; remove 'default'")
     for name, steer in recipe.steers.items():
-        if steer.gate is not None and not isinstance(steer.gate, TokenGate):
-            raise RecipeError(f"{where}.{name}.gate: {NOT_SERVED}")
+        if isinstance(steer.gate, Condition) and not conditions:
+            raise RecipeError(f"{where}.{name}.gate: {NOT_REGISTERED}")
+        if steer.gate is not None and not isinstance(steer.gate, (TokenGate, Condition)):
+            raise RecipeError(f"{where}.{name}.gate: {type(steer.gate).__name__} gates are not served behind vLLM")
     return recipe
 
 

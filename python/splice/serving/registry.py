@@ -75,7 +75,7 @@ def check_upload(name, entry, files) -> None:
 def _parse(name: str, entry: dict, base: Path):
     where = f"steering.vectors.{name}"
     try:
-        recipe = check_served(Recipe.from_dict({"steering": {"vectors": {name: entry}}}, base=base))
+        recipe = check_served(Recipe.from_dict({"steering": {"vectors": {name: entry}}}, base=base), conditions=False)
     except RecipeError as exc:
         raise RegistryError("entry", str(exc).replace(where, "entry").replace(str(base) + "/", "")) from None
     return recipe.steers[name]

@@ -2,9 +2,11 @@
 
 ``splice_vector`` is a name or a list of names (applied in that order); ``splice_scale`` a number
 or a list of numbers of the same length (absent: each vector's scale from the recipe);
-``splice_version``, ``splice_salt`` and ``splice_token`` are written by the middleware (see
-:mod:`.middleware`; a client's values are replaced): the content version of each vector (``""`` for
-the recipe's own, a hash of the files for one registered at run time, :mod:`.registry`). Any other ``splice_*`` key is refused. Errors are
+``splice_version``, ``splice_salt``, ``splice_token`` and ``splice_whole_prompt`` are written by the
+middleware (see :mod:`.middleware`; a client's values are replaced): the content version of each
+vector (``""`` for the recipe's own, a hash of the files for one registered at run time,
+:mod:`.registry`), and whether a vector's gate is decided at prefill, so the request must not read
+the prefix cache (:mod:`.prefill_decisions`). Any other ``splice_*`` key is refused. Errors are
 :class:`SteeringParamError`, whose message names the field.
 """
 
@@ -16,8 +18,9 @@ import math
 from dataclasses import dataclass
 
 VECTOR, SCALE, VERSION = "splice_vector", "splice_scale", "splice_version"
-SALT, TOKEN = "splice_salt", "splice_token"
-FIELDS = (VECTOR, SCALE, VERSION, SALT, TOKEN)
+SALT, TOKEN, WHOLE_PROMPT = "splice_salt", "splice_token", "splice_whole_prompt"
+FIELDS = (VECTOR, SCALE, VERSION, SALT, TOKEN, WHOLE_PROMPT)
+SERVER_FIELDS = (VERSION, WHOLE_PROMPT)  # set from the server's own records, never from the client
 PREFIX = "splice_"
 
 

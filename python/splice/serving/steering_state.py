@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from ..runtime.steering_tables import Key, SteeringTables
-from ..steering.slot_entries import slot_entries
+from ..steering.slot_entries import row_deciders, slot_entries
 from ..vectors.vector_set import SITES
+from .prefill_decisions import PrefillDecisions
 from .request_params import parse
 
 _CURRENT: "ServeSteering | None" = None
@@ -53,9 +54,9 @@ class FixedTables(SteeringTables):
 
 def entry_counts(steer, shape) -> dict[Key, int]:
     """Table entries one intervention takes at each ``(layer, site)`` (a vector one, a gated one two,
-    a rank-r map 2r)."""
-    size = shape.site_size(steer.site)
-    return {(layer, steer.site): len(steer.entries(layer, steer.scale, size)) for layer in steer.layers}
+    a rank-r map 2r; a vector behind a CAST condition two)."""
+    size = shape.site_size(steer.site)  # any row-gate column gives the count; 0 stands for the real one
+    return {(layer, steer.site): len(steer.entries(layer, steer.scale, size, 0)) for layer in steer.layers}
 
 
 def table_capacity(steers: dict, shape, per_request: int, registry_tables: dict[str, int] | None = None) -> dict[Key, int]:
@@ -135,6 +136,7 @@ class ServeSteering(nn.Module):
         self.register_buffer("gen", torch.zeros(max_tokens, dtype=torch.bool, device=device), persistent=False)
         self.register_buffer("pos", torch.zeros(max_tokens, dtype=torch.long, device=device), persistent=False)
         self.register_buffer("token", torch.arange(max_tokens, dtype=torch.int32, device=device), persistent=False)
+        self.decisions = PrefillDecisions(row_deciders(recipe.steers, recipe.steers), max_rows, max_tokens, device)
         self.row_slots = [0] * max_rows  # host copy, for releasing slots
         self.steered_rows = 0
 
@@ -147,6 +149,7 @@ class ServeSteering(nn.Module):
         self.steered_rows += slot != 0
         self.row_slot[row] = slot
         self.row_prompt[row] = prompt_len
+        self.decisions.reset(row)
 
     def _intervention(self, name: str, version: str):
         if not version:
@@ -163,9 +166,13 @@ class ServeSteering(nn.Module):
         if len(steering.items) > self.per_request:
             raise ValueError(f"{len(steering.items)} vectors in one request; max_vectors_per_request is {self.per_request}")
         steers = {n: self._intervention(n, v) for (n, _), v in zip(steering.items, steering.versions)}
+        deciders = row_deciders(steers, steers)
+        column_of = self.decisions.column_of if deciders else None
+        entries = slot_entries(steers, steering.items, self.adapter, column_of)  # raises before a slot is taken
         slot, fresh = self.pool.acquire((steering.items, steering.versions))
         if fresh:
-            self.tables.write_slot(slot, slot_entries(steers, steering.items, self.adapter))
+            self.tables.write_slot(slot, entries)
+        self.decisions.use(slot, deciders)
         return slot
 
     def update(self, batch_update) -> None:
@@ -183,12 +190,14 @@ class ServeSteering(nn.Module):
                 slot_b, prompt_b = self.row_slots[b], int(self.row_prompt[b])
                 self.row_slots[a], self.row_slots[b] = slot_b, slot_a
                 self.row_slot[a], self.row_prompt[a] = slot_b, prompt_b
+                self.decisions.swap(a, b)
             else:
                 self.row_slots[a] = 0
                 self.row_slot[a], self.row_prompt[a] = 0, 0
                 if self.row_slots[b]:
                     self.pool.release(self.row_slots[b])
                     self.steered_rows -= 1
+                self.decisions.move(a, b)
             self.row_slots[b] = slot_a
             self.row_slot[b], self.row_prompt[b] = slot_a, prompt_a
 
@@ -206,9 +215,12 @@ class ServeSteering(nn.Module):
             raise RuntimeError("splice: micro-batched (DBO) steps are not supported")
         if not self.steered_rows or not metadata:
             self.slot[:tokens].zero_()
+            self.decisions.plan_nothing()
             return
         self.pos[:tokens].copy_(positions)
         starts = next(iter(metadata.values())).query_start_loc
         rows = torch.searchsorted(starts[1:], self.token[:tokens], right=True).clamp_(max=starts.numel() - 2)
         torch.index_select(self.row_slot, 0, rows, out=self.slot[:tokens])
         torch.ge(positions, self.row_prompt.index_select(0, rows), out=self.gen[:tokens])
+        if self.decisions.deciders:
+            self.decisions.plan(rows, positions, self.row_prompt, self.row_slots)
