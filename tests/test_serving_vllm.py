@@ -277,10 +277,11 @@ def test_recipe_that_does_not_fit_the_model_refuses_to_start(tmp_path):
     assert "out of range: the model has layers 0..29" in done.stdout + done.stderr
 
 
-def _parity_recipe(recipe: Path) -> Path:
+def _parity_recipe(recipe: Path, condition) -> Path:
     """The session recipe plus static skips (a whole layer, an attention, an MLP) and one entry of
     every kind splice.patch runs: ``in`` ablate, ``out`` clamp, a per-head vector at ``heads``, a head
-    scale, a low-rank and an affine map, a token-gated vector, a vector on generated tokens only."""
+    scale, a low-rank and an affine map, a token-gated vector, a vector on generated tokens only, and
+    a vector gated by the CAST ``condition``."""
     import torch
     import yaml
 
@@ -298,6 +299,7 @@ def _parity_recipe(recipe: Path) -> Path:
                              b={l: 0.5 * unit() for l in (4, 12)}, site="mlp"), d / "affine.safetensors")
     save_vectors(VectorSet({l: torch.randn(64, generator=gen) for l in (2, 3)}, site="heads", method="random"),
                  d / "head.safetensors")
+    save_intervention(condition, d / "condition.safetensors")
     data = yaml.safe_load(recipe.read_text())
     vectors = data["steering"]["vectors"]
     for cfg in vectors.values():  # splice refuses steering a skipped part
@@ -313,6 +315,8 @@ def _parity_recipe(recipe: Path) -> Path:
         "gated": {"file": "v0.safetensors", "scale": 8.0, "layers": [16, 17, 18],
                   "gate": {"direction": "v1.safetensors", "threshold": 0.0, "temperature": 0.05}},
         "late": {"file": "v3.safetensors", "scale": 8.0, "positions": "generated", "layers": [9, 10]},
+        "cast": {"file": "v2.safetensors", "scale": 16.0, "layers": list(range(8, 20)),
+                 "gate": {"condition": "condition.safetensors"}},
     })
     data["skip"] = {"layers": [20], "attn": [5], "mlp": [7]}
     out = recipe.with_name("parity.yaml")
@@ -320,25 +324,45 @@ def _parity_recipe(recipe: Path) -> Path:
     return out
 
 
+def _condition_between(model, tok, prompts, layer):
+    """A CAST condition at ``layer`` met by the first prompt and not the second: its vector is the
+    difference of their pooled hidden states there, its threshold halfway between their scores."""
+    import torch
+
+    from splice.steering.gates import Condition
+
+    pooled = []
+    for prompt in prompts:
+        with torch.no_grad():
+            h = model(tok(prompt, return_tensors="pt").input_ids, output_hidden_states=True).hidden_states[layer]
+        pooled.append(h[0, 1:].float().mean(0))  # CAST's mean, without the attention sink
+    probe = Condition(pooled[0] - pooled[1], layer, threshold=0.0)
+    scores = [float(probe.score(p[None, None], torch.ones(1, 1))) for p in pooled]
+    assert scores[0] > scores[1]
+    return Condition(probe.vector, layer, threshold=sum(scores) / 2)
+
+
 PARITY_CASES = [None, [("v0", 6.0), ("flat", 1.0)], [("stream_in", 1.0), ("clamp_out", 1.0)],
                 [("head_vec", 12.0), ("prune", 0.0)], [("lowrank", 1.0)], [("affine", 1.0)],
-                [("gated", 8.0), ("late", 8.0)]]
+                [("gated", 8.0), ("late", 8.0)], [("cast", 16.0)]]
 
 
 @pytest.mark.slow
 def test_float32_server_matches_hugging_face_with_the_same_recipe(recipe, tmp_path):
     """Every kind of intervention behind vLLM (static skips; add, ablate and clamp at sites in, out,
-    mlp and heads; head scales; low-rank and affine maps; a token gate; a position range) gives the
-    greedy text splice.patch gives on the Hugging Face model, for the same recipe and request."""
+    mlp and heads; head scales; low-rank and affine maps; a token gate; a position range; a CAST
+    condition that steers one prompt and not the other) gives the greedy text splice.patch gives on
+    the Hugging Face model, for the same recipe and request."""
     import torch
 
     import splice
     from splice.models.loader import load_model
     from splice.serving import launch
 
-    parity = _parity_recipe(recipe)
     prompts = ["Hello, my name is", "The best way to learn a language is"]
     model, tok = load_model()
+    # layer 4: its input is the same patched or not (the first static skip is layer 5's attention)
+    parity = _parity_recipe(recipe, _condition_between(model, tok, prompts, layer=4))
     expected = []
     with splice.patch(model, recipe=parity) as p:
         for items in PARITY_CASES:
@@ -375,6 +399,8 @@ def test_float32_server_matches_hugging_face_with_the_same_recipe(recipe, tmp_pa
     assert together == got
     plain = expected[:2]
     assert all(expected[i:i + 2] != plain for i in range(2, len(expected), 2)), "a case that changes nothing proves nothing"
+    steered, unmet = expected[-2:]  # the CAST case: the condition steers the first prompt only
+    assert steered != plain[0] and unmet == plain[1], (steered, unmet, plain)
 
 
 @pytest.mark.slow
