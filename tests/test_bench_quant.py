@@ -26,18 +26,40 @@ def test_report_has_every_row_within_budget_and_the_ratios(real_model):
     assert rows["uniform4"]["linear_bytes"] * 3 < rows["bf16"]["linear_bytes"]
     # every row timed in the interleaved rounds (warm-up dropped), its median from its own runs
     for r in rows.values():
-        assert len(r["decode_runs_b1"]) == len(r["decode_runs_b8"]) == 2, r["name"]
+        assert len(r["decode_runs_b1"]) == len(r["decode_runs_b8"]) == len(r["decode_runs_b16"]) == 2, r["name"]
         assert r["decode_tps_b8"] == sorted(r["decode_runs_b8"])[0] / 2 + sorted(r["decode_runs_b8"])[1] / 2
     # the tiny model's 96-wide matrices take two scale groups per row: uniform b bits is above b + 0.5
     assert rows["uniform3"]["bits_per_weight"] > 3.5 and rows["uniform4"]["bits_per_weight"] < 4.75
     assert report["uniform_neighbours"] == {"3.5": {"below": None, "above": "uniform3"},
                                             "4.25": {"below": "uniform3", "above": "uniform4"}}
     assert "measured35_beats_uniform_below" not in report["ratios"]
-    assert set(report["ratios"]) >= {"q4_decode_speedup", "q4_decode_vs_fp32_b1", "q4_decode_vs_fp32_b8",
+    assert set(report["ratios"]) >= {"q4_decode_speedup", "q4_decode_speedup_b16", "q4_decode_vs_fp32_b1",
+                                     "q4_decode_vs_fp32_b8",
                                      "measured425_beats_uniform_above", "measured425_beats_random"}
     assert report["machine"]["torch"] == torch.__version__ and isinstance(report["command"], list)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert f"| uniform4 | {rows['uniform4']['bits_per_weight']:.3f} | {rows['uniform4']['ppl']:.2f} |" in quant_report.table(report)
+
+
+def test_decode_only_times_the_dense_and_uniform_rows_and_measures_nothing(real_model, monkeypatch):
+    model = tied_llama()
+    monkeypatch.setattr(quant, "measure", lambda *a, **k: pytest.fail("decode_only measured sensitivity"))
+    report = quant.run(model, FoldedTokenizer(real_model[1]), calib_windows=1, calib_length=64, eval_windows=2,
+                       eval_length=64, steps=2, repeats=1, progress=False, decode_only=True)
+    assert [r["name"] for r in report["rows"]] == ["fp32", "bf16", "uniform8", "uniform4", "uniform3"]
+    assert report["decode_only"] and "mixed35_ppl_ratio" not in report["ratios"]
+    r = {row["name"]: row for row in report["rows"]}["uniform4"]
+    b16 = {row["name"]: row for row in report["rows"]}["bf16"]["decode_tps_b16"]
+    assert report["ratios"]["q4_decode_speedup_b16"] == r["decode_tps_b16"] / b16
+    assert "decode tok/s b16 |" in quant_report.table(report)
+    # bytes per token: every Linear weight once per step, plus each sequence's KV cache over the mean context
+    kv = 3 * 2 * 2 * 16 * 4  # tied_llama: 3 layers, K and V, 2 KV heads of 16 dims, fp32
+    context = 64 + (2 - 1) / 2
+    fp32 = report["rows"][0]
+    assert fp32["bytes_per_token_b8"] == pytest.approx((fp32["linear_bytes"] + 8 * kv * context) / 8)
+    assert fp32["bandwidth_fraction_b16"] == pytest.approx(
+        fp32["bytes_per_token_b16"] * fp32["decode_tps_b16"] / report["read_bandwidth"])
+    assert len(report["read_bandwidth_runs"]) == 1 and report["read_bandwidth"] > 1e8
 
 
 def synthetic_rows(measured425_ppl: float) -> list[dict]:

@@ -208,10 +208,11 @@ def test_packed_weight_validation(change, match):
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("group_size", GROUP_SIZES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("t", [1, 2, 4, 5, 33], ids=lambda t: f"t{t}")
+@pytest.mark.parametrize("t", [1, 2, 4, 5, 7, 16, 32, 33], ids=lambda t: f"t{t}")
 @pytest.mark.parametrize("n,k", [(7, 96), (24, 576), (5, 100), (17, 1536)])
 def test_cpp_matches_reference(bits, group_size, dtype, t, n, k):
-    """Decode (t ≤ 4, GEMV) and prefill (GEMM) paths, partial last groups, K not a multiple of 64."""
+    """Every path: the multi-token kernel (t ≤ 32, partial row and token blocks), AVX-512's fused
+    GEMV (t ≤ 4 where built) and prefill (GEMM); partial last groups, K not a multiple of 64."""
     args = make_case(t, n, k, bits, group_size, dtype, bias=t == 2, seed=t)
     assert_matches(run("cpu", "cpp", args), args)
 

@@ -60,12 +60,45 @@ def test_eos_stops_generation():
     assert torch.equal(out, full[:, :6 + first + 1])
 
 
-def test_search_returns_the_fastest_measured_choice():
+def test_no_draft_decodes_plainly():
+    model = tiny_model("llama")
+    out, stats = speculative_generate(model, prompt(5), 9, draft_layers=None, draft_len=0)
+    assert torch.equal(out, greedy(model, prompt(5), 9))
+    assert (stats.new_tokens, stats.cycles, stats.drafted) == (9, 0, 0)
+
+
+def test_search_runs_every_trial_and_plain_decoding_on_the_real_loop():
     model = tiny_model("llama")
     best, trials = search_draft(model, [prompt(4)], order=[2, 1, 0], counts=[1, 2], lengths=[2, 3], new_tokens=6,
                                 progress=False)
-    assert len(trials) == 4 and best == max(trials, key=lambda t: t.tokens_per_second)
-    assert all(0 not in t.layers for t in trials)
+    plain, drafts = trials[0], trials[1:]
+    assert (plain.layers, plain.draft_len) == ([], 0) and len(drafts) == 4
+    assert all(t.layers and 0 not in t.layers for t in drafts)
+    fastest = max(drafts, key=lambda t: t.tokens_per_second)
+    assert best == (fastest if fastest.tokens_per_second > plain.tokens_per_second else None)
+
+
+def _timed_search(monkeypatch, seconds_by_draft):
+    """search_draft with speculative_generate replaced: each run takes ``seconds_by_draft[layers]``."""
+    import splice.tools.speculative as speculative
+
+    def fake(model, ids, new_tokens, layers, length):
+        drafted = 0 if layers is None else length
+        return ids, speculative.SpeculativeStats(new_tokens, 1, drafted, drafted, seconds_by_draft[layers and tuple(layers)])
+
+    monkeypatch.setattr(speculative, "speculative_generate", fake)
+    return speculative.search_draft(None, [prompt()], order=[2, 1], counts=[1, 2], lengths=[2], new_tokens=10,
+                                    progress=False)
+
+
+def test_search_says_no_draft_when_plain_decoding_is_fastest(monkeypatch):
+    best, trials = _timed_search(monkeypatch, {None: 1.0, (2,): 1.2, (1, 2): 1.5})
+    assert best is None and trials[0].tokens_per_second == 10.0
+
+
+def test_search_picks_the_draft_that_beats_plain_decoding(monkeypatch):
+    best, _ = _timed_search(monkeypatch, {None: 1.0, (2,): 0.8, (1, 2): 0.9})
+    assert (best.layers, best.draft_len, best.tokens_per_second) == ([2], 2, 12.5)
 
 
 @pytest.mark.parametrize("kwargs, message", [

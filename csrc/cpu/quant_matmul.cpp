@@ -1,10 +1,13 @@
 // CPU kernel of splice::quant_matmul: y = x @ ((q − z) · s)^T (+ bias) on packed group-quantized weights.
-// The math is stated in python/splice/ops/quant_matmul_reference.py, the layout in quant_layout.h.
+// The math is stated in python/splice/ops/quant_matmul_reference.py, the layout in quant_layout.h, the
+// vectors and code decoding in quant_simd.h.
 //
-// Per output row n and group g the kernel uses  sum_k x_k (q_k − z_g) s_g = s_g (x·q)_g − s_g z_g Σ_g x,
-// so codes are only widened to fp32 and FMA'd with x; Σ_g x is computed once per token.
-// * decode (tokens ≤ kGemvMaxTokens): each decoded chunk of 16 codes is reused for every token
-//   (fp32 FMA, AVX-512 when compiled with it), rows split over threads;
+// * decode and small batches (tokens ≤ kBlockedMaxTokens): blocks of kRows rows are dequantized
+//   once into an fp32 buffer that stays in L1, and every token is multiplied with it, kRows × kTokens
+//   dot products at a time held in registers, so each packed weight is read from memory once for
+//   all tokens; rows are split over threads;
+// * with AVX-512 and tokens ≤ kFusedMaxTokens, the measured faster fused GEMV: per row n and group g,
+//   sum_k x_k (q_k − z_g) s_g = s_g (x·q)_g − s_g z_g Σ_g x, codes widened and FMA'd with x directly;
 // * prefill: blocks of rows are dequantized to fp32 once and multiplied with at::mm.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -12,18 +15,23 @@
 
 #include <vector>
 
-#ifdef __AVX512F__
-#include <immintrin.h>
-#endif
-
 #include "quant_layout.h"
 #include "quant_matmul_args.h"
+#include "quant_simd.h"
 
 namespace splice {
 namespace {
 
-constexpr int64_t kGemvMaxTokens = 4;
+constexpr int64_t kBlockedMaxTokens = 32;
+constexpr int64_t kFusedMaxTokens = 4;
 constexpr int64_t kGemmRowBlock = 1024;
+// Register block of the multi-token kernel: kRows × kTokens accumulators plus kRows weight vectors
+// fit the ISA's registers (16 ymm, 32 zmm); one token alone takes kRows1 rows to hide FMA latency.
+#if defined(__AVX512F__)
+constexpr int kRows = 3, kTokens = 8, kRows1 = 8;
+#else
+constexpr int kRows = 3, kTokens = 4, kRows1 = 8;
+#endif
 
 struct Packed {
   const uint8_t* q;
@@ -52,58 +60,100 @@ Acts load_acts(const T* x, int64_t tokens, const Packed& w) {
   return a;
 }
 
-#ifdef __AVX512F__
-inline __m512i widen16(const uint8_t* p) {
-  return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+// fp32 (q − z) · s of rows [begin, end) into dst (row stride kp; padding codes give −z · s, and meet
+// zero activations).
+template <int B>
+void dequant_rows(const Packed& w, float* dst, int64_t begin, int64_t end) {
+#if SPLICE_SIMD
+  using Tl = Tile<B>;
+  const int64_t tiles = w.kp / (Tl::kChunks * kQuantChunk);
+  const int cpg_shift = __builtin_ctzll(w.group_size / kQuantChunk);  // group sizes are 16 · 2^j
+  for (int64_t n = begin; n < end; ++n) {
+    const uint8_t* row = w.q + n * w.row_bytes;
+    float* out = dst + (n - begin) * w.kp;
+    int64_t g = -1;
+    V scale = vzero(), shift = vzero();  // s and −z · s of group g
+    for (int64_t tile = 0; tile < tiles; ++tile) {
+      V codes[Tl::kChunks * kVecsPerChunk];
+      Tl::decode(row, tile, w.kp, codes);
+      for (int j = 0; j < Tl::kChunks; ++j) {
+        const int64_t chunk = tile * Tl::kChunks + j, cg = std::min(chunk >> cpg_shift, w.groups - 1);
+        if (cg != g) {
+          g = cg;
+          const float s = static_cast<float>(w.s[n * w.groups + g]);
+          scale = vset1(s), shift = vset1(-static_cast<float>(w.z[n * w.groups + g]) * s);
+        }
+        for (int h = 0; h < kVecsPerChunk; ++h)
+          vstore(out + chunk * kQuantChunk + h * kLanes, vfma(codes[j * kVecsPerChunk + h], scale, shift));
+      }
+    }
+  }
+#else
+  for (int64_t n = begin; n < end; ++n)
+    for (int64_t i = 0; i < w.kp; ++i) {
+      const int64_t g = std::min(i / w.group_size, w.groups - 1);
+      dst[(n - begin) * w.kp + i] = (static_cast<float>(quant_code(w.q + n * w.row_bytes, i, B, w.kp)) -
+                                     static_cast<float>(w.z[n * w.groups + g])) *
+                                    static_cast<float>(w.s[n * w.groups + g]);
+    }
+#endif
 }
 
-// Tile<B>::decode writes the kChunks chunks of tile `t` of a row as fp32 codes.
+// y[t · n_out + r] = Σ_k w[r · kp + k] x[t · kp + k] for R rows and T tokens, every sum in a register.
+template <int R, int T>
+void dot_block(const float* w, const float* x, int64_t kp, float* y, int64_t n_out) {
+  V acc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = vzero();
+  for (int64_t k = 0; k < kp; k += kLanes) {
+    V wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = vload(w + r * kp + k);
+    for (int t = 0; t < T; ++t) {
+      const V xv = vload(x + t * kp + k);
+      for (int r = 0; r < R; ++r) acc[r][t] = vfma(wv[r], xv, acc[r][t]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) y[t * n_out + r] = vsum(acc[r][t]);
+}
+
+// dot_block for `rows` ≤ R rows and `tokens` ≤ T tokens (the last, partial blocks).
+template <int R, int T>
+void dot_block_upto(int64_t rows, int64_t tokens, const float* w, const float* x, int64_t kp, float* y,
+                    int64_t n_out) {
+  if constexpr (R > 1)
+    if (rows < R) return dot_block_upto<R - 1, T>(rows, tokens, w, x, kp, y, n_out);
+  if constexpr (T > 1)
+    if (tokens < T) return dot_block_upto<R, T - 1>(rows, tokens, w, x, kp, y, n_out);
+  dot_block<R, T>(w, x, kp, y, n_out);
+}
+
+// Rows [begin, end): R rows dequantized at a time, then multiplied with every token, T at a time.
+template <int B, int R, int T>
+void blocked_rows(const Packed& w, const Acts& a, int64_t tokens, float* y, int64_t n_out, int64_t begin,
+                  int64_t end) {
+  std::vector<float> buf(R * w.kp);
+  for (int64_t n0 = begin; n0 < end; n0 += R) {
+    const int64_t rows = std::min<int64_t>(R, end - n0);
+    dequant_rows<B>(w, buf.data(), n0, n0 + rows);
+    for (int64_t t0 = 0; t0 < tokens; t0 += T)
+      dot_block_upto<R, T>(rows, std::min<int64_t>(T, tokens - t0), buf.data(), a.x.data() + t0 * w.kp, w.kp,
+                           y + t0 * n_out + n0, n_out);
+  }
+}
+
 template <int B>
-struct Tile;
+void blocked(const Packed& w, const Acts& a, int64_t tokens, float* y, int64_t n_out) {
+  const int64_t grain = std::max<int64_t>(16, n_out / (4 * at::get_num_threads()));
+  at::parallel_for(0, n_out, grain, [&](int64_t begin, int64_t end) {
+    if (tokens == 1)
+      blocked_rows<B, kRows1, 1>(w, a, tokens, y, n_out, begin, end);
+    else
+      blocked_rows<B, kRows, kTokens>(w, a, tokens, y, n_out, begin, end);
+  });
+}
 
-template <>
-struct Tile<8> {
-  static constexpr int kChunks = 1;
-  static inline void decode(const uint8_t* row, int64_t t, int64_t, __m512* w) {
-    w[0] = _mm512_cvtepi32_ps(widen16(row + 16 * t));
-  }
-};
-
-template <>
-struct Tile<4> {
-  static constexpr int kChunks = 2;
-  static inline void decode(const uint8_t* row, int64_t t, int64_t, __m512* w) {
-    const __m512i v = widen16(row + 16 * t);
-    w[0] = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)));
-    w[1] = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
-  }
-};
-
-template <>
-struct Tile<2> {
-  static constexpr int kChunks = 4;
-  static inline void decode(const uint8_t* row, int64_t t, int64_t, __m512* w) {
-    const __m512i v = widen16(row + 16 * t), m = _mm512_set1_epi32(3);
-    w[0] = _mm512_cvtepi32_ps(_mm512_and_si512(v, m));
-    w[1] = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, 2), m));
-    w[2] = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, 4), m));
-    w[3] = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 6));
-  }
-};
-
-template <>
-struct Tile<3> {
-  static constexpr int kChunks = 4;
-  static inline void decode(const uint8_t* row, int64_t t, int64_t kp, __m512* w) {
-    const __m512i v = widen16(row + 16 * t), m = _mm512_set1_epi32(3), four = _mm512_set1_epi32(4);
-    const uint16_t* high = reinterpret_cast<const uint16_t*>(row + kp / 4) + 4 * t;
-    const __m512i lows[4] = {_mm512_and_si512(v, m), _mm512_and_si512(_mm512_srli_epi32(v, 2), m),
-                             _mm512_and_si512(_mm512_srli_epi32(v, 4), m), _mm512_srli_epi32(v, 6)};
-    for (int i = 0; i < 4; ++i)
-      w[i] = _mm512_cvtepi32_ps(_mm512_mask_add_epi32(lows[i], static_cast<__mmask16>(high[i]), lows[i], four));
-  }
-};
-
+#ifdef __AVX512F__
 // The fp32 scales of row n into sf, and corr[t] = Σ_g s_g z_g Σ_g x_t (16 groups per step).
 template <int NT>
 inline void row_params(const Packed& w, const Acts& a, int64_t n, float* sf, float* corr) {
@@ -181,64 +231,6 @@ void gemv_rows(const Packed& w, const Acts& a, float* y, int64_t n_out, int64_t 
   }
 }
 
-// fp32 (q − z) · s of rows [begin, end) into dst (row stride kp; padding codes give −z · s).
-template <int B>
-void dequant_rows(const Packed& w, float* dst, int64_t begin, int64_t end) {
-  using Tl = Tile<B>;
-  const int64_t tiles = w.kp / (Tl::kChunks * kQuantChunk), per_group = w.group_size / kQuantChunk;
-  for (int64_t n = begin; n < end; ++n) {
-    const uint8_t* row = w.q + n * w.row_bytes;
-    float* out = dst + (n - begin) * w.kp;
-    int64_t g = 0, left = per_group;
-    __m512 s = _mm512_set1_ps(static_cast<float>(w.s[n * w.groups]));
-    __m512 z = _mm512_set1_ps(static_cast<float>(w.z[n * w.groups]));
-    for (int64_t tile = 0; tile < tiles; ++tile) {
-      __m512 wv[Tl::kChunks];
-      Tl::decode(row, tile, w.kp, wv);
-      for (int j = 0; j < Tl::kChunks; ++j) {
-        if (left-- == 0 && g + 1 < w.groups) {
-          ++g, left = per_group - 1;
-          s = _mm512_set1_ps(static_cast<float>(w.s[n * w.groups + g]));
-          z = _mm512_set1_ps(static_cast<float>(w.z[n * w.groups + g]));
-        }
-        _mm512_storeu_ps(out + (tile * Tl::kChunks + j) * kQuantChunk, _mm512_mul_ps(_mm512_sub_ps(wv[j], z), s));
-      }
-    }
-  }
-}
-#else
-// Portable fallbacks: the same sums, one code at a time.
-template <int B, int CPG, int NT>
-void gemv_rows(const Packed& w, const Acts& a, float* y, int64_t n_out, int64_t begin, int64_t end) {
-  for (int64_t n = begin; n < end; ++n) {
-    const uint8_t* row = w.q + n * w.row_bytes;
-    for (int t = 0; t < NT; ++t) {
-      const float* xr = a.x.data() + t * w.kp;
-      float acc = 0.f;
-      for (int64_t g = 0; g < w.groups; ++g) {
-        float dot = 0.f;
-        for (int64_t i = g * w.group_size; i < std::min(w.k, (g + 1) * w.group_size); ++i)
-          dot += xr[i] * static_cast<float>(quant_code(row, i, B, w.kp));
-        const float s = static_cast<float>(w.s[n * w.groups + g]);
-        acc += s * dot - s * static_cast<float>(w.z[n * w.groups + g]) * a.sums[t * w.groups + g];
-      }
-      y[t * n_out + n] = acc;
-    }
-  }
-}
-
-template <int B>
-void dequant_rows(const Packed& w, float* dst, int64_t begin, int64_t end) {
-  for (int64_t n = begin; n < end; ++n)
-    for (int64_t i = 0; i < w.kp; ++i) {
-      const int64_t g = std::min(i / w.group_size, w.groups - 1);
-      dst[(n - begin) * w.kp + i] = (static_cast<float>(quant_code(w.q + n * w.row_bytes, i, B, w.kp)) -
-                                     static_cast<float>(w.z[n * w.groups + g])) *
-                                    static_cast<float>(w.s[n * w.groups + g]);
-    }
-}
-#endif
-
 template <int B, int CPG>
 void gemv_tokens(const Packed& w, const Acts& a, int64_t tokens, float* y, int64_t n_out, int64_t begin,
                  int64_t end) {
@@ -250,7 +242,7 @@ void gemv_tokens(const Packed& w, const Acts& a, int64_t tokens, float* y, int64
   }
 }
 
-// Decode path (tokens ≤ kGemvMaxTokens): rows split over threads.
+// Fused GEMV (tokens ≤ kFusedMaxTokens): rows split over threads.
 template <int B>
 void gemv(const Packed& w, const Acts& a, int64_t tokens, float* y, int64_t n_out) {
   const int64_t grain = std::max<int64_t>(16, n_out / (4 * at::get_num_threads()));
@@ -262,6 +254,7 @@ void gemv(const Packed& w, const Acts& a, int64_t tokens, float* y, int64_t n_ou
     }
   });
 }
+#endif
 
 // y^T [n_out, tokens] = W @ x^T, one block of rows dequantized to fp32 (by all threads), then at::mm.
 template <int B>
@@ -284,14 +277,20 @@ at::Tensor run(const Packed& w, const at::Tensor& x, int64_t n_out) {
   const int64_t tokens = x.size(0);
   at::Tensor y = at::empty({tokens, n_out}, x.options().dtype(at::kFloat));
   if (tokens == 0) return y;
-  if (tokens > kGemvMaxTokens) {
+  if (tokens > kBlockedMaxTokens) {
     at::Tensor yt = at::empty({n_out, tokens}, y.options());
     gemm<B>(w, x.to(at::kFloat), yt, n_out);
     return yt.t().contiguous();
   }
   const Acts a = x.scalar_type() == at::kFloat ? load_acts(x.data_ptr<float>(), tokens, w)
                                                : load_acts(x.data_ptr<at::BFloat16>(), tokens, w);
-  gemv<B>(w, a, tokens, y.data_ptr<float>(), n_out);
+#ifdef __AVX512F__
+  if (tokens <= kFusedMaxTokens) {
+    gemv<B>(w, a, tokens, y.data_ptr<float>(), n_out);
+    return y;
+  }
+#endif
+  blocked<B>(w, a, tokens, y.data_ptr<float>(), n_out);
   return y;
 }
 

@@ -14,12 +14,17 @@ Quantized rows are planned and quantized from the fp32 weights, then cast to bfl
 baseline (activations and dense weights in bf16; codes, fp16 scales and zero points as packed).
 Each row reports perplexity, KL to fp32, ``model_bytes`` (every parameter and buffer the model
 holds, shared storage once; the input embedding stays dense), ``linear_bytes`` (the Linear
-weights only) and decode tokens/s at batch 1 and 8.
+weights only), decode tokens/s at batch 1, 8 and 16, and per batch the bytes a decode step reads
+per token and the fraction of the machine's read bandwidth that is (:mod:`.bandwidth`; the
+bandwidth is timed among the rows in every round). ``decode_only``: the fp32, bf16 and
+uniform rows alone (no sensitivity measurement, no mixed rows, no ratios that need them).
+``profile_decode``: ``decode_split``, where a decode step of bf16 and uniform 4-bit at batch 1 and
+8 spends its time (:mod:`.step_profile`), profiled after the timing so it does not disturb it.
 
 Decode is timed after every row is built, all models interleaved round by round after a discarded
 warm-up round (:func:`splice.bench.timing.interleaved`); each row keeps its runs.
 
-Ratios (medians, same run, ÷ bf16 unless named): ``q4_decode_speedup`` (and ``_b8``),
+Ratios (medians, same run, ÷ bf16 unless named): ``q4_decode_speedup`` (and ``_b8``, ``_b16``),
 ``q4_decode_vs_fp32_b1`` / ``_b8`` (÷ fp32: plain ``F.linear`` in fp32 is faster than bf16 on
 CPU), ``uniform3_ppl_ratio``, ``mixed35_ppl_ratio`` and ``mixed425_ppl_ratio`` (measured),
 ``mixed35_bytes_ratio``; per budget ``B``, against the uniform rows on both sides of it (the
@@ -47,7 +52,9 @@ from ..quant.linear import QuantLinear
 from ..quant.plan import QuantPlan, quantizable
 from ..tools.calibration_text import evaluate, log_probs, wikitext_windows
 from ..tools.quant_sensitivity import Measurements, measure
+from .bandwidth import bandwidth_fraction, bytes_per_step, kv_bytes_per_token, read_bandwidth
 from .output import provenance
+from .step_profile import decode_step_split
 from .timing import decode_tps, interleaved
 
 BUDGETS = (3.5, 4.25)
@@ -56,6 +63,9 @@ GROUP = 64
 MEASURED_GROUPS = (32, 64, 128)
 MEASURED_WIDTHS = (2, 3, 4)  # 8 bits (8.5+ bits/weight) cannot pay for itself under these budgets
 SCORED = ("lim", "zd", "random")
+BATCHES = (1, 8, 16)
+MEMORY = "memory-read"  # the bandwidth setting timed among the rows
+PROFILED = ("bf16", "uniform4")  # profile_decode: their decode steps at batch 1 and 8, split by the profiler
 
 
 def model_bytes(model: torch.nn.Module) -> int:
@@ -82,16 +92,30 @@ def _row(name, model, evals, reference, plan=None) -> dict:
     return row
 
 
-def _time_rows(rows: list[dict], models: dict, decode_ids, steps: int, repeats: int, progress: bool) -> None:
-    """Decode tokens/s of every model in ``models`` (by row name), interleaved; adds runs and medians to the rows."""
+def _time_rows(rows: list[dict], models: dict, decode_ids, steps: int, repeats: int, progress: bool) -> list[float]:
+    """Decode tokens/s of every model in ``models`` (by row name) and the machine's read bandwidth,
+    interleaved; adds runs, medians, bytes per token and bandwidth fractions to the rows, and
+    returns the bandwidth runs (bytes/s)."""
     def measure(name):
+        if name == MEMORY:
+            return {"read": read_bandwidth()}
         return {f"b{ids.shape[0]}": decode_tps(models[name], ids, steps) for ids in decode_ids}
 
-    runs = interleaved([(name, nullcontext) for name in models], measure, repeats, "decode timing", progress)
+    runs = interleaved([(name, nullcontext) for name in [*models, MEMORY]], measure, repeats, "decode timing",
+                       progress)
+    bandwidth = statistics.median(runs[MEMORY]["read"])
+    context = decode_ids[0].shape[1] + (steps - 1) / 2  # mean cached positions over the timed steps
     for row in rows:
+        model = models[row["name"]]
+        weights, kv = linear_bytes(model), kv_bytes_per_token(model)
         for batch, values in runs[row["name"]].items():
+            b = int(batch.removeprefix("b"))
+            step = bytes_per_step(weights, kv, b, context)
             row[f"decode_runs_{batch}"] = values
             row[f"decode_tps_{batch}"] = statistics.median(values)
+            row[f"bytes_per_token_{batch}"] = step / b
+            row[f"bandwidth_fraction_{batch}"] = bandwidth_fraction(step, row[f"decode_tps_{batch}"], b, bandwidth)
+    return runs[MEMORY]["read"]
 
 
 def _quantized(model, plan, quantizer):
@@ -102,7 +126,8 @@ def _quantized(model, plan, quantizer):
 
 def run(model, tokenizer, calib_windows: int = 2, calib_length: int = 128, eval_windows: int = 4,
         eval_length: int = 512, steps: int = 32, repeats: int = 3, seeds: int = 3, quantizer: str = "hqq",
-        measurements_path=None, progress: bool = True) -> dict:
+        measurements_path=None, progress: bool = True, decode_only: bool = False,
+        profile_decode: bool = False) -> dict:
     """The report (module docstring); ``model`` is the fp32 model (left unchanged).
 
     ``measurements_path``: a measurement file to reuse when it exists (refused unless measured on
@@ -113,8 +138,10 @@ def run(model, tokenizer, calib_windows: int = 2, calib_length: int = 128, eval_
     calib = wikitext_windows(tokenizer, calib_windows, calib_length)
     offset = -(-calib_windows * calib_length // eval_length)  # held-out windows start after the calibration text
     evals = wikitext_windows(tokenizer, eval_windows, eval_length, offset=offset)
-    decode_ids = [evals[:1, :64], evals[torch.arange(8) % eval_windows, :64]]
-    if measurements_path is not None and Path(measurements_path).is_file():
+    decode_ids = [evals[torch.arange(b) % eval_windows, :64] for b in BATCHES]
+    if decode_only:
+        measurements = None
+    elif measurements_path is not None and Path(measurements_path).is_file():
         measurements = Measurements.load(measurements_path)
         measurements.check_reuse(model, calib, quantizer, MEASURED_WIDTHS, MEASURED_GROUPS)
     else:
@@ -124,7 +151,8 @@ def run(model, tokenizer, calib_windows: int = 2, calib_length: int = 128, eval_
     reference = log_probs(model, evals)
     jobs = [("fp32", None, None), ("bf16", None, None)]
     jobs += [(f"uniform{b}", "uniform", b + 32 / GROUP) for b in UNIFORM]
-    jobs += [(f"{m}{t}", m, t) for t in BUDGETS for m in ("measured", "measured-g64", *SCORED)]
+    if not decode_only:
+        jobs += [(f"{m}{t}", m, t) for t in BUDGETS for m in ("measured", "measured-g64", *SCORED)]
     rows, timed = [], {}
     for name, method, target in tqdm(jobs, desc="quantized models", disable=not progress):
         if method is None:
@@ -147,11 +175,15 @@ def run(model, tokenizer, calib_windows: int = 2, calib_length: int = 128, eval_
             row["ppl_by_seed"] = [r["ppl"] for r in found]
             row["ppl"] = statistics.median(row["ppl_by_seed"])
         rows.append({**row, "method": method, "target_bpw": target})
-    _time_rows(rows, timed, decode_ids, steps, repeats, progress)
+    bandwidth_runs = _time_rows(rows, timed, decode_ids, steps, repeats, progress)
+    splits = {f"{name} b{ids.shape[0]}": decode_step_split(timed[name], ids, steps)
+              for name in PROFILED for ids in decode_ids[:2]} if profile_decode else None
     return {
         "benchmark": "quant", "model": adapter.name, "architecture": adapter.describe(), **provenance(),
         "quantizer": quantizer, "eval_tokens": evals.numel(), "calibration_tokens": calib.numel(),
-        "repeats": repeats, "decode_steps": steps, "random_seeds": seeds, "rows": rows,
+        "repeats": repeats, "decode_steps": steps, "random_seeds": seeds, "decode_only": decode_only,
+        "read_bandwidth": statistics.median(bandwidth_runs), "read_bandwidth_runs": bandwidth_runs,
+        **({"decode_split": splits} if splits else {}), "rows": rows,
         "uniform_neighbours": {str(t): {side: r and r["name"] for side, r in zip(("below", "above"),
                                                                                  uniform_neighbours(rows, t))}
                                for t in BUDGETS},
@@ -172,19 +204,20 @@ def uniform_neighbours(rows: list[dict], budget: float) -> tuple[dict | None, di
 
 
 def ratios(rows: list[dict]) -> dict[str, float]:
-    """The report's ratios (module docstring) from its rows."""
+    """The report's ratios (module docstring) from its rows (those of mixed rows only when present)."""
     by = {r["name"]: r for r in rows}
     bf16, fp32, q4 = by["bf16"], by["fp32"], by["uniform4"]
-    out = {
-        "q4_decode_speedup": q4["decode_tps_b1"] / bf16["decode_tps_b1"],
-        "q4_decode_speedup_b8": q4["decode_tps_b8"] / bf16["decode_tps_b8"],
-        "q4_decode_vs_fp32_b1": q4["decode_tps_b1"] / fp32["decode_tps_b1"],
-        "q4_decode_vs_fp32_b8": q4["decode_tps_b8"] / fp32["decode_tps_b8"],
-        "uniform3_ppl_ratio": by["uniform3"]["ppl"] / bf16["ppl"],
-        "mixed35_ppl_ratio": by["measured3.5"]["ppl"] / bf16["ppl"],
-        "mixed425_ppl_ratio": by["measured4.25"]["ppl"] / bf16["ppl"],
-        "mixed35_bytes_ratio": by["measured3.5"]["model_bytes"] / bf16["model_bytes"],
-    }
+    out = {"q4_decode_speedup": q4["decode_tps_b1"] / bf16["decode_tps_b1"]}
+    out |= {f"q4_decode_speedup_b{b}": q4[f"decode_tps_b{b}"] / bf16[f"decode_tps_b{b}"]
+            for b in BATCHES[1:] if f"decode_tps_b{b}" in q4}
+    out |= {"q4_decode_vs_fp32_b1": q4["decode_tps_b1"] / fp32["decode_tps_b1"],
+            "q4_decode_vs_fp32_b8": q4["decode_tps_b8"] / fp32["decode_tps_b8"],
+            "uniform3_ppl_ratio": by["uniform3"]["ppl"] / bf16["ppl"]}
+    if "measured3.5" not in by:
+        return out
+    out |= {"mixed35_ppl_ratio": by["measured3.5"]["ppl"] / bf16["ppl"],
+            "mixed425_ppl_ratio": by["measured4.25"]["ppl"] / bf16["ppl"],
+            "mixed35_bytes_ratio": by["measured3.5"]["model_bytes"] / bf16["model_bytes"]}
     for t in BUDGETS:
         tag, measured = str(t).replace(".", ""), by[f"measured{t}"]["ppl"]
         for side, row in zip(("below", "above"), uniform_neighbours(rows, t)):

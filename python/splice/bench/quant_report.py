@@ -5,17 +5,26 @@ perplexity, bytes and decode speed per width and allocation method (a markdown t
 from __future__ import annotations
 
 from ..tools.plotting import pyplot, save_figure
+from .step_profile import split_table
 
 
 def table(report: dict) -> str:
-    lines = ["| model | bits/weight | perplexity | KL to fp32 | model MiB | decode tok/s b1 | decode tok/s b8 |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    batches = sorted(int(k.removeprefix("decode_tps_b")) for k in report["rows"][0] if k.startswith("decode_tps_b"))
+    lines = ["| model | bits/weight | perplexity | KL to fp32 | model MiB | "
+             + " | ".join(f"decode tok/s b{b}" for b in batches) + " |",
+             "|---|---:|---:|---:|---:|" + "---:|" * len(batches)]
     for r in report["rows"]:
         bpw = f"{r['bits_per_weight']:.3f}" if "bits_per_weight" in r else ("32" if r["name"] == "fp32" else "16")
         lines.append(f"| {r['name']} | {bpw} | {r['ppl']:.2f} | {r['kl']:.4f} | {r['model_bytes'] / 2**20:.1f} | "
-                     f"{r['decode_tps_b1']:.1f} | {r['decode_tps_b8']:.1f} |")
+                     + " | ".join(f"{r[f'decode_tps_b{b}']:.1f}" for b in batches) + " |")
+    lines += ["", f"Read bandwidth (median of the rounds): {report['read_bandwidth'] / 1e9:.1f} GB/s; fraction of it "
+              "each row's decode streams: " + "; ".join(
+                  f"{r['name']} " + " / ".join(f"{r[f'bandwidth_fraction_b{b}']:.2f}" for b in batches)
+                  for r in report["rows"]) + f" (batch {' / '.join(map(str, batches))})"]
     lines += ["", "| ratio | value |", "|---|---:|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in report["ratios"].items()]
+    if "decode_split" in report:
+        lines += ["", "Where a decode step goes (torch profiler):", "", split_table(report["decode_split"])]
     return "\n".join(lines)
 
 

@@ -11,8 +11,9 @@
   router; the routed batch runs gather/scatter, compared with running each group of rows that
   share a skip set as its own batch.
 * **Self-speculative decoding**: the draft (layers and length) picked by a measured search on
-  calibration prompts, then tokens/s against the unpatched model's greedy ``generate`` on other
-  prompts, with the outputs checked identical.
+  calibration prompts, or no draft (plain decoding) when none beat plain decoding there, then
+  tokens/s against the unpatched model's greedy ``generate`` on other prompts, with the outputs
+  checked identical.
 
 Every timed setting runs interleaved with the others round by round after a discarded warm-up
 round (:func:`splice.bench.timing.interleaved`).
@@ -169,6 +170,7 @@ def speculative_rows(model, order, calib_prompts, eval_prompts, new_tokens, repe
     counts = [round(adapter.num_layers * f) for f in (0.1, 0.2, 0.3)]
     best, trials = search_draft(model, calib_prompts, order, counts, lengths=(2, 3, 4), new_tokens=24,
                                 progress=progress)
+    layers, length = (best.layers, best.draft_len) if best else (None, 0)  # None: no draft won, decode plainly
     base, spec, accept, identical = [], [], [], True
     for round_ in range(repeats + 1):  # round 0 warms both up and is discarded
         t_base = t_spec = 0.0
@@ -178,14 +180,14 @@ def speculative_rows(model, order, calib_prompts, eval_prompts, new_tokens, repe
                 expected = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                           max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
             t_base += time.perf_counter() - start
-            out, stats = speculative_generate(model, ids, new_tokens, best.layers, best.draft_len)
+            out, stats = speculative_generate(model, ids, new_tokens, layers, length)
             t_spec += stats.seconds
             accept.append(stats.acceptance)
             identical &= torch.equal(out, expected)
         if round_:
             base.append(len(eval_prompts) * new_tokens / t_base)
             spec.append(len(eval_prompts) * new_tokens / t_spec)
-    return {"draft_layers": best.layers, "draft_len": best.draft_len, "search": [vars(t) for t in trials],
+    return {"draft_layers": layers, "draft_len": length, "search": [vars(t) for t in trials],
             "greedy_runs": base, "speculative_runs": spec,
             "greedy_tps": statistics.median(base), "speculative_tps": statistics.median(spec),
             "acceptance": statistics.median(accept), "identical_output": identical}

@@ -17,9 +17,11 @@ def table(report: dict) -> str:
     lines += [f"| {r['router']} | {r['mean_skipped']:.2f} | {r['ppl']:.2f} | {r['decode_tps_b8']:.1f} |"
               for r in report["routing"]]
     s = report["speculative"]
-    lines += ["", f"speculative: draft skips {len(s['draft_layers'])} layers, length {s['draft_len']}, acceptance "
-              f"{s['acceptance']:.2f}, {s['speculative_tps']:.1f} vs {s['greedy_tps']:.1f} tok/s, identical output: "
-              f"{s['identical_output']}", "", "| ratio | value |", "|---|---:|"]
+    draft = (f"draft skips {len(s['draft_layers'])} layers, length {s['draft_len']}" if s["draft_layers"] is not None
+             else "no draft beat plain decoding in the search")
+    lines += ["", f"speculative: {draft}, acceptance {s['acceptance']:.2f}, {s['speculative_tps']:.1f} vs "
+              f"{s['greedy_tps']:.1f} tok/s, identical output: {s['identical_output']}", "", "| ratio | value |",
+              "|---|---:|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in report["ratios"].items()]
     return "\n".join(lines)
 

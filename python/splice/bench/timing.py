@@ -65,7 +65,7 @@ def prefill_tps(model, ids: torch.Tensor) -> float:
     return ids.numel() / (time.perf_counter() - start)
 
 
-def _greedy_steps(model, out, batch: int, length: int, steps: int) -> None:
+def greedy_steps(model, out, batch: int, length: int, steps: int) -> None:
     """``steps`` greedy one-token forward passes after ``out``, the output of a prefill of ``length`` tokens."""
     cache = out.past_key_values
     token = out.logits[:, -1].argmax(-1, keepdim=True)
@@ -79,7 +79,7 @@ def _greedy_steps(model, out, batch: int, length: int, steps: int) -> None:
 def decode_tps(model, ids: torch.Tensor, steps: int) -> float:
     out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
     start = time.perf_counter()
-    _greedy_steps(model, out, ids.shape[0], ids.shape[1], steps)
+    greedy_steps(model, out, ids.shape[0], ids.shape[1], steps)
     return ids.shape[0] * steps / (time.perf_counter() - start)
 
 
@@ -101,7 +101,7 @@ def decode_layer_seconds(model, layers, ids: torch.Tensor, steps: int) -> float:
     handles = [h for layer in layers for h in (layer.register_forward_pre_hook(before),
                                                layer.register_forward_hook(after))]
     try:
-        _greedy_steps(model, out, ids.shape[0], ids.shape[1], steps)
+        greedy_steps(model, out, ids.shape[0], ids.shape[1], steps)
     finally:
         for h in handles:
             h.remove()

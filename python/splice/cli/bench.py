@@ -48,7 +48,8 @@ def cmd_bench_quant(args) -> int:
     model, tokenizer = load(args)
     report = quant.run(model, tokenizer, calib_windows=args.calib_windows, eval_windows=args.eval_windows,
                        eval_length=args.eval_length, steps=args.steps, repeats=args.repeats, seeds=args.seeds,
-                       measurements_path=args.measurements)
+                       measurements_path=args.measurements, decode_only=args.decode_only,
+                       profile_decode=args.profile_decode)
     _report(quant_report, report, args.json)
     return 0
 
@@ -101,6 +102,10 @@ def add_commands(sub) -> None:
     bq.add_argument("--eval-windows", type=int, default=4, help="held-out evaluation windows")
     bq.add_argument("--eval-length", type=int, default=512, help="tokens per evaluation window")
     bq.add_argument("--seeds", type=int, default=3, help="seeds of the random allocation (median perplexity)")
+    bq.add_argument("--decode-only", action="store_true",
+                    help="fp32, bf16 and uniform rows only: no sensitivity measurement, no mixed rows")
+    bq.add_argument("--profile-decode", action="store_true",
+                    help="also split a decode step of bf16 and 4-bit (batch 1 and 8) with the torch profiler")
     bq.set_defaults(func=cmd_bench_quant)
 
     ba = bsub.add_parser("attention", parents=[model_options(), report, timing_options(16, 3)],

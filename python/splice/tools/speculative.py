@@ -1,7 +1,8 @@
 """Self-speculative decoding (lossless, greedy, batch 1): a draft pass through the model with
 some layers skipped proposes ``draft_len`` tokens one at a time; one pass of the full model over
 them verifies all at once; the longest agreeing prefix is kept plus the full model's own next
-token. The output is the full model's greedy output.
+token. The output is the full model's greedy output. ``draft_layers=None`` is "no draft": plain
+greedy decoding, one full pass per token, through the same loop.
 
 KV cache: draft-skipped layers leave their cache untouched while drafting; before verifying,
 every layer is cropped back to the verified length, and the verification pass writes the full
@@ -11,6 +12,7 @@ model's keys and values for the new tokens in every layer.
 from __future__ import annotations
 
 import contextlib
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -76,9 +78,10 @@ def _step(model, tokens: torch.Tensor, cache, start: int, all_logits: bool = Fal
 @torch.inference_mode()
 def speculative_generate(model, input_ids: torch.Tensor, max_new_tokens: int, draft_layers, draft_len: int,
                          eos_token_id: int | None = None) -> tuple[torch.Tensor, SpeculativeStats]:
-    """Greedy continuation of ``input_ids`` [1, n] (returns [1, n + new]) and its statistics."""
+    """Greedy continuation of ``input_ids`` [1, n] (returns [1, n + new]) and its statistics;
+    ``draft_layers`` None decodes plainly (``draft_len`` is then ignored)."""
     adapter = Adapter(model)
-    draft = check_draft(adapter, draft_layers, draft_len)
+    draft = None if draft_layers is None else check_draft(adapter, draft_layers, draft_len)
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"self-speculative decoding takes one sequence [1, n], got shape {tuple(input_ids.shape)}")
     if max_new_tokens < 1:
@@ -90,6 +93,11 @@ def speculative_generate(model, input_ids: torch.Tensor, max_new_tokens: int, dr
         token = _step(model, input_ids[0], cache, 0)[-1:]
         new, cycles, drafted, accepted = [token], 0, 0, 0
         while sum(t.numel() for t in new) < max_new_tokens and int(new[-1][-1]) != eos_token_id:
+            if draft is None:
+                token = _step(model, token, cache, n)
+                new.append(token)
+                n += 1
+                continue
             guesses, t = [], token
             runtime.skip.draft = draft
             try:
@@ -124,21 +132,30 @@ class DraftChoice:
 
 
 def search_draft(model, prompts: list[torch.Tensor], order: list[int], counts, lengths,
-                 new_tokens: int = 24, progress: bool = True) -> tuple[DraftChoice, list[DraftChoice]]:
+                 new_tokens: int = 24, progress: bool = True) -> tuple[DraftChoice | None, list[DraftChoice]]:
     """Measured search: for each ``count`` (the first ``count`` layers of ``order``, least important
     first, layer 0 excluded) and each draft length, time self-speculative decoding of the
-    ``prompts``; returns the fastest choice and every trial."""
+    ``prompts``, and time plain decoding of them after every trial. Returns the fastest draft, or
+    None ("no draft") when none beats the median plain run, and every trial; the first trial is
+    plain decoding (no layers, ``draft_len`` 0, the median of its runs)."""
     from tqdm import tqdm
 
-    order = [l for l in order if l != 0]
-    trials = []
-    grid = [(c, g) for c in counts for g in lengths]
-    for count, length in tqdm(grid, desc="draft search", disable=not progress):
-        layers = sorted(order[:count])
+    def timed(layers, length) -> DraftChoice:
         seconds = tokens = drafted = accepted = 0
         for ids in prompts:
             _, s = speculative_generate(model, ids, new_tokens, layers, length)
             seconds, tokens = seconds + s.seconds, tokens + s.new_tokens
             drafted, accepted = drafted + s.drafted, accepted + s.accepted
-        trials.append(DraftChoice(layers, length, tokens / seconds, accepted / max(drafted, 1)))
-    return max(trials, key=lambda t: t.tokens_per_second), trials
+        return DraftChoice(layers or [], length, tokens / seconds, accepted / max(drafted, 1))
+
+    order = [l for l in order if l != 0]
+    trials, plain = [], []
+    grid = [(c, g) for c in counts for g in lengths]
+    if not grid:
+        raise ValueError("the draft search needs at least one layer count and one draft length")
+    for count, length in tqdm(grid, desc="draft search", disable=not progress):
+        trials.append(timed(sorted(order[:count]), length))
+        plain.append(timed(None, 0).tokens_per_second)  # interleaved: drift hits both alike
+    plain_choice = DraftChoice([], 0, statistics.median(plain), 0.0)
+    best = max(trials, key=lambda t: t.tokens_per_second)
+    return (best if best.tokens_per_second > plain_choice.tokens_per_second else None), [plain_choice, *trials]
