@@ -1,8 +1,8 @@
 """pytest-benchmark suite: the C++ ``splice::quant_matmul`` against ``F.linear`` on dense weights.
 
 SmolLM2-135M's linear shapes (N × K: attention/MLP projections and the tied lm_head) at decode
-(T = 1) and prefill (T = 64), every width at group size 64, against ``F.linear`` with fp32 and bf16
-weights. Each (shape, T) is one benchmark group, so compare the medians within a group.
+(T = 1), batched decode (T = 8, 16: the multi-token kernel) and prefill (T = 64), every width at
+group size 64, against ``F.linear`` with fp32 and bf16 weights. Each (shape, T) is one benchmark group, so compare the medians within a group.
 Run with ``python -m pytest benchmarks/test_quant_bench.py -q``.
 """
 
@@ -15,7 +15,7 @@ from splice.ops.quant_packing import PackedWeight
 from splice.quant.quantizers import quantize
 
 SHAPES = [(576, 576), (1536, 576), (576, 1536), (49152, 576)]
-TOKENS = [1, 64]
+TOKENS = [1, 8, 16, 64]
 GROUP = 64
 KINDS = ["f32", "bf16", "q2", "q3", "q4", "q8"]
 

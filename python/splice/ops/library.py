@@ -19,7 +19,6 @@ but fails to load (a broken build) also warns, while one never built (``SPLICE_N
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib
 import importlib.util
 import os
@@ -55,11 +54,16 @@ class OpSpec:
     reference: Callable
     triton: str | None = None  # "module:function" in splice.kernels, imported on first use
     _triton_fn: Callable | None = field(default=None, repr=False)
+    _op: object = field(default=None, repr=False)
 
-    @functools.cached_property
+    @property
     def op(self):
-        """The op's one overload (calling it skips the packet's overload resolution: ~5 µs a call)."""
-        return getattr(torch.ops.splice, self.name).default
+        """The op's one overload (calling it skips the packet's overload resolution: ~5 µs a call).
+        Cached in a plain field: torch.compile traces it (``functools.cached_property`` takes an
+        RLock on Python 3.11, which Dynamo cannot enter)."""
+        if self._op is None:
+            self._op = getattr(torch.ops.splice, self.name).default
+        return self._op
 
     def triton_fn(self) -> Callable:
         if self._triton_fn is None:
