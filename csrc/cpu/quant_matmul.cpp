@@ -23,15 +23,15 @@ namespace splice {
 namespace {
 
 constexpr int64_t kBlockedMaxTokens = 32;
+#if defined(__AVX512F__)
 constexpr int64_t kFusedMaxTokens = 4;
+#else
+constexpr int64_t kFusedMaxTokens = 0;  // the fused GEMV is AVX-512 only
+#endif
 constexpr int64_t kGemmRowBlock = 1024;
 // Register block of the multi-token kernel: kRows × kTokens accumulators plus kRows weight vectors
 // fit the ISA's registers (16 ymm, 32 zmm); one token alone takes kRows1 rows to hide FMA latency.
-#if defined(__AVX512F__)
-constexpr int kRows = 3, kTokens = 8, kRows1 = 8;
-#else
-constexpr int kRows = 3, kTokens = 4, kRows1 = 8;
-#endif
+constexpr int kRows = 3, kTokens = kLanes == 16 ? 8 : 4, kRows1 = 8;
 
 struct Packed {
   const uint8_t* q;
@@ -40,18 +40,19 @@ struct Packed {
   int64_t k, kp, groups, group_size, row_bytes;
 };
 
-// Activations as fp32 rows zero-padded to kp, and their per-group sums [tokens, groups].
+// Activations as fp32 rows zero-padded to kp, and (for the fused GEMV only) their per-group sums
+// [tokens, groups].
 struct Acts {
   std::vector<float> x, sums;
 };
 
 template <typename T>
-Acts load_acts(const T* x, int64_t tokens, const Packed& w) {
-  Acts a{std::vector<float>(tokens * w.kp, 0.f), std::vector<float>(tokens * w.groups, 0.f)};
+Acts load_acts(const T* x, int64_t tokens, const Packed& w, bool with_sums) {
+  Acts a{std::vector<float>(tokens * w.kp, 0.f), std::vector<float>(with_sums ? tokens * w.groups : 0, 0.f)};
   for (int64_t t = 0; t < tokens; ++t) {
     float* xr = a.x.data() + t * w.kp;
     for (int64_t i = 0; i < w.k; ++i) xr[i] = static_cast<float>(x[t * w.k + i]);
-    for (int64_t g = 0; g < w.groups; ++g) {
+    for (int64_t g = 0; with_sums && g < w.groups; ++g) {
       float s = 0.f;
       for (int64_t i = g * w.group_size; i < std::min(w.k, (g + 1) * w.group_size); ++i) s += xr[i];
       a.sums[t * w.groups + g] = s;
@@ -282,10 +283,11 @@ at::Tensor run(const Packed& w, const at::Tensor& x, int64_t n_out) {
     gemm<B>(w, x.to(at::kFloat), yt, n_out);
     return yt.t().contiguous();
   }
-  const Acts a = x.scalar_type() == at::kFloat ? load_acts(x.data_ptr<float>(), tokens, w)
-                                               : load_acts(x.data_ptr<at::BFloat16>(), tokens, w);
+  const bool fused = tokens <= kFusedMaxTokens;
+  const Acts a = x.scalar_type() == at::kFloat ? load_acts(x.data_ptr<float>(), tokens, w, fused)
+                                               : load_acts(x.data_ptr<at::BFloat16>(), tokens, w, fused);
 #ifdef __AVX512F__
-  if (tokens <= kFusedMaxTokens) {
+  if (fused) {
     gemv<B>(w, a, tokens, y.data_ptr<float>(), n_out);
     return y;
   }

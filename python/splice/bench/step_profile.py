@@ -37,15 +37,13 @@ def op_class(name: str) -> str:
 def decode_step_split(model, ids: torch.Tensor, steps: int = 16) -> dict[str, dict[str, float]]:
     """``{class: {"seconds": per step, "share": of the step}}`` for ``steps`` greedy decode steps
     after a prefill of ``ids`` (one untimed warm-up run first)."""
-    for warm in (True, False):
-        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        if warm:
-            greedy_steps(model, out, ids.shape[0], ids.shape[1], 2)
-            continue
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            start = time.perf_counter()
-            greedy_steps(model, out, ids.shape[0], ids.shape[1], steps)
-            wall = time.perf_counter() - start
+    batch, length = ids.shape
+    greedy_steps(model, model(input_ids=ids, use_cache=True, logits_to_keep=1), batch, length, 2)  # warm-up
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        greedy_steps(model, out, batch, length, steps)
+        wall = time.perf_counter() - start
     seconds = dict.fromkeys(ORDER, 0.0)
     for event in prof.key_averages():
         seconds[op_class(event.key)] += event.self_cpu_time_total / 1e6
