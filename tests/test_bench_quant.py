@@ -5,7 +5,7 @@ import torch
 from test_quant_model import tied_llama
 from tiny_models import FoldedTokenizer
 
-from splice.bench import quant, quant_report
+from splice.bench import llamacpp, quant, quant_report
 from splice.tools.calibration_text import wikitext_windows
 from splice.tools.quant_sensitivity import measure
 
@@ -60,6 +60,59 @@ def test_decode_only_times_the_dense_and_uniform_rows_and_measures_nothing(real_
     assert fp32["bandwidth_fraction_b16"] == pytest.approx(
         fp32["bytes_per_token_b16"] * fp32["decode_tps_b16"] / report["read_bandwidth"])
     assert len(report["read_bandwidth_runs"]) == 1 and report["read_bandwidth"] > 1e8
+    assert report["skipped_rows"] == {"llamacpp-q4_1": "no GGUF of this model given"}
+
+
+def test_compiled_and_llamacpp_rows_are_timed_among_the_others(real_model, monkeypatch, tmp_path):
+    """The compiled 4-bit row at batch 1 and 8, and a llama.cpp row (its engine faked here) at batch 1
+    on a 64-token prompt, each with bytes per token and the ratios against splice's 4-bit rows."""
+    prompts = []
+
+    class FakeLlamaCpp:
+        def __init__(self, path, threads, context):
+            assert path == tmp_path / "model.gguf" and threads == torch.get_num_threads()
+
+        def decode_tps(self, prompt, steps):
+            prompts.append(prompt)
+            return 50.0
+
+        def kv_bytes_per_token(self):
+            return 123
+
+    monkeypatch.setattr(quant, "LlamaCpp", FakeLlamaCpp)
+    monkeypatch.setattr(quant, "unavailable", lambda: None)
+    monkeypatch.setattr(quant, "gguf_bytes", lambda path: 1000)
+    torch._dynamo.reset()
+    report = quant.run(tied_llama(), FoldedTokenizer(real_model[1]), calib_windows=1, calib_length=64,
+                       eval_windows=2, eval_length=64, steps=2, repeats=2, progress=False, decode_only=True,
+                       compiled=True, llamacpp_gguf=tmp_path / "model.gguf")
+    rows = {r["name"]: r for r in report["rows"]}
+    compiled, llama, q4 = rows["uniform4-compiled"], rows["llamacpp-q4_1"], rows["uniform4"]
+    assert len(compiled["decode_runs_b1"]) == len(compiled["decode_runs_b8"]) == 2 and "decode_tps_b16" not in compiled
+    assert compiled["bytes_per_token_b1"] == q4["bytes_per_token_b1"]
+    assert llama["decode_runs_b1"] == [50.0, 50.0] and "decode_tps_b8" not in llama
+    assert len(prompts) == 3 and all(len(p) == 64 for p in prompts)  # warm-up round and two timed rounds
+    assert llama["bytes_per_token_b1"] == pytest.approx(1000 + 123 * (64 + (2 - 1) / 2))
+    ratios = report["ratios"]
+    assert ratios["q4_vs_llamacpp_b1"] == max(q4["decode_tps_b1"], compiled["decode_tps_b1"]) / 50.0
+    assert ratios["q4_compiled_vs_eager_b8"] == compiled["decode_tps_b8"] / q4["decode_tps_b8"]
+    assert report["skipped_rows"] == {}
+    assert "| llamacpp-q4_1 | — | — | — | — | 50.0 | — | — |" in quant_report.table(report)
+
+
+def test_the_llamacpp_row_is_skipped_with_the_reason(monkeypatch):
+    monkeypatch.setattr(llamacpp.importlib.util, "find_spec", lambda name: None)
+    assert "make install-llamacpp" in llamacpp.unavailable()
+
+
+def test_llamacpp_reads_the_bundled_gguf_like_splice():
+    """Where llama-cpp-python is installed: its KV bytes per position are splice's in float16."""
+    pytest.importorskip("llama_cpp")
+    from splice.models.loader import bundled_gguf
+
+    engine = llamacpp.LlamaCpp(bundled_gguf(), threads=1, context=128)
+    assert engine.kv_bytes_per_token() == 30 * 2 * 3 * 64 * 2  # layers, K and V, KV heads, head dim, fp16
+    assert llamacpp.gguf_bytes(bundled_gguf()) < bundled_gguf().stat().st_size
 
 
 def synthetic_rows(measured425_ppl: float) -> list[dict]:

@@ -66,7 +66,7 @@ def test_dir_without_config_is_refused(tmp_path):
 def fake_conversion(tmp_path, monkeypatch):
     """Point SPLICE_CACHE at a temp dir and make 'conversion' write the tiny model; count calls."""
     monkeypatch.setenv("SPLICE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(loader, "_bundled_gguf", lambda: tmp_path / "model.gguf")
+    monkeypatch.setattr(loader, "bundled_gguf", lambda: tmp_path / "model.gguf")
     calls = []
 
     def convert(gguf, out):

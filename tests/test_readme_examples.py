@@ -34,7 +34,8 @@ README = ROOT / "README.md"
 
 # The sections whose Python block a test below runs.
 RUN = ("Python API", "Per-request steering", "Conditional steering (CAST)",
-       "Learned maps and head edits (LinEAS, LoReFT's form, PH3)", "Layer skipping", "Hybrid attention")
+       "Learned maps and head edits (LinEAS, LoReFT's form, PH3)", "Layer skipping", "Hybrid attention",
+       "Compiled decoding")
 NOT_RUN_HERE = {"Serving behind vLLM": "needs a running vLLM server; tests/test_serving_vllm.py runs one"}
 
 
@@ -198,6 +199,15 @@ def test_layer_skipping(session):
     with torch.inference_mode():
         greedy = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False)
     assert text == tok.decode(greedy[0, ids.shape[1]:])  # the full model's greedy answer
+
+
+@pytest.mark.real_model
+def test_compiled_decoding(session):
+    """Compiled and eager generation of the steered model give the same tokens, and sensible text."""
+    printed = run(session, "Compiled decoding")
+    text, equal = printed.rstrip("\n").rsplit(" ", 1)
+    assert equal == "True", printed
+    assert_sensible(session[0]["tok"], text, min_tokens=6)
 
 
 @pytest.mark.real_model

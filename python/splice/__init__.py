@@ -2,6 +2,8 @@
 
 from . import ops
 from .adapters.architecture import supported_families
+from .decoding.compile_check import CompileError
+from .decoding.compiled_decode import CompiledDecoder, compile_decode
 from .patch import Patch, patch
 from .quant.checkpoint import load_quantized
 from .recipe import Recipe, RecipeError, load_recipe
@@ -13,5 +15,6 @@ from .vectors.vector_set import VectorSet
 
 __version__ = "0.1.0"
 
-__all__ = ["Affine", "Condition", "HeadScale", "LowRank", "Patch", "Positions", "Recipe", "RecipeError", "Skip", "Steer",
-           "TokenGate", "VectorSet", "load_quantized", "load_recipe", "ops", "patch", "supported_families"]
+__all__ = ["Affine", "CompileError", "CompiledDecoder", "Condition", "HeadScale", "LowRank", "Patch", "Positions",
+           "Recipe", "RecipeError", "Skip", "Steer", "TokenGate", "VectorSet", "compile_decode", "load_quantized",
+           "load_recipe", "ops", "patch", "supported_families"]

@@ -20,11 +20,17 @@ bandwidth is timed among the rows in every round). ``decode_only``: the fp32, bf
 uniform rows alone (no sensitivity measurement, no mixed rows, no ratios that need them).
 ``profile_decode``: ``decode_split``, where a decode step of bf16 and uniform 4-bit at batch 1 and
 8 spends its time (:mod:`.step_profile`), profiled after the timing so it does not disturb it.
+``compiled``: the row ``uniform4-compiled``, the uniform 4-bit model decoded by
+:func:`splice.compile_decode` (batch 1 and 8; it compiles in the warm-up round). ``llamacpp_gguf``:
+the row ``llamacpp-q4_1``, llama.cpp on that GGUF of the same model at batch 1 (:mod:`.llamacpp`;
+skipped, with the reason in ``skipped_rows``, when llama-cpp-python is not installed).
 
 Decode is timed after every row is built, all models interleaved round by round after a discarded
 warm-up round (:func:`splice.bench.timing.interleaved`); each row keeps its runs.
 
 Ratios (medians, same run, ÷ bf16 unless named): ``q4_decode_speedup`` (and ``_b8``, ``_b16``),
+``q4_compiled_vs_eager_b1`` / ``_b8`` (compiled ÷ eager uniform 4-bit), ``q4_vs_llamacpp_b1`` (the
+faster of eager and compiled uniform 4-bit ÷ llama.cpp Q4_1),
 ``q4_decode_vs_fp32_b1`` / ``_b8`` (÷ fp32: plain ``F.linear`` in fp32 is faster than bf16 on
 CPU), ``uniform3_ppl_ratio``, ``mixed35_ppl_ratio`` and ``mixed425_ppl_ratio`` (measured),
 ``mixed35_bytes_ratio``; per budget ``B``, against the uniform rows on both sides of it (the
@@ -46,6 +52,7 @@ import torch
 from tqdm import tqdm
 
 from ..adapters.architecture import Adapter
+from ..decoding.compiled_decode import compile_decode
 from ..quant.allocate import plan_for
 from ..quant.apply import quantize_model
 from ..quant.linear import QuantLinear
@@ -53,9 +60,10 @@ from ..quant.plan import QuantPlan, quantizable
 from ..tools.calibration_text import evaluate, log_probs, wikitext_windows
 from ..tools.quant_sensitivity import Measurements, measure
 from .bandwidth import bandwidth_fraction, bytes_per_step, kv_bytes_per_token, read_bandwidth
+from .llamacpp import LlamaCpp, gguf_bytes, unavailable
 from .output import provenance
 from .step_profile import decode_step_split
-from .timing import decode_tps, interleaved
+from .timing import compiled_decode_tps, decode_tps, interleaved
 
 BUDGETS = (3.5, 4.25)
 UNIFORM = (8, 4, 3)
@@ -66,6 +74,7 @@ SCORED = ("lim", "zd", "random")
 BATCHES = (1, 8, 16)
 MEMORY = "memory-read"  # the bandwidth setting timed among the rows
 PROFILED = ("bf16", "uniform4")  # profile_decode: their decode steps at batch 1 and 8, split by the profiler
+COMPILED, LLAMACPP = "uniform4-compiled", "llamacpp-q4_1"
 
 
 def model_bytes(model: torch.nn.Module) -> int:
@@ -92,22 +101,32 @@ def _row(name, model, evals, reference, plan=None) -> dict:
     return row
 
 
-def _time_rows(rows: list[dict], models: dict, decode_ids, steps: int, repeats: int, progress: bool) -> list[float]:
-    """Decode tokens/s of every model in ``models`` (by row name) and the machine's read bandwidth,
-    interleaved; adds runs, medians, bytes per token and bandwidth fractions to the rows, and
-    returns the bandwidth runs (bytes/s)."""
+def _time_rows(rows: list[dict], models: dict, decode_ids, steps: int, repeats: int, progress: bool,
+               others: dict | None = None) -> list[float]:
+    """Decode tokens/s of every model in ``models`` (by row name), of each ``others`` row (name:
+    (measure(ids) -> tok/s, batches, weight bytes, KV bytes per token)) and the machine's read
+    bandwidth, interleaved; adds runs, medians, bytes per token and bandwidth fractions to the rows,
+    and returns the bandwidth runs (bytes/s)."""
+    others = others or {}
+
     def measure(name):
         if name == MEMORY:
             return {"read": read_bandwidth()}
+        if name in others:
+            tps, batches = others[name][:2]
+            return {f"b{ids.shape[0]}": tps(ids) for ids in decode_ids if ids.shape[0] in batches}
         return {f"b{ids.shape[0]}": decode_tps(models[name], ids, steps) for ids in decode_ids}
 
-    runs = interleaved([(name, nullcontext) for name in [*models, MEMORY]], measure, repeats, "decode timing",
-                       progress)
+    runs = interleaved([(name, nullcontext) for name in [*models, *others, MEMORY]], measure, repeats,
+                       "decode timing", progress)
     bandwidth = statistics.median(runs[MEMORY]["read"])
     context = decode_ids[0].shape[1] + (steps - 1) / 2  # mean cached positions over the timed steps
     for row in rows:
-        model = models[row["name"]]
-        weights, kv = linear_bytes(model), kv_bytes_per_token(model)
+        if row["name"] in others:
+            weights, kv = others[row["name"]][2:]
+        else:
+            model = models[row["name"]]
+            weights, kv = linear_bytes(model), kv_bytes_per_token(model)
         for batch, values in runs[row["name"]].items():
             b = int(batch.removeprefix("b"))
             step = bytes_per_step(weights, kv, b, context)
@@ -127,7 +146,7 @@ def _quantized(model, plan, quantizer):
 def run(model, tokenizer, calib_windows: int = 2, calib_length: int = 128, eval_windows: int = 4,
         eval_length: int = 512, steps: int = 32, repeats: int = 3, seeds: int = 3, quantizer: str = "hqq",
         measurements_path=None, progress: bool = True, decode_only: bool = False,
-        profile_decode: bool = False) -> dict:
+        profile_decode: bool = False, compiled: bool = False, llamacpp_gguf=None) -> dict:
     """The report (module docstring); ``model`` is the fp32 model (left unchanged).
 
     ``measurements_path``: a measurement file to reuse when it exists (refused unless measured on
@@ -175,13 +194,15 @@ def run(model, tokenizer, calib_windows: int = 2, calib_length: int = 128, eval_
             row["ppl_by_seed"] = [r["ppl"] for r in found]
             row["ppl"] = statistics.median(row["ppl_by_seed"])
         rows.append({**row, "method": method, "target_bpw": target})
-    bandwidth_runs = _time_rows(rows, timed, decode_ids, steps, repeats, progress)
+    others, skipped = _other_rows(rows, timed["uniform4"], decode_ids, steps, compiled, llamacpp_gguf)
+    bandwidth_runs = _time_rows(rows, timed, decode_ids, steps, repeats, progress, others)
     splits = {f"{name} b{ids.shape[0]}": decode_step_split(timed[name], ids, steps)
               for name in PROFILED for ids in decode_ids[:2]} if profile_decode else None
     return {
         "benchmark": "quant", "model": adapter.name, "architecture": adapter.describe(), **provenance(),
         "quantizer": quantizer, "eval_tokens": evals.numel(), "calibration_tokens": calib.numel(),
         "repeats": repeats, "decode_steps": steps, "random_seeds": seeds, "decode_only": decode_only,
+        "skipped_rows": skipped,
         "read_bandwidth": statistics.median(bandwidth_runs), "read_bandwidth_runs": bandwidth_runs,
         **({"decode_split": splits} if splits else {}), "rows": rows,
         "uniform_neighbours": {str(t): {side: r and r["name"] for side, r in zip(("below", "above"),
@@ -189,6 +210,26 @@ def run(model, tokenizer, calib_windows: int = 2, calib_length: int = 128, eval_
                                for t in BUDGETS},
         "ratios": ratios(rows),
     }
+
+
+def _other_rows(rows, uniform4, decode_ids, steps, compiled, llamacpp_gguf):
+    """The compiled 4-bit and llama.cpp rows (appended to ``rows``) as ``_time_rows``'s ``others``,
+    and the rows skipped, with why."""
+    others, skipped = {}, {}
+    weights, kv = linear_bytes(uniform4), kv_bytes_per_token(uniform4)
+    if compiled:
+        decoder = compile_decode(uniform4, max_cache_len=decode_ids[0].shape[1] + steps + 1)
+        others[COMPILED] = (lambda ids: compiled_decode_tps(decoder, ids, steps), (1, 8), weights, kv)
+        rows.append({"name": COMPILED, "same_model_as": "uniform4"})
+    reason = unavailable() if llamacpp_gguf is not None else "no GGUF of this model given"
+    if reason is None:
+        llama = LlamaCpp(llamacpp_gguf, torch.get_num_threads(), decode_ids[0].shape[1] + steps + 8)
+        others[LLAMACPP] = (lambda ids: llama.decode_tps(ids[0].tolist(), steps), (1,),
+                            gguf_bytes(llamacpp_gguf), llama.kv_bytes_per_token())
+        rows.append({"name": LLAMACPP, "gguf": str(llamacpp_gguf), "threads": torch.get_num_threads()})
+    else:
+        skipped[LLAMACPP] = reason
+    return others, skipped
 
 
 def uniform_neighbours(rows: list[dict], budget: float) -> tuple[dict | None, dict | None]:
@@ -210,6 +251,11 @@ def ratios(rows: list[dict]) -> dict[str, float]:
     out = {"q4_decode_speedup": q4["decode_tps_b1"] / bf16["decode_tps_b1"]}
     out |= {f"q4_decode_speedup_b{b}": q4[f"decode_tps_b{b}"] / bf16[f"decode_tps_b{b}"]
             for b in BATCHES[1:] if f"decode_tps_b{b}" in q4}
+    if COMPILED in by:
+        out |= {f"q4_compiled_vs_eager_b{b}": by[COMPILED][f"decode_tps_b{b}"] / q4[f"decode_tps_b{b}"] for b in (1, 8)}
+    if LLAMACPP in by:
+        best = max(q4["decode_tps_b1"], by.get(COMPILED, q4)["decode_tps_b1"])
+        out["q4_vs_llamacpp_b1"] = best / by[LLAMACPP]["decode_tps_b1"]
     out |= {"q4_decode_vs_fp32_b1": q4["decode_tps_b1"] / fp32["decode_tps_b1"],
             "q4_decode_vs_fp32_b8": q4["decode_tps_b8"] / fp32["decode_tps_b8"],
             "uniform3_ppl_ratio": by["uniform3"]["ppl"] / bf16["ppl"]}

@@ -14,18 +14,27 @@ def table(report: dict) -> str:
              + " | ".join(f"decode tok/s b{b}" for b in batches) + " |",
              "|---|---:|---:|---:|---:|" + "---:|" * len(batches)]
     for r in report["rows"]:
-        bpw = f"{r['bits_per_weight']:.3f}" if "bits_per_weight" in r else ("32" if r["name"] == "fp32" else "16")
-        lines.append(f"| {r['name']} | {bpw} | {r['ppl']:.2f} | {r['kl']:.4f} | {r['model_bytes'] / 2**20:.1f} | "
-                     + " | ".join(f"{r[f'decode_tps_b{b}']:.1f}" for b in batches) + " |")
+        if "ppl" not in r:  # a timing-only row (compiled decoding, llama.cpp): quality is its model's
+            bpw = ppl = kl = size = "—"
+        else:
+            bpw = f"{r['bits_per_weight']:.3f}" if "bits_per_weight" in r else ("32" if r["name"] == "fp32" else "16")
+            ppl, kl, size = f"{r['ppl']:.2f}", f"{r['kl']:.4f}", f"{r['model_bytes'] / 2**20:.1f}"
+        lines.append(f"| {r['name']} | {bpw} | {ppl} | {kl} | {size} | "
+                     + " | ".join(_value(r, f"decode_tps_b{b}", ".1f") for b in batches) + " |")
     lines += ["", f"Read bandwidth (median of the rounds): {report['read_bandwidth'] / 1e9:.1f} GB/s; fraction of it "
               "each row's decode streams: " + "; ".join(
-                  f"{r['name']} " + " / ".join(f"{r[f'bandwidth_fraction_b{b}']:.2f}" for b in batches)
+                  f"{r['name']} " + " / ".join(_value(r, f"bandwidth_fraction_b{b}", ".2f") for b in batches)
                   for r in report["rows"]) + f" (batch {' / '.join(map(str, batches))})"]
+    lines += [f"Skipped: {name} ({why})" for name, why in report.get("skipped_rows", {}).items()]
     lines += ["", "| ratio | value |", "|---|---:|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in report["ratios"].items()]
     if "decode_split" in report:
         lines += ["", "Where a decode step goes (torch profiler):", "", split_table(report["decode_split"])]
     return "\n".join(lines)
+
+
+def _value(row: dict, key: str, spec: str) -> str:
+    return format(row[key], spec) if key in row else "—"
 
 
 def plot(report: dict, path) -> None:

@@ -9,29 +9,36 @@ measurement, in interleaved order so drift hits every configuration alike):
 * ``distinct16``  (batch 16) splice with 16 rows carrying 16 different vectors,
 * ``gated8``      one vector at 8 layers behind a per-token cosine gate (threshold 0, temperature
   0.1: each token gets its own gate value), computed inside the fused op,
-* ``lowrank8``    a rank-8 map ``u + B(Aᵀu − c)`` at the same 8 layers.
+* ``lowrank8``    a rank-8 map ``u + B(Aᵀu − c)`` at the same 8 layers,
+* with ``compiled``: ``compiled_unpatched`` (the model as loaded) and ``compiled_steered`` (a copy
+  of it, patched once like ``steered``), decoded by :func:`splice.compile_decode` (decode only: its
+  prefill is eager). The warm-up round compiles; timed rounds run the compiled step.
 
 Ratios (medians, same run): ``steer_decode_b1``/``_b16`` and ``steer_prefill_b1``/``_b16``
 (steered ÷ unpatched), ``hooks_decode_b1`` (hooks ÷ unpatched), ``per_request16_b16``
-(distinct16 ÷ unpatched at batch 16), ``gated8_decode_b*`` and ``lowrank8_decode_b*`` (÷ unpatched).
+(distinct16 ÷ unpatched at batch 16), ``gated8_decode_b*`` and ``lowrank8_decode_b*`` (÷ unpatched);
+with ``compiled``: ``compiled_vs_eager_b*`` (compiled unpatched ÷ unpatched) and
+``compiled_steer_decode_b*`` (compiled steered ÷ compiled unpatched).
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+import copy
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from ..adapters.architecture import Adapter
+from ..decoding.compiled_decode import CompiledDecoder, compile_decode
 from ..patch import patch
 from ..steering.gates import TokenGate
 from ..steering.maps import LowRank
 from ..steering.spec import Steer
 from .hook_steering import add_output_hooks
 from .output import provenance
-from .timing import Throughput, decode_tps, interleaved, make_batch, prefill_tps
+from .timing import Throughput, compiled_decode_tps, decode_tps, interleaved, make_batch, prefill_tps
 
 
 @dataclass
@@ -102,25 +109,41 @@ def applied(setting: Setting):
         undo()
 
 
+def compiled_decoders(model, max_cache_len: int) -> dict[str, CompiledDecoder]:
+    """``compiled_unpatched`` on ``model`` itself; ``compiled_steered`` on a copy patched once with the
+    ``steered`` setting's vector (re-patching between rounds would recompile every round)."""
+    steered = copy.deepcopy(model)
+    patch(steered, Steer(random_vectors(Adapter(model), 1, 1.0)[0], scale=1.0))
+    return {"compiled_unpatched": compile_decode(model, max_cache_len),
+            "compiled_steered": compile_decode(steered, max_cache_len)}
+
+
 def run(model, batches=(1, 16), prompt_len: int = 64, steps: int = 32, repeats: int = 5,
-        progress: bool = True) -> dict:
+        progress: bool = True, compiled: bool = False) -> dict:
     """Measure every setting ``repeats`` times, interleaved round by round after a discarded warm-up
     round; returns the report dict (medians, runs, ratios)."""
     vocab = model.config.get_text_config().vocab_size
     plan = {s.name: s for s in settings(model, tuple(batches))}
     inputs = {b: make_batch(b, prompt_len, vocab) for b in batches}
+    decoders = compiled_decoders(model, prompt_len + steps + 1) if compiled else {}
 
     def measure(name):
         out = {}
-        for b in plan[name].batches:
+        for b in batches if name in decoders else plan[name].batches:
+            if name in decoders:
+                out[f"decode_b{b}"] = compiled_decode_tps(decoders[name], inputs[b], steps)
+                continue
             out[f"prefill_b{b}"] = prefill_tps(model, inputs[b])
             out[f"decode_b{b}"] = decode_tps(model, inputs[b], steps)
         return out
 
-    runs = interleaved([(s.name, lambda s=s: applied(s)) for s in plan.values()], measure, repeats, "bench steer",
-                       progress)
-    results = {name: {b: {kind: Throughput(runs[name][f"{kind}_b{b}"]) for kind in ("prefill", "decode")}
-                      for b in s.batches} for name, s in plan.items()}
+    contexts = [(s.name, lambda s=s: applied(s)) for s in plan.values()] + [(name, nullcontext) for name in decoders]
+    runs = interleaved(contexts, measure, repeats, "bench steer", progress)
+    results = {name: {int(key.split("_b")[1]): {} for key in by_key} for name, by_key in runs.items()}
+    for name, by_key in runs.items():
+        for key, values in by_key.items():
+            kind, b = key.split("_b")
+            results[name][int(b)][kind] = Throughput(values)
     return report(model, results, prompt_len, steps, repeats)
 
 
@@ -145,6 +168,10 @@ def report(model, results, prompt_len, steps, repeats) -> dict:
             ratios[f"{name}_decode_b{b}"] = med(name, b, "decode") / med("unpatched", b, "decode")
     if "distinct16" in results:
         ratios["per_request16_b16"] = med("distinct16", 16, "decode") / med("unpatched", 16, "decode")
+    for b in results.get("compiled_unpatched", {}):
+        ratios[f"compiled_vs_eager_b{b}"] = med("compiled_unpatched", b, "decode") / med("unpatched", b, "decode")
+        ratios[f"compiled_steer_decode_b{b}"] = (med("compiled_steered", b, "decode")
+                                                 / med("compiled_unpatched", b, "decode"))
     adapter = Adapter(model)
     return {
         "benchmark": "steer",

@@ -14,8 +14,8 @@ def table(report: dict) -> str:
     lines = ["| setting | batch | prefill tok/s | decode tok/s |", "|---|---:|---:|---:|"]
     for name, by_batch in report["results"].items():
         for batch, kinds in by_batch.items():
-            lines.append(f"| {name} | {batch[1:]} | {kinds['prefill']['median_tps']:.1f} | "
-                         f"{kinds['decode']['median_tps']:.1f} |")
+            prefill = f"{kinds['prefill']['median_tps']:.1f}" if "prefill" in kinds else "— (eager)"
+            lines.append(f"| {name} | {batch[1:]} | {prefill} | {kinds['decode']['median_tps']:.1f} |")
     lines += ["", "| ratio | value |", "|---|---:|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in report["ratios"].items()]
     return "\n".join(lines)

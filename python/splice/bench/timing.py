@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
+from ..decoding.compiled_decode import CompiledDecoder
+
 Setting = tuple[str, Callable[[], AbstractContextManager]]  # a name and what installs it for a block
 
 
@@ -81,6 +83,14 @@ def decode_tps(model, ids: torch.Tensor, steps: int) -> float:
     start = time.perf_counter()
     greedy_steps(model, out, ids.shape[0], ids.shape[1], steps)
     return ids.shape[0] * steps / (time.perf_counter() - start)
+
+
+def compiled_decode_tps(decoder: CompiledDecoder, ids: torch.Tensor, steps: int) -> float:
+    """Tokens/s of ``steps`` compiled greedy decode steps after an eager prefill of ``ids``."""
+    decoder.generate(ids, max_new_tokens=steps + 1, eos_token_id=[])
+    if not decoder.last_compiled:
+        raise RuntimeError("the compiled decoder ran eagerly")
+    return ids.shape[0] * steps / decoder.last_decode_seconds
 
 
 @torch.inference_mode()

@@ -24,7 +24,7 @@ def cmd_bench_steer(args) -> int:
 
     model, _ = load(args)
     report = steer.run(model, batches=tuple(args.batches), prompt_len=args.prompt_len, steps=args.steps,
-                       repeats=args.repeats)
+                       repeats=args.repeats, compiled=args.compiled)
     print(f"backends: {report['backends']}")
     _report(steer_report, report, args.json, plot=not args.no_plot)
     return 0
@@ -49,9 +49,17 @@ def cmd_bench_quant(args) -> int:
     report = quant.run(model, tokenizer, calib_windows=args.calib_windows, eval_windows=args.eval_windows,
                        eval_length=args.eval_length, steps=args.steps, repeats=args.repeats, seeds=args.seeds,
                        measurements_path=args.measurements, decode_only=args.decode_only,
-                       profile_decode=args.profile_decode)
+                       profile_decode=args.profile_decode, compiled=args.compiled,
+                       llamacpp_gguf=args.llamacpp_gguf or _default_gguf(args))
     _report(quant_report, report, args.json)
     return 0
+
+
+def _default_gguf(args):
+    """The bundled Q4_1 GGUF when the bench runs the default model (llama.cpp's row needs the same model)."""
+    from ..models.loader import DEFAULT_MODEL, bundled_gguf
+
+    return bundled_gguf() if args.model in (None, DEFAULT_MODEL) else None
 
 
 def cmd_bench_attention(args) -> int:
@@ -84,6 +92,8 @@ def add_commands(sub) -> None:
     st.add_argument("--no-plot", action="store_true")
     st.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     st.add_argument("--prompt-len", type=int, default=64)
+    st.add_argument("--compiled", action="store_true",
+                    help="add splice.compile_decode rows, unpatched and steered (compiles for a few minutes)")
     st.set_defaults(func=cmd_bench_steer)
 
     sk = bsub.add_parser("skip", parents=[model_options(), report, timing_options(32, 3)],
@@ -106,6 +116,10 @@ def add_commands(sub) -> None:
                     help="fp32, bf16 and uniform rows only: no sensitivity measurement, no mixed rows")
     bq.add_argument("--profile-decode", action="store_true",
                     help="also split a decode step of bf16 and 4-bit (batch 1 and 8) with the torch profiler")
+    bq.add_argument("--compiled", action="store_true",
+                    help="add the uniform 4-bit model decoded by splice.compile_decode (batch 1 and 8)")
+    bq.add_argument("--llamacpp-gguf", help="GGUF for the llama.cpp row (default: the bundled Q4_1 file of the "
+                    "default model); the row needs llama-cpp-python: make install-llamacpp")
     bq.set_defaults(func=cmd_bench_quant)
 
     ba = bsub.add_parser("attention", parents=[model_options(), report, timing_options(16, 3)],

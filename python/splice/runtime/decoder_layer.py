@@ -100,9 +100,8 @@ def make_forward(adapter: Adapter, layer_idx: int, runtime):
 
     def forward(hidden_states, **kwargs):
         batch, seq, hidden = hidden_states.shape
-        if state.update(batch, seq, kwargs["position_ids"], kwargs.get("past_key_values")):
-            skip.begin_forward(state.prefill)
-            gates.begin_forward(state.prefill, batch, seq)
+        if not runtime.driven:
+            runtime.begin_forward(batch, seq, kwargs["position_ids"], kwargs.get("past_key_values"))
         if gates.observes(layer_idx, state.prefill):
             gates.observe(layer_idx, hidden_states, state.prompt_len)
         run_attn, run_mlp = skip.parts(layer_idx)

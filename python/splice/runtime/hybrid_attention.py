@@ -49,6 +49,18 @@ def band_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, k_ok: torch.Tensor, sink
     return seen[:, None]
 
 
+def new_token_columns(attention_mask: torch.Tensor, cache, layer_idx: int, t: int) -> torch.Tensor:
+    """[B, t]: the last query's row of the 4-D mask at the key columns of the ``t`` new tokens. A
+    growing cache's mask ends with them; a static cache's (fixed ``max_cache_len`` columns) has them
+    at its write offset, read as a tensor so that a compiled step does not specialise on it."""
+    last = attention_mask[:, 0, -1]
+    layers = getattr(cache, "layers", None)
+    if layers is not None and getattr(layers[layer_idx], "is_compileable", False):
+        start = layers[layer_idx].cumulative_length.to(last.device)
+        return last.index_select(-1, torch.arange(t, device=last.device) + start)
+    return last[:, -t:]
+
+
 def model_window(adapter, attn) -> int:
     """The sliding window the model's own attention has in this layer (0: none)."""
     return int(getattr(attn, "sliding_window", None) or getattr(adapter.config, "sliding_window", None) or 0)
@@ -107,7 +119,7 @@ def make_attention_forward(adapter, layer_idx: int, head_map, runtime):
         pos = state.pos.view(b, t)
         real = torch.ones_like(pos, dtype=torch.bool)
         if attention_mask is not None:  # the last query sees every real new token (bool, or additive 0/-inf)
-            last = attention_mask[:, 0, -1, -t:]
+            last = new_token_columns(attention_mask, past_key_values, layer_idx, t)
             real = last if last.dtype == torch.bool else last == 0
         if past_key_values is not None and (state.prefill or t == 1):
             out = kernel_path(q, k, v, pos, real, attention_mask, past_key_values, hidden_states)

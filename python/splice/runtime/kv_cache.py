@@ -3,7 +3,9 @@
 * A layer whose attention is skipped for every row keeps a *length-only* entry: its keys and
   values are a stride-0 view of one zero, shaped ``[batch, 1, length, 1]``. It holds one element
   of memory, yet ``get_seq_length``/``get_mask_sizes`` (which Hugging Face reads to place
-  positions and masks, from layer 0 and the first sliding layer) stay right.
+  positions and masks, from layer 0 and the first sliding layer) stay right. A static cache layer
+  (``is_compileable``, fixed addresses for ``torch.compile``) keeps its own ``[batch, 1, max_len, 1]``
+  tensor of zeros instead: one element per position, updated in place.
 * A layer that runs on a subset of the batch rows during decoding (per-request routing) keeps
   only those rows: on its first decode step the cached rows of the skipping requests are dropped
   (their memory is freed) and the layer's cache grows for the active rows alone.
@@ -23,6 +25,10 @@ def _placeholder(like: torch.Tensor, batch: int, length: int) -> torch.Tensor:
 def hold_length(cache, layer_idx: int, batch: int, new_tokens: int, like: torch.Tensor) -> None:
     """Advance layer ``layer_idx``'s cache by ``new_tokens`` without storing keys or values."""
     layers = getattr(cache, "layers", None)
+    if layers is not None and layer_idx < len(layers) and getattr(layers[layer_idx], "is_compileable", False):
+        step = _placeholder(like, batch, new_tokens)  # a static layer: [batch, 1, max_len, 1], written in place
+        cache.update(step, step, layer_idx)
+        return
     if layers is not None and layer_idx < len(layers) and layers[layer_idx].is_initialized:
         layer = layers[layer_idx]
         if layer.keys.stride(-2) != 0 or layer.keys.shape[0] != batch:  # real KV held so far: free it

@@ -18,7 +18,8 @@ class StreamingKV:
     def __init__(self, sinks: int, window: int):
         self.sinks, self.window = sinks, window
         self.keys = self.values = self.pos = self.valid = None
-        self.columns = 0  # cache columns written so far (the same for every row)
+        self.columns = None  # cache columns written so far (every row): a 0-d tensor updated in place,
+        # so a compiled decode step reads it without a guard on its value
 
     @property
     def slots(self) -> int:
@@ -34,13 +35,14 @@ class StreamingKV:
         self.values = k.new_zeros(b, h, self.slots, d)
         self.pos = torch.zeros(b, self.slots, dtype=torch.long, device=k.device)
         self.valid = torch.zeros(b, self.slots, dtype=torch.bool, device=k.device)
+        self.columns = torch.zeros((), dtype=torch.long, device=k.device)
 
     def write(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, real: torch.Tensor) -> None:
         """Store new tokens ``k``/``v`` [B, H, n, D] at positions ``pos`` [B, n] (``real``: not padding)."""
         if self.keys is None:
             self._allocate(k)
         n = k.shape[2]
-        cols = torch.arange(self.columns, self.columns + n, device=k.device)
+        cols = torch.arange(n, device=k.device) + self.columns
         ring = self.sinks + cols % self.window
         recent = cols >= self.columns + n - self.window  # older ones would be overwritten in this write
         slot = torch.where(pos < self.sinks, pos, ring.expand_as(pos))
@@ -52,4 +54,4 @@ class StreamingKV:
         self.pos.scatter_(1, slot, pos)
         self.valid.scatter_(1, slot, keep)
         self.valid[:, -1] = False
-        self.columns += n
+        self.columns.add_(n)

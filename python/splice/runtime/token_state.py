@@ -42,14 +42,18 @@ class TokenState(nn.Module):
         self.row_slot = torch.tensor(row_slots, dtype=torch.int32, device=self.row_slot.device)
         self.assigned = True
 
-    def update(self, batch: int, seq: int, position_ids: torch.Tensor, past_key_values) -> bool:
+    def update(self, batch: int, seq: int, position_ids: torch.Tensor, past_key_values,
+               prefill: bool | None = None) -> bool:
         """Recompute the per-token tensors, once per forward (keyed on the position_ids object);
-        returns True when this call started a new forward pass."""
+        returns True when this call started a new forward pass. ``prefill`` None: read it from the
+        cache (empty: a prefill); a caller that knows (a compiled decode loop) passes it."""
         if position_ids is self._source:
             return False
         device = position_ids.device
         pos = position_ids.expand(batch, seq)
-        self.prefill = past_key_values is None or past_key_values.get_seq_length() == 0
+        if prefill is None:
+            prefill = past_key_values is None or past_key_values.get_seq_length() == 0
+        self.prefill = prefill
         if self.prefill:
             self.prompt_len = pos.max(dim=1).values + 1
         elif self.prompt_len.shape[0] != batch:

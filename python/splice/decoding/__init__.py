@@ -1,0 +1,1 @@
+"""Decoding drivers: compiled decoding over a static KV cache (:mod:`.compiled_decode`)."""
