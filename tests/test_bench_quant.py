@@ -79,6 +79,9 @@ def test_compiled_and_llamacpp_rows_are_timed_among_the_others(real_model, monke
         def kv_bytes_per_token(self):
             return 123
 
+        def close(self):
+            prompts.append("closed")
+
     monkeypatch.setattr(quant, "LlamaCpp", FakeLlamaCpp)
     monkeypatch.setattr(quant, "unavailable", lambda: None)
     monkeypatch.setattr(quant, "gguf_bytes", lambda path: 1000)
@@ -91,7 +94,8 @@ def test_compiled_and_llamacpp_rows_are_timed_among_the_others(real_model, monke
     assert len(compiled["decode_runs_b1"]) == len(compiled["decode_runs_b8"]) == 2 and "decode_tps_b16" not in compiled
     assert compiled["bytes_per_token_b1"] == q4["bytes_per_token_b1"]
     assert llama["decode_runs_b1"] == [50.0, 50.0] and "decode_tps_b8" not in llama
-    assert len(prompts) == 3 and all(len(p) == 64 for p in prompts)  # warm-up round and two timed rounds
+    assert len(prompts) == 4 and all(len(p) == 64 for p in prompts[:3])  # warm-up round and two timed rounds
+    assert prompts[3] == "closed"
     assert llama["bytes_per_token_b1"] == pytest.approx(1000 + 123 * (64 + (2 - 1) / 2))
     ratios = report["ratios"]
     assert ratios["q4_vs_llamacpp_b1"] == max(q4["decode_tps_b1"], compiled["decode_tps_b1"]) / 50.0
@@ -112,6 +116,7 @@ def test_llamacpp_reads_the_bundled_gguf_like_splice():
 
     engine = llamacpp.LlamaCpp(bundled_gguf(), threads=1, context=128)
     assert engine.kv_bytes_per_token() == 30 * 2 * 3 * 64 * 2  # layers, K and V, KV heads, head dim, fp16
+    engine.close()
     assert llamacpp.gguf_bytes(bundled_gguf()) < bundled_gguf().stat().st_size
 
 

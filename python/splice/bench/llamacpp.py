@@ -56,6 +56,10 @@ class LlamaCpp:
         stream.close()
         return steps / seconds
 
+    def close(self) -> None:
+        """Free the model now (llama-cpp-python's own finaliser fails at interpreter exit)."""
+        self.llm.close()
+
     def kv_bytes_per_token(self) -> int:
         """float16 keys and values of every layer for one position (llama.cpp's default cache type)."""
         from llama_cpp import llama_cpp as lib

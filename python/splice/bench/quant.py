@@ -194,8 +194,12 @@ def run(model, tokenizer, calib_windows: int = 2, calib_length: int = 128, eval_
             row["ppl_by_seed"] = [r["ppl"] for r in found]
             row["ppl"] = statistics.median(row["ppl_by_seed"])
         rows.append({**row, "method": method, "target_bpw": target})
-    others, skipped = _other_rows(rows, timed["uniform4"], decode_ids, steps, compiled, llamacpp_gguf)
-    bandwidth_runs = _time_rows(rows, timed, decode_ids, steps, repeats, progress, others)
+    others, skipped, engine = _other_rows(rows, timed["uniform4"], decode_ids, steps, compiled, llamacpp_gguf)
+    try:
+        bandwidth_runs = _time_rows(rows, timed, decode_ids, steps, repeats, progress, others)
+    finally:
+        if engine is not None:
+            engine.close()
     splits = {f"{name} b{ids.shape[0]}": decode_step_split(timed[name], ids, steps)
               for name in PROFILED for ids in decode_ids[:2]} if profile_decode else None
     return {
@@ -214,8 +218,8 @@ def run(model, tokenizer, calib_windows: int = 2, calib_length: int = 128, eval_
 
 def _other_rows(rows, uniform4, decode_ids, steps, compiled, llamacpp_gguf):
     """The compiled 4-bit and llama.cpp rows (appended to ``rows``) as ``_time_rows``'s ``others``,
-    and the rows skipped, with why."""
-    others, skipped = {}, {}
+    the rows skipped (with why), and the llama.cpp engine (None without it), to close after timing."""
+    others, skipped, llama = {}, {}, None
     weights, kv = linear_bytes(uniform4), kv_bytes_per_token(uniform4)
     if compiled:
         decoder = compile_decode(uniform4, max_cache_len=decode_ids[0].shape[1] + steps + 1)
@@ -229,7 +233,7 @@ def _other_rows(rows, uniform4, decode_ids, steps, compiled, llamacpp_gguf):
         rows.append({"name": LLAMACPP, "gguf": str(llamacpp_gguf), "threads": torch.get_num_threads()})
     else:
         skipped[LLAMACPP] = reason
-    return others, skipped
+    return others, skipped, llama
 
 
 def uniform_neighbours(rows: list[dict], budget: float) -> tuple[dict | None, dict | None]:
