@@ -1,5 +1,6 @@
 """``splice bench steer --compiled`` on a tiny model: the compiled rows, their ratios, the model untouched."""
 
+import pytest
 import torch
 from tiny_models import tiny_model
 
@@ -22,3 +23,14 @@ def test_compiled_rows_are_timed_among_the_others_and_leave_the_model_unpatched(
     assert "| compiled_steered | 1 | — (eager) |" in steer_report.table(report)
     assert not hasattr(model, ATTRIBUTE)  # the steered rows ran on a copy
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_profile_splits_the_decode_steps_of_the_profiled_settings():
+    model = tiny_model("llama")
+    report = steer.run(model, batches=(1,), prompt_len=8, steps=2, repeats=1, progress=False, profile=True)
+    split = report["decode_split"]
+    assert set(split) == {"unpatched b1", "steered b1", "gated8 b1"}
+    assert split["unpatched b1"]["steering"]["seconds"] == 0.0 < split["steered b1"]["steering"]["seconds"]
+    assert sum(c["share"] for c in split["gated8 b1"].values()) == pytest.approx(1.0)
+    assert "Where a decode step goes" in steer_report.table(report)
+    assert not hasattr(model, ATTRIBUTE)

@@ -19,6 +19,10 @@ Ratios (medians, same run): ``steer_decode_b1``/``_b16`` and ``steer_prefill_b1`
 (distinct16 ÷ unpatched at batch 16), ``gated8_decode_b*`` and ``lowrank8_decode_b*`` (÷ unpatched);
 with ``compiled``: ``compiled_vs_eager_b*`` (compiled unpatched ÷ unpatched) and
 ``compiled_steer_decode_b*`` (compiled steered ÷ compiled unpatched).
+
+``profile``: ``decode_split``, where a decode step of ``unpatched``, ``steered`` and ``gated8`` at
+each batch spends its time (Python and dispatch, matmul, attention, steering, other ops;
+:mod:`.step_profile`), profiled after the timing so it does not disturb it.
 """
 
 from __future__ import annotations
@@ -38,7 +42,11 @@ from ..steering.maps import LowRank
 from ..steering.spec import Steer
 from .hook_steering import add_output_hooks
 from .output import provenance
+from .step_profile import decode_step_split
 from .timing import Throughput, compiled_decode_tps, decode_tps, interleaved, make_batch, prefill_tps
+
+
+PROFILED = ("unpatched", "steered", "gated8")  # profile: their decode steps split by the profiler
 
 
 @dataclass
@@ -119,7 +127,7 @@ def compiled_decoders(model, max_cache_len: int) -> dict[str, CompiledDecoder]:
 
 
 def run(model, batches=(1, 16), prompt_len: int = 64, steps: int = 32, repeats: int = 5,
-        progress: bool = True, compiled: bool = False) -> dict:
+        progress: bool = True, compiled: bool = False, profile: bool = False) -> dict:
     """Measure every setting ``repeats`` times, interleaved round by round after a discarded warm-up
     round; returns the report dict (medians, runs, ratios)."""
     vocab = model.config.get_text_config().vocab_size
@@ -144,7 +152,13 @@ def run(model, batches=(1, 16), prompt_len: int = 64, steps: int = 32, repeats: 
         for key, values in by_key.items():
             kind, b = key.split("_b")
             results[name][int(b)][kind] = Throughput(values)
-    return report(model, results, prompt_len, steps, repeats)
+    out = report(model, results, prompt_len, steps, repeats)
+    if profile:
+        out["decode_split"] = {}
+        for name in PROFILED:
+            with applied(plan[name]):
+                out["decode_split"] |= {f"{name} b{b}": decode_step_split(model, inputs[b], steps) for b in batches}
+    return out
 
 
 def _backends(model) -> dict[str, str]:

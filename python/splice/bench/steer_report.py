@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..tools.plotting import pyplot, save_figure
+from .step_profile import split_table
 
 
 def table(report: dict) -> str:
@@ -18,6 +19,8 @@ def table(report: dict) -> str:
             lines.append(f"| {name} | {batch[1:]} | {prefill} | {kinds['decode']['median_tps']:.1f} |")
     lines += ["", "| ratio | value |", "|---|---:|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in report["ratios"].items()]
+    if "decode_split" in report:
+        lines += ["", "Where a decode step goes (torch profiler):", "", split_table(report["decode_split"])]
     return "\n".join(lines)
 
 

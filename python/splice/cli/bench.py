@@ -24,7 +24,7 @@ def cmd_bench_steer(args) -> int:
 
     model, _ = load(args)
     report = steer.run(model, batches=tuple(args.batches), prompt_len=args.prompt_len, steps=args.steps,
-                       repeats=args.repeats, compiled=args.compiled)
+                       repeats=args.repeats, compiled=args.compiled, profile=args.profile)
     print(f"backends: {report['backends']}")
     _report(steer_report, report, args.json, plot=not args.no_plot)
     return 0
@@ -94,6 +94,8 @@ def add_commands(sub) -> None:
     st.add_argument("--prompt-len", type=int, default=64)
     st.add_argument("--compiled", action="store_true",
                     help="add splice.compile_decode rows, unpatched and steered (compiles for a few minutes)")
+    st.add_argument("--profile", action="store_true",
+                    help="also split a decode step of unpatched, steered and gated8 with the torch profiler")
     st.set_defaults(func=cmd_bench_steer)
 
     sk = bsub.add_parser("skip", parents=[model_options(), report, timing_options(32, 3)],
