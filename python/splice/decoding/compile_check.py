@@ -32,3 +32,12 @@ def compile_blockers(model: nn.Module) -> list[str]:
     if runtime.skip.draft:
         blockers.append("a self-speculative draft pass is active: it skips layers for one forward at a time")
     return blockers
+
+
+def raise_if_blocked(model: nn.Module, fallback: bool = False) -> list[str]:
+    """:func:`compile_blockers` of ``model``; raises :class:`CompileError` naming them all unless
+    ``fallback`` (then the caller runs eagerly)."""
+    blockers = compile_blockers(model)
+    if blockers and not fallback:
+        raise CompileError("cannot compile the decode step: " + "; ".join(blockers))
+    return blockers

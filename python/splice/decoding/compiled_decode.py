@@ -25,7 +25,7 @@ from torch import nn
 from transformers import DynamicCache, StaticCache
 
 from ..runtime.splice_runtime import ATTRIBUTE
-from .compile_check import CompileError, compile_blockers
+from .compile_check import CompileError, raise_if_blocked
 
 
 class CompiledDecoder:
@@ -50,9 +50,7 @@ class CompiledDecoder:
         self._check(input_ids, mask, max_new_tokens, temperature, top_k)
         device = input_ids.device
         runtime = getattr(self.model, ATTRIBUTE, None)
-        blockers = compile_blockers(self.model)
-        if blockers and not self.fallback:
-            raise CompileError("cannot compile the decode step: " + "; ".join(blockers))
+        blockers = raise_if_blocked(self.model, self.fallback)
         step = self.model.forward if blockers or self.failed else self.step
         config = getattr(self.model, "generation_config", None)
         eos_token_id = getattr(config, "eos_token_id", None) if eos_token_id is None else eos_token_id
@@ -163,7 +161,5 @@ def compile_decode(model: nn.Module, max_cache_len: int = 2048, fallback: bool =
     """
     if not isinstance(max_cache_len, int) or max_cache_len < 2:
         raise ValueError(f"max_cache_len must be an int >= 2, got {max_cache_len!r}")
-    blockers = compile_blockers(model)
-    if blockers and not fallback:
-        raise CompileError("cannot compile the decode step: " + "; ".join(blockers))
+    raise_if_blocked(model, fallback)
     return CompiledDecoder(model, max_cache_len, fallback, **compile_options)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from ..ops import band_attention, decode_attention
-from .kv_cache import STREAMS, hold_length
+from .kv_cache import STREAMS, hold_length, static_layer
 from .streaming_kv import StreamingKV
 
 
@@ -54,9 +54,9 @@ def new_token_columns(attention_mask: torch.Tensor, cache, layer_idx: int, t: in
     growing cache's mask ends with them; a static cache's (fixed ``max_cache_len`` columns) has them
     at its write offset, read as a tensor so that a compiled step does not specialise on it."""
     last = attention_mask[:, 0, -1]
-    layers = getattr(cache, "layers", None)
-    if layers is not None and getattr(layers[layer_idx], "is_compileable", False):
-        start = layers[layer_idx].cumulative_length.to(last.device)
+    layer = static_layer(cache, layer_idx)
+    if layer is not None:
+        start = layer.cumulative_length.to(last.device)
         return last.index_select(-1, torch.arange(t, device=last.device) + start)
     return last[:, -t:]
 

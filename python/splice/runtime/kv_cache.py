@@ -22,13 +22,22 @@ def _placeholder(like: torch.Tensor, batch: int, length: int) -> torch.Tensor:
     return like.new_zeros(()).expand(batch, 1, length, 1)
 
 
-def hold_length(cache, layer_idx: int, batch: int, new_tokens: int, like: torch.Tensor) -> None:
-    """Advance layer ``layer_idx``'s cache by ``new_tokens`` without storing keys or values."""
+def static_layer(cache, layer_idx: int):
+    """Layer ``layer_idx`` of ``cache`` if it is a static layer (``is_compileable``: fixed
+    ``max_cache_len`` columns written in place), else None."""
     layers = getattr(cache, "layers", None)
     if layers is not None and layer_idx < len(layers) and getattr(layers[layer_idx], "is_compileable", False):
+        return layers[layer_idx]
+    return None
+
+
+def hold_length(cache, layer_idx: int, batch: int, new_tokens: int, like: torch.Tensor) -> None:
+    """Advance layer ``layer_idx``'s cache by ``new_tokens`` without storing keys or values."""
+    if static_layer(cache, layer_idx) is not None:
         step = _placeholder(like, batch, new_tokens)  # a static layer: [batch, 1, max_len, 1], written in place
         cache.update(step, step, layer_idx)
         return
+    layers = getattr(cache, "layers", None)
     if layers is not None and layer_idx < len(layers) and layers[layer_idx].is_initialized:
         layer = layers[layer_idx]
         if layer.keys.stride(-2) != 0 or layer.keys.shape[0] != batch:  # real KV held so far: free it
