@@ -36,6 +36,11 @@ def test_report_has_every_row_within_budget_and_the_ratios(real_model):
     assert set(report["ratios"]) >= {"q4_decode_speedup", "q4_decode_speedup_b16", "q4_decode_vs_fp32_b1",
                                      "q4_decode_vs_fp32_b8",
                                      "measured425_beats_uniform_above", "measured425_beats_random"}
+    a8, q4 = rows["uniform4-a8"], rows["uniform4"]
+    assert a8["activations"] == "int8" and a8["bits_per_weight"] == q4["bits_per_weight"]
+    assert a8["model_bytes"] == q4["model_bytes"] and 0 < abs(a8["ppl"] / q4["ppl"] - 1) < 0.05
+    assert report["ratios"]["q4a8_ppl_ratio"] == a8["ppl"] / q4["ppl"]
+    assert report["ratios"]["q4a8_vs_q4_b16"] == a8["decode_tps_b16"] / q4["decode_tps_b16"]
     assert report["machine"]["torch"] == torch.__version__ and isinstance(report["command"], list)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert f"| uniform4 | {rows['uniform4']['bits_per_weight']:.3f} | {rows['uniform4']['ppl']:.2f} |" in quant_report.table(report)
@@ -46,7 +51,7 @@ def test_decode_only_times_the_dense_and_uniform_rows_and_measures_nothing(real_
     monkeypatch.setattr(quant, "measure", lambda *a, **k: pytest.fail("decode_only measured sensitivity"))
     report = quant.run(model, FoldedTokenizer(real_model[1]), calib_windows=1, calib_length=64, eval_windows=2,
                        eval_length=64, steps=2, repeats=1, progress=False, decode_only=True)
-    assert [r["name"] for r in report["rows"]] == ["fp32", "bf16", "uniform8", "uniform4", "uniform3"]
+    assert [r["name"] for r in report["rows"]] == ["fp32", "bf16", "uniform8", "uniform4", "uniform3", "uniform4-a8"]
     assert report["decode_only"] and "mixed35_ppl_ratio" not in report["ratios"]
     r = {row["name"]: row for row in report["rows"]}["uniform4"]
     b16 = {row["name"]: row for row in report["rows"]}["bf16"]["decode_tps_b16"]
@@ -64,7 +69,7 @@ def test_decode_only_times_the_dense_and_uniform_rows_and_measures_nothing(real_
 
 
 def test_compiled_and_llamacpp_rows_are_timed_among_the_others(real_model, monkeypatch, tmp_path):
-    """The compiled 4-bit row at batch 1 and 8, and a llama.cpp row (its engine faked here) at batch 1
+    """The compiled 4-bit rows (float and int8 activations) at every batch, and a llama.cpp row (its engine faked here) at batch 1
     on a 64-token prompt, each with bytes per token and the ratios against splice's 4-bit rows."""
     prompts = []
 
@@ -91,7 +96,9 @@ def test_compiled_and_llamacpp_rows_are_timed_among_the_others(real_model, monke
                        compiled=True, llamacpp_gguf=tmp_path / "model.gguf")
     rows = {r["name"]: r for r in report["rows"]}
     compiled, llama, q4 = rows["uniform4-compiled"], rows["llamacpp-q4_1"], rows["uniform4"]
-    assert len(compiled["decode_runs_b1"]) == len(compiled["decode_runs_b8"]) == 2 and "decode_tps_b16" not in compiled
+    a8, a8_compiled = rows["uniform4-a8"], rows["uniform4-a8-compiled"]
+    assert len(compiled["decode_runs_b1"]) == len(compiled["decode_runs_b16"]) == 2
+    assert a8_compiled["same_model_as"] == "uniform4-a8" and len(a8_compiled["decode_runs_b8"]) == 2
     assert compiled["bytes_per_token_b1"] == q4["bytes_per_token_b1"]
     assert llama["decode_runs_b1"] == [50.0, 50.0] and "decode_tps_b8" not in llama
     assert len(prompts) == 4 and all(len(p) == 64 for p in prompts[:3])  # warm-up round and two timed rounds
@@ -100,6 +107,9 @@ def test_compiled_and_llamacpp_rows_are_timed_among_the_others(real_model, monke
     ratios = report["ratios"]
     assert ratios["q4_vs_llamacpp_b1"] == max(q4["decode_tps_b1"], compiled["decode_tps_b1"]) / 50.0
     assert ratios["q4_compiled_vs_eager_b8"] == compiled["decode_tps_b8"] / q4["decode_tps_b8"]
+    assert ratios["q4a8_vs_llamacpp_b1"] == max(a8["decode_tps_b1"], a8_compiled["decode_tps_b1"]) / 50.0
+    assert ratios["q4a8_decode_speedup_b16"] == max(a8["decode_tps_b16"], a8_compiled["decode_tps_b16"]) / (
+        rows["bf16"]["decode_tps_b16"])
     assert report["skipped_rows"] == {}
     assert "| llamacpp-q4_1 | — | — | — | — | 50.0 | — | — |" in quant_report.table(report)
 
@@ -126,6 +136,7 @@ def synthetic_rows(measured425_ppl: float) -> list[dict]:
             {"name": "bf16", "ppl": 10.0, "decode_tps_b1": 20.0, "decode_tps_b8": 100.0, "model_bytes": 1000}]
     rows += [{"name": f"uniform{b}", "method": "uniform", "bits_per_weight": b + 0.5, "ppl": ppl,
               "decode_tps_b1": 30.0, "decode_tps_b8": 160.0} for b, ppl in ((8, 10.1), (4, 11.0), (3, 14.0))]
+    rows.append({"name": "uniform4-a8", "ppl": 11.11, "decode_tps_b1": 36.0, "decode_tps_b8": 200.0})
     for t, ppl in ((3.5, 13.0), (4.25, measured425_ppl)):
         rows += [{"name": f"measured{t}", "method": "measured", "bits_per_weight": t - 0.01, "ppl": ppl,
                   "model_bytes": 400},
@@ -147,6 +158,8 @@ def test_budgets_are_compared_with_the_uniform_rows_on_both_sides():
     assert quant.ratios(synthetic_rows(10.5))["measured425_beats_uniform_above"] == 1.0
     assert r["q4_decode_speedup"] == 1.5 and r["q4_decode_vs_fp32_b1"] == 0.75 and r["q4_decode_vs_fp32_b8"] == 0.8
     assert r["mixed35_bytes_ratio"] == 0.4
+    assert r["q4a8_vs_q4_b1"] == 1.2 and r["q4a8_decode_speedup_b8"] == 2.0 and r["q4a8_ppl_ratio"] == 11.11 / 11.0
+    assert "q4a8_vs_q4_b16" not in r
     assert [r and r["name"] for r in quant.uniform_neighbours(rows, 9.0)] == ["uniform8", None]
     with pytest.raises(ValueError, match="no uniform rows"):
         quant.uniform_neighbours([r for r in rows if r.get("method") != "uniform"], 4.25)

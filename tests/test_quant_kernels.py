@@ -277,11 +277,14 @@ def test_reference_is_dequantized_matmul(bits):
     torch.testing.assert_close(y.double(), expected, atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.parametrize("device", ["cpu", "cuda"])
-@pytest.mark.parametrize("t,bits,group_size,dtype,bias", [
+OPCHECK_CASES = [
     (1, 4, 64, torch.float32, True), (6, 3, 32, torch.bfloat16, False), (2, 8, 128, torch.float32, False),
     (5, 2, 64, torch.float32, True),
-])
+]
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("t,bits,group_size,dtype,bias", OPCHECK_CASES)
 def test_opcheck(device, t, bits, group_size, dtype, bias):
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
@@ -289,22 +292,22 @@ def test_opcheck(device, t, bits, group_size, dtype, bias):
     torch.library.opcheck(torch.ops.splice.quant_matmul, to(device, args))
 
 
-@pytest.mark.parametrize(
-    "index,value,match",
-    [
-        (0, torch.randn(3, 95), "x must be"),
-        (0, torch.randn(3, 96, dtype=torch.float16), "float32 or bfloat16"),
-        (0, torch.randn(96), "x must be"),
-        (1, torch.zeros(7, 47, dtype=torch.uint8), "qweight must be"),
-        (1, torch.zeros(7, 48, dtype=torch.int8), "qweight must be"),
-        (2, torch.zeros(7, 2), "scales must be"),
-        (3, torch.zeros(7, 3, dtype=torch.float16), "zeros must be"),
-        (4, torch.zeros(6), "bias must be"),
-        (5, 5, "bits must be"),
-        (6, 16, "group_size must be"),
-        (7, 0, "must be positive"),
-    ],
-)
+BAD_ARGUMENTS = [  # (argument index, bad value, error message)
+    (0, torch.randn(3, 95), "x must be"),
+    (0, torch.randn(3, 96, dtype=torch.float16), "float32 or bfloat16"),
+    (0, torch.randn(96), "x must be"),
+    (1, torch.zeros(7, 47, dtype=torch.uint8), "qweight must be"),
+    (1, torch.zeros(7, 48, dtype=torch.int8), "qweight must be"),
+    (2, torch.zeros(7, 2), "scales must be"),
+    (3, torch.zeros(7, 3, dtype=torch.float16), "zeros must be"),
+    (4, torch.zeros(6), "bias must be"),
+    (5, 5, "bits must be"),
+    (6, 16, "group_size must be"),
+    (7, 0, "must be positive"),
+]
+
+
+@pytest.mark.parametrize("index,value,match", BAD_ARGUMENTS)
 @pytest.mark.parametrize("device,backend", ALL_BACKENDS)
 def test_bad_arguments_raise(device, backend, index, value, match):
     """Every backend, forced through the entry point, raises the C++ kernels' error."""

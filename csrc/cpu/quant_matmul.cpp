@@ -17,6 +17,7 @@
 
 #include "quant_layout.h"
 #include "quant_matmul_args.h"
+#include "quant_matmul_cpu.h"
 #include "quant_simd.h"
 
 namespace splice {
@@ -296,6 +297,8 @@ at::Tensor run(const Packed& w, const at::Tensor& x, int64_t n_out) {
   return y;
 }
 
+}  // namespace
+
 at::Tensor quant_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                             const at::Tensor& zeros, const c10::optional<at::Tensor>& bias, int64_t bits,
                             int64_t group_size, int64_t out_features, int64_t in_features) {
@@ -315,8 +318,6 @@ at::Tensor quant_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
   if (bias.has_value()) y.add_(bias->to(at::kFloat));
   return y.to(x.scalar_type());
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(splice, CPU, m) { m.impl("quant_matmul", &quant_matmul_cpu); }
 

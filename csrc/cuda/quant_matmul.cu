@@ -7,6 +7,7 @@
 #include <torch/types.h>
 
 #include "quant_matmul_args.h"
+#include "quant_matmul_cuda.h"
 #include "quant_matmul_kernel.cuh"
 
 namespace splice {
@@ -30,6 +31,8 @@ void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& sc
   C10_CUDA_CHECK(gpu::launch_quant_matmul(a, c10::cuda::getCurrentCUDAStream()));
 }
 
+}  // namespace
+
 at::Tensor quant_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                              const at::Tensor& zeros, const c10::optional<at::Tensor>& bias, int64_t bits,
                              int64_t group_size, int64_t out_features, int64_t in_features) {
@@ -46,8 +49,6 @@ at::Tensor quant_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, con
     launch<__nv_bfloat16, at::BFloat16>(xc, qc, sc, zc, bf, bits, group_size, y);
   return y;
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(splice, CUDA, m) { m.impl("quant_matmul", &quant_matmul_cuda); }
 

@@ -5,6 +5,7 @@ from .adapters.architecture import supported_families
 from .decoding.compile_check import CompileError
 from .decoding.compiled_decode import CompiledDecoder, compile_decode
 from .patch import Patch, patch
+from .quant.activations import set_quant_activations
 from .quant.checkpoint import load_quantized
 from .recipe import Recipe, RecipeError, load_recipe
 from .skipping.spec import Skip
@@ -17,4 +18,4 @@ __version__ = "0.1.0"
 
 __all__ = ["Affine", "CompileError", "CompiledDecoder", "Condition", "HeadScale", "LowRank", "Patch", "Positions",
            "Recipe", "RecipeError", "Skip", "Steer", "TokenGate", "VectorSet", "compile_decode", "load_quantized",
-           "load_recipe", "ops", "patch", "supported_families"]
+           "load_recipe", "ops", "patch", "set_quant_activations", "supported_families"]

@@ -5,6 +5,8 @@ Rows, every one scored on the same held-out WikiText-2 windows:
 * ``fp32`` (the loaded model, the reference of every KL) and ``bf16`` (it cast to bfloat16: the
   baseline of every ratio);
 * ``uniform`` 8, 4 and 3 bits (group 64), every unit at that width;
+* ``uniform4-a8``: the uniform 4-bit model with int8 activations (``splice::quant_matmul_a8``,
+  :func:`splice.quant.activations.set_quant_activations`), its own perplexity and KL;
 * ``mixed`` at 3.5 and 4.25 bits per weight by each allocation method: ``measured`` (choosing
   2, 3 or 4 bits and group size 32, 64 or 128), ``measured-g64`` (bits only, group 64: the same costs
   without the group-size choice), ``lim``, ``zd`` and ``random`` (the control; perplexity is the
@@ -20,8 +22,8 @@ bandwidth is timed among the rows in every round). ``decode_only``: the fp32, bf
 uniform rows alone (no sensitivity measurement, no mixed rows, no ratios that need them).
 ``profile_decode``: ``decode_split``, where a decode step of bf16 and uniform 4-bit at batch 1 and
 8 spends its time (:mod:`.step_profile`), profiled after the timing so it does not disturb it.
-``compiled``: the row ``uniform4-compiled``, the uniform 4-bit model decoded by
-:func:`splice.compile_decode` (batch 1 and 8; it compiles in the warm-up round). ``llamacpp_gguf``:
+``compiled``: the rows ``uniform4-compiled`` and ``uniform4-a8-compiled``, those models decoded by
+:func:`splice.compile_decode` (batch 1, 8 and 16; they compile in the warm-up round). ``llamacpp_gguf``:
 the row ``llamacpp-q4_1``, llama.cpp on that GGUF of the same model at batch 1 (:mod:`.llamacpp`;
 skipped, with the reason in ``skipped_rows``, when llama-cpp-python is not installed).
 
@@ -30,7 +32,10 @@ warm-up round (:func:`splice.bench.timing.interleaved`); each row keeps its runs
 
 Ratios (medians, same run, ÷ bf16 unless named): ``q4_decode_speedup`` (and ``_b8``, ``_b16``),
 ``q4_compiled_vs_eager_b1`` / ``_b8`` (compiled ÷ eager uniform 4-bit), ``q4_vs_llamacpp_b1`` (the
-faster of eager and compiled uniform 4-bit ÷ llama.cpp Q4_1),
+faster of eager and compiled uniform 4-bit ÷ llama.cpp Q4_1), ``q4a8_vs_llamacpp_b1`` (the same with
+int8 activations, llama.cpp's own activation format), ``q4a8_decode_speedup`` / ``_b8`` / ``_b16``
+(the fastest int8-activation 4-bit row ÷ bf16), ``q4a8_vs_q4_b1`` / ``_b8`` / ``_b16`` (eager int8 ÷
+eager float activations), ``q4a8_ppl_ratio`` (its perplexity ÷ uniform 4-bit's),
 ``q4_decode_vs_fp32_b1`` / ``_b8`` (÷ fp32: plain ``F.linear`` in fp32 is faster than bf16 on
 CPU), ``uniform3_ppl_ratio``, ``mixed35_ppl_ratio`` and ``mixed425_ppl_ratio`` (measured),
 ``mixed35_bytes_ratio``; per budget ``B``, against the uniform rows on both sides of it (the
@@ -53,6 +58,7 @@ from tqdm import tqdm
 
 from ..adapters.architecture import Adapter
 from ..decoding.compiled_decode import compile_decode
+from ..quant.activations import set_quant_activations
 from ..quant.allocate import plan_for
 from ..quant.apply import quantize_model
 from ..quant.linear import QuantLinear
@@ -74,7 +80,8 @@ SCORED = ("lim", "zd", "random")
 BATCHES = (1, 8, 16)
 MEMORY = "memory-read"  # the bandwidth setting timed among the rows
 PROFILED = ("bf16", "uniform4")  # profile_decode: their decode steps at batch 1 and 8, split by the profiler
-COMPILED, LLAMACPP = "uniform4-compiled", "llamacpp-q4_1"
+A8, LLAMACPP = "uniform4-a8", "llamacpp-q4_1"
+COMPILED = {"uniform4": "uniform4-compiled", A8: "uniform4-a8-compiled"}  # compiled row of each model
 
 
 def model_bytes(model: torch.nn.Module) -> int:
@@ -194,7 +201,12 @@ def run(model, tokenizer, calib_windows: int = 2, calib_length: int = 128, eval_
             row["ppl_by_seed"] = [r["ppl"] for r in found]
             row["ppl"] = statistics.median(row["ppl_by_seed"])
         rows.append({**row, "method": method, "target_bpw": target})
-    others, skipped, engine = _other_rows(rows, timed["uniform4"], decode_ids, steps, compiled, llamacpp_gguf)
+    timed[A8] = copy.deepcopy(timed["uniform4"])
+    set_quant_activations(timed[A8], "int8")
+    q4 = next(r for r in rows if r["name"] == "uniform4")
+    rows.append({**_row(A8, timed[A8], evals, reference), "bits_per_weight": q4["bits_per_weight"],
+                 "same_plan_as": "uniform4", "activations": "int8"})
+    others, skipped, engine = _other_rows(rows, timed, decode_ids, steps, compiled, llamacpp_gguf)
     try:
         bandwidth_runs = _time_rows(rows, timed, decode_ids, steps, repeats, progress, others)
     finally:
@@ -216,15 +228,16 @@ def run(model, tokenizer, calib_windows: int = 2, calib_length: int = 128, eval_
     }
 
 
-def _other_rows(rows, uniform4, decode_ids, steps, compiled, llamacpp_gguf):
+def _other_rows(rows, timed, decode_ids, steps, compiled, llamacpp_gguf):
     """The compiled 4-bit and llama.cpp rows (appended to ``rows``) as ``_time_rows``'s ``others``,
     the rows skipped (with why), and the llama.cpp engine (None without it), to close after timing."""
     others, skipped, llama = {}, {}, None
-    weights, kv = linear_bytes(uniform4), kv_bytes_per_token(uniform4)
-    if compiled:
-        decoder = compile_decode(uniform4, max_cache_len=decode_ids[0].shape[1] + steps + 1)
-        others[COMPILED] = (lambda ids: compiled_decode_tps(decoder, ids, steps), (1, 8), weights, kv)
-        rows.append({"name": COMPILED, "same_model_as": "uniform4"})
+    for source, name in COMPILED.items() if compiled else ():
+        model = timed[source]
+        decoder = compile_decode(model, max_cache_len=decode_ids[0].shape[1] + steps + 1)
+        others[name] = (lambda ids, d=decoder: compiled_decode_tps(d, ids, steps), BATCHES, linear_bytes(model),
+                        kv_bytes_per_token(model))
+        rows.append({"name": name, "same_model_as": source})
     reason = unavailable() if llamacpp_gguf is not None else "no GGUF of this model given"
     if reason is None:
         llama = LlamaCpp(llamacpp_gguf, torch.get_num_threads(), decode_ids[0].shape[1] + steps + 8)
@@ -255,11 +268,20 @@ def ratios(rows: list[dict]) -> dict[str, float]:
     out = {"q4_decode_speedup": q4["decode_tps_b1"] / bf16["decode_tps_b1"]}
     out |= {f"q4_decode_speedup_b{b}": q4[f"decode_tps_b{b}"] / bf16[f"decode_tps_b{b}"]
             for b in BATCHES[1:] if f"decode_tps_b{b}" in q4}
-    if COMPILED in by:
-        out |= {f"q4_compiled_vs_eager_b{b}": by[COMPILED][f"decode_tps_b{b}"] / q4[f"decode_tps_b{b}"] for b in (1, 8)}
+    a8 = by[A8]
+    fastest = {name: lambda b, name=name: max(by[n][f"decode_tps_b{b}"] for n in (name, COMPILED[name]) if n in by)
+               for name in COMPILED}
+    timed_batches = [b for b in BATCHES if f"decode_tps_b{b}" in a8]
+    out |= {f"q4a8_decode_speedup{'' if b == 1 else f'_b{b}'}": fastest[A8](b) / bf16[f"decode_tps_b{b}"]
+            for b in timed_batches}
+    out |= {f"q4a8_vs_q4_b{b}": a8[f"decode_tps_b{b}"] / q4[f"decode_tps_b{b}"] for b in timed_batches}
+    out["q4a8_ppl_ratio"] = a8["ppl"] / q4["ppl"]
+    if COMPILED["uniform4"] in by:
+        out |= {f"q4_compiled_vs_eager_b{b}": by[COMPILED["uniform4"]][f"decode_tps_b{b}"] / q4[f"decode_tps_b{b}"]
+                for b in BATCHES}
     if LLAMACPP in by:
-        best = max(q4["decode_tps_b1"], by.get(COMPILED, q4)["decode_tps_b1"])
-        out["q4_vs_llamacpp_b1"] = best / by[LLAMACPP]["decode_tps_b1"]
+        out["q4_vs_llamacpp_b1"] = fastest["uniform4"](1) / by[LLAMACPP]["decode_tps_b1"]
+        out["q4a8_vs_llamacpp_b1"] = fastest[A8](1) / by[LLAMACPP]["decode_tps_b1"]
     out |= {"q4_decode_vs_fp32_b1": q4["decode_tps_b1"] / fp32["decode_tps_b1"],
             "q4_decode_vs_fp32_b8": q4["decode_tps_b8"] / fp32["decode_tps_b8"],
             "uniform3_ppl_ratio": by["uniform3"]["ppl"] / bf16["ppl"]}

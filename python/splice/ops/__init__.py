@@ -5,11 +5,12 @@ from .attention import band_attention, decode_attention
 from .fused_steer import fused_steer
 from .library import BACKENDS, available_backends, backend_for, use_backend
 from .quant_matmul import quant_matmul
+from .quant_matmul_a8 import quant_matmul_a8
 from .row_select import gather_rows, scatter_rows
 
 library.load_kernels()
 
 __all__ = [
     "BACKENDS", "available_backends", "backend_for", "band_attention", "decode_attention", "fused_steer",
-    "gather_rows", "quant_matmul", "scatter_rows", "use_backend",
+    "gather_rows", "quant_matmul", "quant_matmul_a8", "scatter_rows", "use_backend",
 ]

@@ -117,6 +117,11 @@ def with_cuda_kernels() -> bool:
     return _EXT is not None and bool(getattr(_EXT, "with_cuda", False))
 
 
+def int8_dot_products() -> bool:
+    """Whether splice._C's quant_matmul_a8 multiplies int8 codes with int8 dot products (AVX-512 VNNI)."""
+    return _EXT is not None and bool(getattr(_EXT, "int8_dot_products", False))
+
+
 def _triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 

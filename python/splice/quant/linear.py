@@ -2,7 +2,11 @@
 
 ``forward(x)`` flattens ``x`` [..., in_features] to [T, in_features], runs ``splice::quant_matmul``
 (``x @ ((q − z) · s)^T + bias``, computed in fp32, returned in ``x.dtype``) and restores the leading
-dimensions. Inference only: no gradient flows through it. The dense weight cannot be recovered exactly: :meth:`dequantize` gives its quantized value.
+dimensions. With ``activations = "int8"`` it runs ``splice::quant_matmul_a8`` instead, which multiplies
+the int8 block quantization ``x̂`` of ``x`` (llama.cpp's Q8_0) with int8 dot products where the CPU has
+them. The setting is a runtime choice of this module object: checkpoints and the vLLM export carry the
+weights only. Inference only: no gradient flows through it. The dense weight cannot be recovered
+exactly: :meth:`dequantize` gives its quantized value.
 """
 
 from __future__ import annotations
@@ -11,13 +15,19 @@ import torch
 from torch import nn
 
 from splice.ops.quant_matmul import quant_matmul
+from splice.ops.quant_matmul_a8 import quant_matmul_a8
 
 from ..ops.quant_packing import PackedWeight
 from .quantizers import quantize
 
 
+ACTIVATIONS = {"float": quant_matmul, "int8": quant_matmul_a8}
+
+
 class QuantLinear(nn.Module):
-    """A linear layer on a :class:`~splice.ops.quant_packing.PackedWeight`; buffers qweight/scales/zeros/bias."""
+    """A linear layer on a :class:`~splice.ops.quant_packing.PackedWeight`; buffers qweight/scales/zeros/bias.
+
+    ``activations``: ``"float"`` (x as given) or ``"int8"`` (x quantized to int8 blocks of 32)."""
 
     def __init__(self, packed: PackedWeight, bias: torch.Tensor | None = None) -> None:
         super().__init__()
@@ -29,6 +39,17 @@ class QuantLinear(nn.Module):
         self.register_buffer("scales", packed.scales)
         self.register_buffer("zeros", packed.zeros)
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).contiguous())
+        self.activations = "float"
+
+    @property
+    def activations(self) -> str:
+        return self._activations
+
+    @activations.setter
+    def activations(self, kind: str) -> None:
+        if kind not in ACTIVATIONS:
+            raise ValueError(f"activations must be one of {sorted(ACTIVATIONS)}, got {kind!r}")
+        self._activations, self._matmul = kind, ACTIVATIONS[kind]
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int, group_size: int, method: str = "hqq") -> QuantLinear:
@@ -67,10 +88,10 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         with torch.no_grad():  # inference only: packed weights have no gradient and the op no backward
-            y = quant_matmul(x.reshape(-1, self.in_features), self.qweight, self.scales, self.zeros, self.bias,
+            y = self._matmul(x.reshape(-1, self.in_features), self.qweight, self.scales, self.zeros, self.bias,
                              self.bits, self.group_size, self.out_features, self.in_features)
         return y.view(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"group_size={self.group_size}, bias={self.bias is not None}")
+                f"group_size={self.group_size}, bias={self.bias is not None}, activations={self.activations}")
