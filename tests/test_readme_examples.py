@@ -35,7 +35,7 @@ README = ROOT / "README.md"
 # The sections whose Python block a test below runs.
 RUN = ("Python API", "Per-request steering", "Conditional steering (CAST)",
        "Learned maps and head edits (LinEAS, LoReFT's form, PH3)", "Layer skipping", "Hybrid attention",
-       "Compiled decoding")
+       "Compiled decoding", "Mixed-precision quantization")
 NOT_RUN_HERE = {"Serving behind vLLM": "needs a running vLLM server; tests/test_serving_vllm.py runs one"}
 
 
@@ -70,7 +70,7 @@ def readme_blocks(readme: Path = README) -> list[Block]:
 
 
 def block(section: str, lang: str) -> Block:
-    (found,) = [b for b in readme_blocks() if b.section == section and b.lang == lang]
+    (found,) = [b for b in readme_blocks() if b.section == section and b.lang == lang and b.not_run is None]
     return found
 
 
@@ -199,6 +199,15 @@ def test_layer_skipping(session):
     with torch.inference_mode():
         greedy = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False)
     assert text == tok.decode(greedy[0, ids.shape[1]:])  # the full model's greedy answer
+
+
+def test_int8_activations(session):
+    """The int8-activation layer stays within a fraction of a percent of the float one, and says
+    whether it used int8 dot products."""
+    from splice.ops import library
+
+    flag, err = run(session, "Mixed-precision quantization").split()
+    assert flag == str(library.int8_dot_products()) and 1e-4 < float(err) < 0.05
 
 
 @pytest.mark.real_model
