@@ -1,6 +1,7 @@
 """Quantizers, the packed format, every backend of ``splice::quant_matmul`` against the fp32
 reference, the reference against a hand-written dequantization, bad arguments, opcheck, QuantLinear,
-and nvcc / Triton compile checks.
+and nvcc / Triton compile checks. Empty inputs, forced backends, bad arguments and opcheck run for
+``splice::quant_matmul_a8`` too.
 
 Backends: the C++ CPU kernel (through the dispatcher; decode and prefill paths), the Triton kernel
 (on CPU under ``TRITON_INTERPRET=1``, set in conftest.py, at small shapes; on CUDA when present) and
@@ -9,6 +10,7 @@ the C++ CUDA kernel (CUDA only). CUDA sources are compile-checked with nvcc wher
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -24,8 +26,9 @@ from kernel_checks import (
     skip_unless_runs,
 )
 
-from splice.ops import backend_for, quant_matmul, use_backend
+from splice.ops import backend_for, quant_matmul, quant_matmul_a8, use_backend
 from splice.ops.quant_format import BITS, GROUP_SIZES, dequantize_codes
+from splice.ops.quant_matmul_a8 import quant_matmul_a8_reference
 from splice.ops.quant_matmul_reference import quant_matmul_reference
 from splice.ops.quant_packing import PackedWeight, pack_codes, padded_k, row_bytes, unpack_codes
 from splice.quant.linear import QuantLinear
@@ -56,23 +59,31 @@ def to(device, args):
     return tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
 
 
-def run(device: str, backend: str, args):
-    """``quant_matmul(*args)`` (CPU tensors, moved to ``device``) on ``backend``, or skip."""
+# The ops on the packed format (entry point, reference). The checks that do not depend on their math
+# run for both; test_quant_matmul_a8.py tests the int8 activations themselves.
+OPS = {"quant_matmul": (quant_matmul, quant_matmul_reference),
+       "quant_matmul_a8": (quant_matmul_a8, quant_matmul_a8_reference)}
+
+
+def run(device: str, backend: str, args, op: str = "quant_matmul"):
+    """``op(*args)`` (CPU tensors, moved to ``device``) on ``backend``, or skip."""
     skip_unless_runs(device, backend)
     if backend == "triton":
-        from splice.kernels.quant_matmul import quant_matmul_triton
-
-        return quant_matmul_triton(*to(device, args))
-    assert backend_for("quant_matmul", device) == backend
-    return torch.ops.splice.quant_matmul(*to(device, args))
+        return getattr(importlib.import_module(f"splice.kernels.{op}"), f"{op}_triton")(*to(device, args))
+    assert backend_for(op, device) == backend
+    return getattr(torch.ops.splice, op)(*to(device, args))
 
 
-def assert_matches(y, args):
-    ref = quant_matmul_reference(*args)
+def relative_error(y, ref) -> float:
+    return float((y.cpu().float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6))
+
+
+def assert_matches(y, args, op: str = "quant_matmul"):
+    ref = OPS[op][1](*args)
     x = args[0]
     assert y.dtype == x.dtype and y.shape == ref.shape and y.is_contiguous()
-    err = (y.cpu().float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6)
-    assert err <= TOL[x.dtype], f"relative error {float(err):.2e}"
+    err = relative_error(y, ref)
+    assert err <= TOL[x.dtype], f"relative error {err:.2e}"
 
 
 # ---- quantizers ------------------------------------------------------------------------------
@@ -240,22 +251,24 @@ def test_smollm_shape_decode_and_prefill():
         assert_matches(run("cpu", "cpp", args), args)
 
 
+@pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("device,backend", BACKENDS)
-def test_empty_tokens(device, backend):
+def test_empty_tokens(device, backend, op):
     """No tokens: an empty [0, N] result in x's dtype (nothing else to compare)."""
     args = make_case(0, 7, 96, 4, 64, torch.bfloat16)
-    y = run(device, backend, args)
+    y = run(device, backend, args, op)
     assert (y.shape, y.dtype) == ((0, 7), torch.bfloat16)
 
 
+@pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("device,backend", BACKENDS)
-def test_forced_backend_through_entry(device, backend):
-    """splice.ops.quant_matmul with the backend forced (the path library.call takes)."""
+def test_forced_backend_through_entry(device, backend, op):
+    """splice.ops.<op> with the backend forced (the path library.call takes)."""
     skip_unless_runs(device, backend)
     args = make_case(2, 7, 96, 8, 32, torch.float32)
     with use_backend(backend):
-        y = quant_matmul(*to(device, args))
-    assert_matches(y, args)
+        y = OPS[op][0](*to(device, args))
+    assert_matches(y, args, op)
 
 
 @pytest.mark.parametrize("bits", BITS)
@@ -283,13 +296,14 @@ OPCHECK_CASES = [
 ]
 
 
+@pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 @pytest.mark.parametrize("t,bits,group_size,dtype,bias", OPCHECK_CASES)
-def test_opcheck(device, t, bits, group_size, dtype, bias):
+def test_opcheck(device, t, bits, group_size, dtype, bias, op):
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     args = make_case(t, 9, 100, bits, group_size, dtype, bias=bias)
-    torch.library.opcheck(torch.ops.splice.quant_matmul, to(device, args))
+    torch.library.opcheck(getattr(torch.ops.splice, op), to(device, args))
 
 
 BAD_ARGUMENTS = [  # (argument index, bad value, error message)
@@ -307,15 +321,16 @@ BAD_ARGUMENTS = [  # (argument index, bad value, error message)
 ]
 
 
+@pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("index,value,match", BAD_ARGUMENTS)
 @pytest.mark.parametrize("device,backend", ALL_BACKENDS)
-def test_bad_arguments_raise(device, backend, index, value, match):
+def test_bad_arguments_raise(device, backend, index, value, match, op):
     """Every backend, forced through the entry point, raises the C++ kernels' error."""
     skip_unless_runs(device, backend)
     args = list(make_case(3, 7, 96, 4, 64, torch.float32))
     args[index] = value
     with use_backend(backend), pytest.raises(RuntimeError, match=match):
-        quant_matmul(*to(device, args))
+        OPS[op][0](*to(device, args))
 
 
 # ---- QuantLinear -----------------------------------------------------------------------------

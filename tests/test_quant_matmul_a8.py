@@ -1,56 +1,37 @@
 """``splice::quant_matmul_a8``: the int8 activation codes against hand-computed ones, every backend
 against the fp32 reference (int8 dot products on AVX-512 VNNI, the float fallback past 32 tokens,
 Triton under ``TRITON_INTERPRET=1``, CUDA where present), that the activations really are quantized,
-bad arguments, opcheck, and the Triton / nvcc compile checks.
+and the Triton / nvcc compile checks (empty inputs, forced backends, bad arguments and opcheck are in
+test_quant_kernels.py, for both ops).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
 import pytest
+import test_quant_kernels as kernel_tests
 import torch
 from kernel_checks import (
-    ALL_BACKENDS,
     BACKENDS,
     compile_header,
     compile_launcher,
     compile_triton_sm90,
     launcher_opt_in,
     needs_nvcc,
-    skip_unless_runs,
 )
-from test_quant_kernels import BAD_ARGUMENTS, OPCHECK_CASES, TOL, make_case, to
+from test_quant_kernels import make_case, relative_error
 
-from splice.ops import backend_for, library, quant_matmul, quant_matmul_a8, use_backend
+from splice.ops import library, quant_matmul
 from splice.ops.act_quant import dequantize_activations, quantize_activations
 from splice.ops.quant_format import BITS, GROUP_SIZES
 from splice.ops.quant_matmul_a8 import quant_matmul_a8_reference
 from splice.ops.quant_matmul_reference import quant_matmul_reference
 
-
-def run(device: str, backend: str, args):
-    """``quant_matmul_a8(*args)`` (CPU tensors, moved to ``device``) on ``backend``, or skip."""
-    skip_unless_runs(device, backend)
-    if backend == "triton":
-        from splice.kernels.quant_matmul_a8 import quant_matmul_a8_triton
-
-        return quant_matmul_a8_triton(*to(device, args))
-    assert backend_for("quant_matmul_a8", device) == backend
-    return torch.ops.splice.quant_matmul_a8(*to(device, args))
-
-
-def relative_error(y, ref) -> float:
-    return float((y.cpu().float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6))
-
-
-def assert_matches(y, args):
-    ref = quant_matmul_a8_reference(*args)
-    x = args[0]
-    assert y.dtype == x.dtype and y.shape == ref.shape and y.is_contiguous()
-    err = relative_error(y, ref)
-    assert err <= TOL[x.dtype], f"relative error {err:.2e}"
+run = functools.partial(kernel_tests.run, op="quant_matmul_a8")
+assert_matches = functools.partial(kernel_tests.assert_matches, op="quant_matmul_a8")
 
 
 # ---- activation codes ------------------------------------------------------------------------
@@ -122,21 +103,6 @@ def test_smollm_shapes():
         assert_matches(run("cpu", "cpp", args), args)
 
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
-def test_empty_tokens(device, backend):
-    y = run(device, backend, make_case(0, 7, 96, 4, 64, torch.bfloat16))
-    assert (y.shape, y.dtype) == ((0, 7), torch.bfloat16)
-
-
-@pytest.mark.parametrize("device,backend", BACKENDS)
-def test_forced_backend_through_entry(device, backend):
-    skip_unless_runs(device, backend)
-    args = make_case(2, 7, 96, 8, 32, torch.float32)
-    with use_backend(backend):
-        y = quant_matmul_a8(*to(device, args))
-    assert_matches(y, args)
-
-
 def test_int8_dot_products_where_the_cpu_has_them():
     """Built with -march=native on a CPU with AVX-512 VNNI, the C++ kernel uses int8 dot products."""
     if not library.extension_loaded():
@@ -144,25 +110,6 @@ def test_int8_dot_products_where_the_cpu_has_them():
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     expected = "avx512_vnni" in flags and "avx512bw" in flags and os.environ.get("SPLICE_NATIVE") != "0"
     assert library.int8_dot_products() == expected
-
-
-@pytest.mark.parametrize("device", ["cpu", "cuda"])
-@pytest.mark.parametrize("t,bits,group_size,dtype,bias", OPCHECK_CASES)
-def test_opcheck(device, t, bits, group_size, dtype, bias):
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    args = make_case(t, 9, 100, bits, group_size, dtype, bias=bias)
-    torch.library.opcheck(torch.ops.splice.quant_matmul_a8, to(device, args))
-
-
-@pytest.mark.parametrize("index,value,match", BAD_ARGUMENTS)
-@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
-def test_bad_arguments_raise(device, backend, index, value, match):
-    skip_unless_runs(device, backend)
-    args = list(make_case(3, 7, 96, 4, 64, torch.float32))
-    args[index] = value
-    with use_backend(backend), pytest.raises(RuntimeError, match=match):
-        quant_matmul_a8(*to(device, args))
 
 
 def test_quant_matmul_is_unchanged_by_the_a8_op():

@@ -5,6 +5,7 @@
 // block), so x ≈ d_b · x8. The kernels use x̂ = d_b · x8 in place of x.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 

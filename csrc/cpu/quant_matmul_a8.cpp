@@ -1,5 +1,5 @@
 // CPU kernel of splice::quant_matmul_a8: y = x̂ @ ((q − z) · s)^T (+ bias), x̂ the int8 block
-// quantization of x (act_quant.h); the math is python/splice/ops/quant_matmul_a8_reference.py.
+// quantization of x (act_quant.h); the math is python/splice/ops/quant_matmul_a8.py.
 //
 // With AVX-512 VNNI (vpdpbusd: 64 u8 codes × s8 activations into 16 int32 lanes per instruction):
 // each token's codes are quantized once and laid out in the order of the packed weight bytes, so a

@@ -31,7 +31,7 @@ Decode is timed after every row is built, all models interleaved round by round 
 warm-up round (:func:`splice.bench.timing.interleaved`); each row keeps its runs.
 
 Ratios (medians, same run, ÷ bf16 unless named): ``q4_decode_speedup`` (and ``_b8``, ``_b16``),
-``q4_compiled_vs_eager_b1`` / ``_b8`` (compiled ÷ eager uniform 4-bit), ``q4_vs_llamacpp_b1`` (the
+``q4_compiled_vs_eager_b1`` / ``_b8`` / ``_b16`` (compiled ÷ eager uniform 4-bit), ``q4_vs_llamacpp_b1`` (the
 faster of eager and compiled uniform 4-bit ÷ llama.cpp Q4_1), ``q4a8_vs_llamacpp_b1`` (the same with
 int8 activations, llama.cpp's own activation format), ``q4a8_decode_speedup`` / ``_b8`` / ``_b16``
 (the fastest int8-activation 4-bit row ÷ bf16), ``q4a8_vs_q4_b1`` / ``_b8`` / ``_b16`` (eager int8 ÷
@@ -269,10 +269,12 @@ def ratios(rows: list[dict]) -> dict[str, float]:
     out |= {f"q4_decode_speedup_b{b}": q4[f"decode_tps_b{b}"] / bf16[f"decode_tps_b{b}"]
             for b in BATCHES[1:] if f"decode_tps_b{b}" in q4}
     a8 = by[A8]
-    fastest = {name: lambda b, name=name: max(by[n][f"decode_tps_b{b}"] for n in (name, COMPILED[name]) if n in by)
-               for name in COMPILED}
+
+    def fastest(name: str, b: int) -> float:  # the eager row or its compiled row, whichever is faster
+        return max(by[n][f"decode_tps_b{b}"] for n in (name, COMPILED[name]) if n in by)
+
     timed_batches = [b for b in BATCHES if f"decode_tps_b{b}" in a8]
-    out |= {f"q4a8_decode_speedup{'' if b == 1 else f'_b{b}'}": fastest[A8](b) / bf16[f"decode_tps_b{b}"]
+    out |= {f"q4a8_decode_speedup{'' if b == 1 else f'_b{b}'}": fastest(A8, b) / bf16[f"decode_tps_b{b}"]
             for b in timed_batches}
     out |= {f"q4a8_vs_q4_b{b}": a8[f"decode_tps_b{b}"] / q4[f"decode_tps_b{b}"] for b in timed_batches}
     out["q4a8_ppl_ratio"] = a8["ppl"] / q4["ppl"]
@@ -280,8 +282,8 @@ def ratios(rows: list[dict]) -> dict[str, float]:
         out |= {f"q4_compiled_vs_eager_b{b}": by[COMPILED["uniform4"]][f"decode_tps_b{b}"] / q4[f"decode_tps_b{b}"]
                 for b in BATCHES}
     if LLAMACPP in by:
-        out["q4_vs_llamacpp_b1"] = fastest["uniform4"](1) / by[LLAMACPP]["decode_tps_b1"]
-        out["q4a8_vs_llamacpp_b1"] = fastest[A8](1) / by[LLAMACPP]["decode_tps_b1"]
+        out["q4_vs_llamacpp_b1"] = fastest("uniform4", 1) / by[LLAMACPP]["decode_tps_b1"]
+        out["q4a8_vs_llamacpp_b1"] = fastest(A8, 1) / by[LLAMACPP]["decode_tps_b1"]
     out |= {"q4_decode_vs_fp32_b1": q4["decode_tps_b1"] / fp32["decode_tps_b1"],
             "q4_decode_vs_fp32_b8": q4["decode_tps_b8"] / fp32["decode_tps_b8"],
             "uniform3_ppl_ratio": by["uniform3"]["ppl"] / bf16["ppl"]}
