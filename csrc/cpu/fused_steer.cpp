@@ -5,6 +5,8 @@
 #include <torch/types.h>
 
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "steer_layout.h"
@@ -28,6 +30,45 @@ template <typename T>
 inline void load_row(const T* __restrict src, float* __restrict dst, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+// bfloat16 rows as raw bits, so that the compiler vectorizes the conversions (c10::BFloat16's
+// scalar conversions do not): widening is a shift, narrowing is c10's round-to-nearest-even.
+inline uint16_t bf16_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return std::isnan(f) ? uint16_t{0x7FC0} : static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+template <>
+inline void load_row(const c10::BFloat16* __restrict src, float* __restrict dst, int64_t n) {
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t u = static_cast<uint32_t>(bits[i]) << 16;
+    std::memcpy(dst + i, &u, sizeof u);
+  }
+}
+
+// dst = round(src) in T; src becomes the rounded values (read back as float).
+template <typename T>
+inline void round_row(float* __restrict src, T* __restrict dst, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    dst[i] = static_cast<T>(src[i]);
+    src[i] = static_cast<float>(dst[i]);
+  }
+}
+
+template <>
+inline void round_row(float* __restrict src, c10::BFloat16* __restrict dst, int64_t n) {
+  uint16_t* bits = reinterpret_cast<uint16_t*>(dst);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    bits[i] = bf16_bits(src[i]);
+    const uint32_t u = static_cast<uint32_t>(bits[i]) << 16;
+    std::memcpy(src + i, &u, sizeof u);
+  }
 }
 
 inline bool entry_active(const float* p, int64_t pos, bool gen) {
@@ -116,8 +157,13 @@ void fused_steer_rows(const at::Tensor& x, const c10::optional<at::Tensor>& delt
   const float* gatesp = num_gates > 0 ? gates->data_ptr<float>() : nullptr;
   std::vector<float> w;
   if (weight.has_value()) {
-    const at::Tensor wf = weight->to(at::kFloat).contiguous();
-    w.assign(wf.data_ptr<float>(), wf.data_ptr<float>() + h);
+    w.resize(h);
+    if (weight->scalar_type() == x.scalar_type()) {
+      load_row(weight->contiguous().data_ptr<T>(), w.data(), h);
+    } else {
+      const at::Tensor wf = weight->to(at::kFloat).contiguous();
+      w.assign(wf.data_ptr<float>(), wf.data_ptr<float>() + h);
+    }
     for (float& wi : w) wi += static_cast<float>(weight_offset);
   }
   T* rp = resid.data_ptr<T>();
@@ -136,21 +182,13 @@ void fused_steer_rows(const at::Tensor& x, const c10::optional<at::Tensor>& delt
       if (steered && s != 0)
         steer_row(u, vp + s * k_entries * h, pp + s * k_entries * kNumParams, k_entries, h, posp[t], gp[t],
                   gatesp ? gatesp + t * num_gates : nullptr, num_gates);
-      T* rrow = rp + t * h;
-      float ss = 0.f;
-#pragma omp simd reduction(+ : ss)
-      for (int64_t i = 0; i < h; ++i) {
-        const T rounded = static_cast<T>(dp ? xr[i] + u[i] : u[i]);
-        rrow[i] = rounded;
-        const float rf = static_cast<float>(rounded);
-        u[i] = rf;
-        ss += rf * rf;
-      }
+      if (dp) axpy(1.f, xr, u, h);
+      round_row(u, rp + t * h, h);
       if (!op) continue;
-      const float inv = 1.f / std::sqrt(ss / static_cast<float>(h) + epsf);
-      T* orow = op + t * h;
+      const float inv = 1.f / std::sqrt(dot(u, u, h) / static_cast<float>(h) + epsf);
 #pragma omp simd
-      for (int64_t i = 0; i < h; ++i) orow[i] = static_cast<T>(u[i] * inv * w[i]);
+      for (int64_t i = 0; i < h; ++i) u[i] = u[i] * inv * w[i];
+      round_row(u, op + t * h, h);
     }
   });
 }
