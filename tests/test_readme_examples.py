@@ -35,6 +35,7 @@ README = ROOT / "README.md"
 # The sections whose Python block a test below runs.
 RUN = ("Python API", "Per-request steering", "Conditional steering (CAST)",
        "Learned maps and head edits (LinEAS, LoReFT's form, PH3)", "Layer skipping", "Hybrid attention",
+       "GemFilter: early layers choose the prompt",
        "Compiled decoding", "Mixed-precision quantization")
 NOT_RUN_HERE = {"Serving behind vLLM": "needs a running vLLM server; tests/test_serving_vllm.py runs one"}
 
@@ -225,6 +226,15 @@ def test_hybrid_attention(session):
     answer, expected = printed.strip().split(" expected ")
     assert expected == session[0]["key"].answer
     assert answer.strip().startswith(expected), printed  # the key, read back from beyond the window
+
+
+@pytest.mark.real_model
+def test_gemfilter(session):
+    """The key is read back from the 512 tokens GemFilter kept of the 2K prompt."""
+    printed = run(session, "GemFilter: early layers choose the prompt")
+    answer, expected = printed.strip().split(" expected ")
+    assert expected == session[0]["key"].answer and session[0]["key"].ids.shape[1] > 1900
+    assert answer.strip().startswith(expected), printed
 
 
 @pytest.mark.real_model

@@ -4,6 +4,8 @@ from . import ops
 from .adapters.architecture import supported_families
 from .decoding.compile_check import CompileError
 from .decoding.compiled_decode import CompiledDecoder, compile_decode
+from .decoding.gemfilter_generate import gemfilter_generate
+from .longcontext.gemfilter import GemFilter
 from .patch import Patch, patch
 from .quant.activations import set_quant_activations
 from .quant.checkpoint import load_quantized
@@ -16,6 +18,6 @@ from .vectors.vector_set import VectorSet
 
 __version__ = "0.1.0"
 
-__all__ = ["Affine", "CompileError", "CompiledDecoder", "Condition", "HeadScale", "LowRank", "Patch", "Positions",
-           "Recipe", "RecipeError", "Skip", "Steer", "TokenGate", "VectorSet", "compile_decode", "load_quantized",
+__all__ = ["Affine", "CompileError", "CompiledDecoder", "Condition", "GemFilter", "HeadScale", "LowRank", "Patch", "Positions",
+           "Recipe", "RecipeError", "Skip", "Steer", "TokenGate", "VectorSet", "compile_decode", "gemfilter_generate", "load_quantized",
            "load_recipe", "ops", "patch", "set_quant_activations", "supported_families"]

@@ -66,11 +66,25 @@ def cmd_bench_attention(args) -> int:
     from ..bench import attention, attention_report
     from ..hybrid.head_map import HeadMap
 
+    if args.method == "gemfilter":
+        return _bench_gemfilter(args)
+    if not args.heads:
+        raise SystemExit("splice bench attention: --heads is required for --method hybrid")
     model, tokenizer = load(args)
     report = attention.run(model, tokenizer, HeadMap.load(args.heads), contexts=args.contexts, samples=args.samples,
                            ppl_windows=args.ppl_windows, ppl_length=args.ppl_length, steps=args.steps,
                            repeats=args.repeats)
     _report(attention_report, report, args.json)
+    return 0
+
+
+def _bench_gemfilter(args) -> int:
+    from ..bench import gemfilter, gemfilter_report
+
+    model, tokenizer = load(args)
+    report = gemfilter.run(model, tokenizer, contexts=args.contexts, samples=args.samples, keep=args.keep,
+                           layer=args.layer, calibration=args.calibration, steps=args.steps, repeats=args.repeats)
+    _report(gemfilter_report, report, args.json)
     return 0
 
 
@@ -126,8 +140,14 @@ def add_commands(sub) -> None:
 
     ba = bsub.add_parser("attention", parents=[model_options(), report, timing_options(16, 3)],
                          help="hybrid attention: pass-key, perplexity, KV bytes and speed at long context")
-    ba.add_argument("--heads", required=True, help="head map with scores from 'splice profile heads'")
+    ba.add_argument("--method", choices=["hybrid", "gemfilter"], default="hybrid",
+                    help="hybrid: head maps (needs --heads); gemfilter: GemFilter against the unpatched model")
+    ba.add_argument("--heads", help="head map with scores from 'splice profile heads' (--method hybrid)")
     ba.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096, 8192], help="pass-key context lengths")
+    ba.add_argument("--keep", type=int, default=1024, help="tokens GemFilter keeps (--method gemfilter)")
+    ba.add_argument("--layer", type=int, help="GemFilter's selection layer (default: chosen on calibration prompts)")
+    ba.add_argument("--calibration", type=int, default=2,
+                    help="pass-key prompts at the longest context that choose GemFilter's layer")
     ba.add_argument("--samples", type=int, default=3, help="pass-key prompts per context")
     ba.add_argument("--ppl-windows", type=int, default=2, help="WikiText-2 windows for perplexity")
     ba.add_argument("--ppl-length", type=int, default=2048, help="tokens per perplexity window")

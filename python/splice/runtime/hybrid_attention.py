@@ -29,7 +29,7 @@ from .kv_cache import STREAMS, hold_length, static_layer
 from .streaming_kv import StreamingKV
 
 
-def _project(attn, hidden: torch.Tensor, num_heads: int, num_kv: int, head_dim: int):
+def project_heads(attn, hidden: torch.Tensor, num_heads: int, num_kv: int, head_dim: int):
     """q [B, Hq, T, D], k and v [B, Hkv, T, D] before the rotary embedding."""
     b, t, _ = hidden.shape
     if hasattr(attn, "qkv_proj"):  # Phi-3: one fused projection
@@ -114,7 +114,7 @@ def make_attention_forward(adapter, layer_idx: int, head_map, runtime):
 
     def forward(hidden_states, position_embeddings, attention_mask=None, past_key_values=None, **kwargs):
         b, t, _ = hidden_states.shape
-        q, k, v = _project(attn, hidden_states, hq, hkv, d)
+        q, k, v = project_heads(attn, hidden_states, hq, hkv, d)
         q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
         pos = state.pos.view(b, t)
         real = torch.ones_like(pos, dtype=torch.bool)

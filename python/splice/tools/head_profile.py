@@ -25,7 +25,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from ..adapters.architecture import Adapter
 from ..hybrid.head_map import HeadMap
-from ..runtime.hybrid_attention import _project, band_mask, model_window
+from ..runtime.hybrid_attention import project_heads, band_mask, model_window
 
 
 @torch.inference_mode()
@@ -74,7 +74,7 @@ def _probing(adapter: Adapter, sinks: int, window: int, stride: int, totals: tor
 
         def forward(hidden_states, position_embeddings, attention_mask=None, **kwargs):
             b, t, _ = hidden_states.shape
-            q, k, v = _project(attn, hidden_states, hq, hkv, d)
+            q, k, v = project_heads(attn, hidden_states, hq, hkv, d)
             q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
 
             def attend(query, mask, causal=False):

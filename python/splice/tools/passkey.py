@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -43,12 +44,22 @@ def passkey_set(tokenizer, context: int, samples: int, seed: int = 0) -> list[Pa
     return [passkey_prompt(tokenizer, context, d, seed + i) for i, d in enumerate(depths)]
 
 
+def question_tokens(tokenizer) -> int:
+    """How many tokens the question at the end of every prompt takes (its last turn)."""
+    return len(tokenizer(QUESTION, add_special_tokens=False).input_ids)
+
+
+def plain_generate(model, input_ids, attention_mask, **kwargs) -> torch.Tensor:
+    return model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+
 @torch.inference_mode()
-def passkey_accuracy(model, tokenizer, tasks: list[Passkey]) -> float:
-    """Fraction of prompts whose greedy continuation starts with the key."""
+def passkey_accuracy(model, tokenizer, tasks: list[Passkey], generate: Callable = plain_generate) -> float:
+    """Fraction of prompts whose greedy continuation starts with the key; ``generate(model, ids, mask,
+    **kwargs)`` returns ``[1, n + new]`` (default: ``model.generate``)."""
     hits = 0
     for task in tasks:
-        out = model.generate(input_ids=task.ids, attention_mask=torch.ones_like(task.ids), max_new_tokens=8,
-                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        out = generate(model, task.ids, torch.ones_like(task.ids), max_new_tokens=8, do_sample=False,
+                       pad_token_id=tokenizer.pad_token_id)
         hits += tokenizer.decode(out[0, task.ids.shape[1]:]).strip().startswith(task.answer)
     return hits / len(tasks)

@@ -1,0 +1,1 @@
+"""Long-context interventions: GemFilter's early-layer token selection (:mod:`.gemfilter`)."""
