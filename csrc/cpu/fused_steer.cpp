@@ -50,25 +50,17 @@ inline void load_row(const c10::BFloat16* __restrict src, float* __restrict dst,
   }
 }
 
-// dst = round(src) in T; src becomes the rounded values (read back as float).
 template <typename T>
-inline void round_row(float* __restrict src, T* __restrict dst, int64_t n) {
+inline void store_row(const float* __restrict src, T* __restrict dst, int64_t n) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    dst[i] = static_cast<T>(src[i]);
-    src[i] = static_cast<float>(dst[i]);
-  }
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
 }
 
 template <>
-inline void round_row(float* __restrict src, c10::BFloat16* __restrict dst, int64_t n) {
+inline void store_row(const float* __restrict src, c10::BFloat16* __restrict dst, int64_t n) {
   uint16_t* bits = reinterpret_cast<uint16_t*>(dst);
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    bits[i] = bf16_bits(src[i]);
-    const uint32_t u = static_cast<uint32_t>(bits[i]) << 16;
-    std::memcpy(src + i, &u, sizeof u);
-  }
+  for (int64_t i = 0; i < n; ++i) bits[i] = bf16_bits(src[i]);
 }
 
 inline bool entry_active(const float* p, int64_t pos, bool gen) {
@@ -183,12 +175,13 @@ void fused_steer_rows(const at::Tensor& x, const c10::optional<at::Tensor>& delt
         steer_row(u, vp + s * k_entries * h, pp + s * k_entries * kNumParams, k_entries, h, posp[t], gp[t],
                   gatesp ? gatesp + t * num_gates : nullptr, num_gates);
       if (dp) axpy(1.f, xr, u, h);
-      round_row(u, rp + t * h, h);
+      store_row(u, rp + t * h, h);  // r, rounded to T; the norm reads the rounded values back
+      load_row(rp + t * h, u, h);
       if (!op) continue;
       const float inv = 1.f / std::sqrt(dot(u, u, h) / static_cast<float>(h) + epsf);
 #pragma omp simd
       for (int64_t i = 0; i < h; ++i) u[i] = u[i] * inv * w[i];
-      round_row(u, op + t * h, h);
+      store_row(u, op + t * h, h);
     }
   });
 }

@@ -17,6 +17,7 @@ input). Rows are left-padded again to the longest kept row.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -89,11 +90,9 @@ def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, l
         def score(module, args, kwargs):
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             cos, sin = kwargs["position_embeddings"]
-            q, _, _ = project_heads(attn, hidden[:, -1:], hq, hkv, d)
-            _, k, _ = project_heads(attn, hidden, hq, hkv, d)
-            q, _ = apply_rotary_pos_emb(q, q, cos[:, -1:], sin[:, -1:])
-            _, k = apply_rotary_pos_emb(k, k, cos, sin)
-            q = q.float().reshape(q.shape[0], hkv, hq // hkv, d).sum(2)  # each KV group's queries, summed
+            q, k, _ = project_heads(attn, hidden, hq, hkv, d)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            q = q[:, :, -1].float().reshape(q.shape[0], hkv, hq // hkv, d).sum(2)  # each KV group's last queries, summed
             found[layer] = torch.einsum("bgd,bgnd->bn", q, k.float()) * weights
             if len(found) == len(layers):
                 raise _Stop
@@ -102,10 +101,9 @@ def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, l
 
     handles = [scorer(layer) for layer in sorted(set(layers))]
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=prompt_positions(attention_mask),
-              use_cache=False)
-    except _Stop:
-        pass
+        with contextlib.suppress(_Stop):
+            model(input_ids=input_ids, attention_mask=attention_mask, position_ids=prompt_positions(attention_mask),
+                  use_cache=False)
     finally:
         for handle in handles:
             handle.remove()

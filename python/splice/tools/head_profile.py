@@ -25,7 +25,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from ..adapters.architecture import Adapter
 from ..hybrid.head_map import HeadMap
-from ..runtime.hybrid_attention import project_heads, band_mask, model_window
+from ..runtime.hybrid_attention import band_mask, model_window, project_heads
 
 
 @torch.inference_mode()
