@@ -5,12 +5,24 @@ import torch
 from tiny_models import HIDDEN, LAYERS, left_padded_batch, tiny_model
 
 import splice
+from splice.adapters.architecture import Adapter
 from splice.hybrid.head_map import HeadMap
 from splice.runtime.kv_cache import kv_bytes
 from splice.runtime.splice_runtime import ATTRIBUTE
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "gemma3-windowed"]
 KV_HEADS = 2
+# Gemma 3 with its own sliding window short enough to matter: layers 0 and 2 attend to 4 tokens, layer 1 to all
+GEMMA3_WINDOWED = {"sliding_window": 4, "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}
+
+
+def hybrid_model(family):
+    """A tiny model of ``family`` as hybrid attention takes it (Gemma 2 loaded without logit soft-capping)."""
+    if family == "gemma2":
+        return tiny_model(family, attn_logit_softcapping=None)
+    if family == "gemma3-windowed":
+        return tiny_model("gemma3", **GEMMA3_WINDOWED)
+    return tiny_model(family)
 
 
 def head_map(full=None, sinks=1, window=3, kind="stream"):
@@ -37,28 +49,31 @@ def greedy_no_cache(model, ids, mask, n):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_window_covering_the_context_equals_full_attention(family):
-    model = tiny_model(family)
+    """Every head streams, through a window longer than the context: the model's own attention, also
+    on Gemma 3's sliding layers, whose window caps the streaming one (no sinks here: sinks would let a
+    sliding layer see tokens it never sees)."""
+    model = hybrid_model(family)
     ids, mask = left_padded_batch()
     expected = logits(model, ids, mask)
-    with splice.patch(model, heads=head_map(full={}, sinks=1, window=200)):
+    with splice.patch(model, heads=head_map(full={}, sinks=0, window=200, kind="window")):
         torch.testing.assert_close(logits(model, ids, mask), expected, atol=2e-5, rtol=0)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_streaming_heads_change_the_output_when_the_window_is_short(family):
-    model = tiny_model(family)
+    model = hybrid_model(family)
     ids, mask = left_padded_batch()
     expected = logits(model, ids, mask)
     with splice.patch(model, heads=head_map(window=2)):
         assert not torch.allclose(logits(model, ids, mask)[:, -1], expected[:, -1], atol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "gemma3-windowed"])
 @pytest.mark.parametrize("kind, sinks", [("stream", 1), ("stream", 2), ("window", 0)])
 def test_cached_generation_equals_masked_full_attention(family, kind, sinks):
     """The compressed cache (sinks + ring, wrapping many times) gives the tokens that recomputing
     everything with the masked full attention gives."""
-    model = tiny_model(family)
+    model = hybrid_model(family)
     ids, mask = left_padded_batch(lengths=(7, 4, 5))
     with splice.patch(model, heads=head_map(sinks=sinks, window=3, kind=kind)) as p, torch.inference_mode():
         assert p.backends()["band_attention"] == p.backends()["decode_attention"] == "cpp"
@@ -134,9 +149,24 @@ def test_bad_head_maps_fail_before_touching_the_model(make, message):
     assert torch.equal(logits(model, ids, mask), before)
 
 
-def test_sandwich_families_are_refused():
-    with pytest.raises(ValueError, match="pre-norm families"):
-        splice.patch(tiny_model("gemma2"), heads=head_map())
+def test_attention_logit_softcapping_is_refused():
+    model = tiny_model("gemma2")  # attn_logit_softcapping = 50, which hybrid attention does not compute
+    ids, mask = left_padded_batch()
+    before = logits(model, ids, mask)
+    with pytest.raises(ValueError, match="soft-cap"):
+        splice.patch(model, heads=head_map())
+    assert not hasattr(model, ATTRIBUTE) and torch.equal(logits(model, ids, mask), before)
+
+
+def test_a_streaming_window_is_capped_by_the_layer_s_own():
+    from splice.runtime.hybrid_attention import model_window, streaming_window
+
+    model = hybrid_model("gemma3-windowed")
+    adapter = Adapter(model)
+    windows = [model_window(adapter, layer.self_attn) for layer in adapter.layers]
+    assert windows == [4, 0, 4]  # the global layer's attention says None: the config's 4 is not its window
+    assert [streaming_window(3, w) for w in windows] == [3, 3, 3]
+    assert [streaming_window(9, w) for w in windows] == [4, 9, 4]
 
 
 def test_head_scores_rank_heads_by_what_streaming_costs():
@@ -158,16 +188,18 @@ def test_streaming_deltas_equal_the_change_streaming_one_head_makes(family):
     output, relative to the residual entering the layer, averaged over the queries past the window."""
     from splice.tools.head_profile import streaming_deltas
 
-    model = tiny_model(family)
+    model = hybrid_model(family)
     seqs = [torch.randint(3, 100, (1, 24), generator=torch.Generator().manual_seed(s)) for s in range(2)]
     scores = streaming_deltas(model, seqs, sinks=1, window=4, stride=1, progress=False)
     assert len(scores) == LAYERS and all(len(row) == KV_HEADS for row in scores)
     layer, head = 1, 0
     captured = {}
     block = model.model.layers[layer]
+    # what the residual stream receives: the attention output, through the post-attention norm on Gemma
+    received = block.post_attention_layernorm if Adapter(model).family.sandwich else torch.nn.Identity()
     hooks = [block.register_forward_pre_hook(lambda m, a, k: captured.__setitem__("x", (a or [k["hidden_states"]])[0]),
                                              with_kwargs=True),
-             block.self_attn.register_forward_hook(lambda m, a, out: captured.__setitem__("attn", out[0]))]
+             block.self_attn.register_forward_hook(lambda m, a, out: captured.__setitem__("attn", received(out[0])))]
     full = {l: set(range(KV_HEADS)) for l in range(LAYERS)}
     full[layer] = full[layer] - {head}
     moved = []
@@ -184,12 +216,12 @@ def test_streaming_deltas_equal_the_change_streaming_one_head_makes(family):
     assert all(s > 0 for row in scores for s in row)
 
 
-def test_streaming_deltas_refuse_short_sequences_and_sandwich_families():
+def test_streaming_deltas_refuse_short_sequences_and_softcapped_attention():
     from splice.tools.head_profile import streaming_deltas
 
     with pytest.raises(ValueError, match="never reach past sinks"):
         streaming_deltas(tiny_model("llama"), [torch.arange(3, 8)[None]], sinks=1, window=4, progress=False)
-    with pytest.raises(ValueError, match="pre-norm families"):
+    with pytest.raises(ValueError, match="soft-cap"):
         streaming_deltas(tiny_model("gemma2"), [torch.arange(3, 30)[None]], sinks=1, window=4, progress=False)
 
 

@@ -15,13 +15,13 @@ CONFIGS = {
 HIDDEN, HEADS, HEAD_DIM, LAYERS, VOCAB = 64, 4, 16, 3, 128
 
 
-def tiny_model(family: str, seed: int = 0, dtype=torch.float32):
+def tiny_model(family: str, seed: int = 0, dtype=torch.float32, **config_overrides):
     torch.manual_seed(seed)
-    config = CONFIGS[family](
-        hidden_size=HIDDEN, intermediate_size=96, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-        num_key_value_heads=2, head_dim=HEAD_DIM, vocab_size=VOCAB, max_position_embeddings=256,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    )
+    config = CONFIGS[family](**{
+        "hidden_size": HIDDEN, "intermediate_size": 96, "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
+        "num_key_value_heads": 2, "head_dim": HEAD_DIM, "vocab_size": VOCAB, "max_position_embeddings": 256,
+        "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, **config_overrides,
+    })
     cls = T.Gemma3ForCausalLM if family == "gemma3" else T.AutoModelForCausalLM
     model = cls(config) if family == "gemma3" else cls.from_config(config)
     with torch.no_grad():  # Gemma norms start at zero weight; make every norm non-trivial
@@ -70,3 +70,8 @@ class FoldedTokenizer:
 
     def decode(self, ids, **kw):
         return self.tokenizer.decode(ids, **kw)
+
+    def apply_chat_template(self, messages, **kw):
+        out = self.tokenizer.apply_chat_template(messages, **kw)
+        out["input_ids"] = out["input_ids"] % VOCAB
+        return out

@@ -49,21 +49,46 @@ def band_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, k_ok: torch.Tensor, sink
     return seen[:, None]
 
 
-def new_token_columns(attention_mask: torch.Tensor, cache, layer_idx: int, t: int) -> torch.Tensor:
-    """[B, t]: the last query's row of the 4-D mask at the key columns of the ``t`` new tokens. A
-    growing cache's mask ends with them; a static cache's (fixed ``max_cache_len`` columns) has them
-    at its write offset, read as a tensor so that a compiled step does not specialise on it."""
-    last = attention_mask[:, 0, -1]
+def real_new_tokens(attention_mask: torch.Tensor, cache, layer_idx: int, t: int) -> torch.Tensor:
+    """[B, t] bool: which of the ``t`` new tokens are real (not padding), read from the 4-D mask's
+    rows of the new queries at the key columns of the new tokens. A growing cache's mask ends with
+    those columns; a static cache's (fixed ``max_cache_len`` columns) has them at its write offset,
+    read as a tensor so that a compiled step does not specialise on it. A token is real when the last
+    query sees it or it sees itself: the second is what a layer with its own sliding window needs,
+    where the last query cannot see tokens more than the window back."""
+    rows = attention_mask[:, 0, -t:]
     layer = static_layer(cache, layer_idx)
     if layer is not None:
-        start = layer.cumulative_length.to(last.device)
-        return last.index_select(-1, torch.arange(t, device=last.device) + start)
-    return last[:, -t:]
+        start = layer.cumulative_length.to(rows.device)
+        block = rows.index_select(-1, torch.arange(t, device=rows.device) + start)
+    else:
+        block = rows[..., -t:]
+    seen = block if block.dtype == torch.bool else block == 0
+    return seen[:, -1] | seen.diagonal(dim1=-2, dim2=-1)
 
 
 def model_window(adapter, attn) -> int:
-    """The sliding window the model's own attention has in this layer (0: none)."""
-    return int(getattr(attn, "sliding_window", None) or getattr(adapter.config, "sliding_window", None) or 0)
+    """The sliding window the model's own attention has in this layer (0: none). An attention module
+    that says (Gemma 2 and 3, Qwen 2: ``None`` on its global layers) is believed over the config."""
+    if hasattr(attn, "sliding_window"):
+        return int(attn.sliding_window or 0)
+    return int(getattr(adapter.config, "sliding_window", None) or 0)
+
+
+def check_no_softcapping(adapter) -> None:
+    """This forward computes ``softmax(q·kᵀ·scale)``: refuse attention that soft-caps its logits
+    (Gemma 2's ``attn_logit_softcapping``), which it would silently drop."""
+    caps = {getattr(layer.self_attn, "attn_logit_softcapping", None) for layer in adapter.layers} - {None}
+    if caps:
+        raise ValueError(f"hybrid attention does not soft-cap attention logits, and this {adapter.family.name} model "
+                         f"asks for attn_logit_softcapping={caps.pop()}; load it with attn_logit_softcapping=None in "
+                         "its config to run without (as Hugging Face's own SDPA attention does)")
+
+
+def streaming_window(window: int, layer_window: int) -> int:
+    """A streaming head's window in a layer: the map's ``window``, capped by the layer's own sliding
+    window (the model never attends further back there); its sinks stay."""
+    return min(window, layer_window) if layer_window else window
 
 
 def make_attention_forward(adapter, layer_idx: int, head_map, runtime):
@@ -74,8 +99,8 @@ def make_attention_forward(adapter, layer_idx: int, head_map, runtime):
     q_full = [h for g in full for h in range(g * group, (g + 1) * group)]
     q_stream = [h for g in stream for h in range(g * group, (g + 1) * group)]
     order = torch.argsort(torch.tensor(q_full + q_stream))
-    sinks, window = head_map.sinks, head_map.window
     full_window = model_window(adapter, attn)
+    sinks, window = head_map.sinks, streaming_window(head_map.window, full_window)
     head_sinks = torch.tensor([0 if g in full else sinks for g in range(hkv)])
     head_window = torch.tensor([full_window if g in full else window for g in range(hkv)])
     state = runtime.state
@@ -118,9 +143,8 @@ def make_attention_forward(adapter, layer_idx: int, head_map, runtime):
         q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
         pos = state.pos.view(b, t)
         real = torch.ones_like(pos, dtype=torch.bool)
-        if attention_mask is not None:  # the last query sees every real new token (bool, or additive 0/-inf)
-            last = new_token_columns(attention_mask, past_key_values, layer_idx, t)
-            real = last if last.dtype == torch.bool else last == 0
+        if attention_mask is not None:
+            real = real_new_tokens(attention_mask, past_key_values, layer_idx, t)
         if past_key_values is not None and (state.prefill or t == 1):
             out = kernel_path(q, k, v, pos, real, attention_mask, past_key_values, hidden_states)
             return attn.o_proj(out.transpose(1, 2).reshape(b, t, hq * d)), None

@@ -20,12 +20,13 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from ..adapters.architecture import Adapter
 from ..hybrid.head_map import HeadMap
-from ..runtime.hybrid_attention import band_mask, model_window, project_heads
+from ..runtime.hybrid_attention import band_mask, check_no_softcapping, model_window, project_heads, streaming_window
 
 
 @torch.inference_mode()
@@ -63,14 +64,17 @@ def sampled_queries(length: int, sinks: int, window: int, stride: int) -> torch.
 @contextmanager
 def _probing(adapter: Adapter, sinks: int, window: int, stride: int, totals: torch.Tensor):
     """Each layer attends exactly as the model does, and adds to ``totals[l, h]`` the mean over
-    sampled queries ``i`` of ``|o_proj(a_full(i) - a_stream,h(i))| / |x_l(i)|``: ``a`` the attention
-    output before ``o_proj`` with only KV head ``h``'s query heads changed, ``x_l`` the residual
-    stream entering layer ``l``."""
+    sampled queries ``i`` of ``|g(o_proj(a_full(i))) - g(o_proj(a_stream,h(i)))| / |x_l(i)|``: ``a``
+    the attention output before ``o_proj`` with only KV head ``h``'s query heads changed, ``g`` what
+    the residual stream receives it through (the post-attention norm of sandwich families, else
+    nothing), ``x_l`` the residual stream entering layer ``l``."""
     hq, hkv, d = adapter.num_heads, adapter.num_kv_heads, adapter.head_dim
     group, residual, installed, hooks = hq // hkv, {}, [], []
 
     def make(layer_idx: int, attn):
         full_window = model_window(adapter, attn)
+        window_here = streaming_window(window, full_window)
+        post = adapter.layers[layer_idx].post_attention_layernorm if adapter.family.sandwich else nn.Identity()
 
         def forward(hidden_states, position_embeddings, attention_mask=None, **kwargs):
             b, t, _ = hidden_states.shape
@@ -87,14 +91,15 @@ def _probing(adapter: Adapter, sinks: int, window: int, stride: int, totals: tor
             if len(rows):
                 ok = torch.ones(1, t, dtype=torch.bool, device=q.device)
                 seen = band_mask(rows[None], pos[None], ok, 0, full_window or t)
-                change = attend(q[:, :, rows], seen) - attend(q[:, :, rows], band_mask(rows[None], pos[None], ok,
-                                                                                        sinks, window))
+                full_rows = attend(q[:, :, rows], seen)
+                change = full_rows - attend(q[:, :, rows], band_mask(rows[None], pos[None], ok, sinks, window_here))
                 change = change.transpose(1, 2).reshape(b, len(rows), hq, d)
-                zero = attn.o_proj(torch.zeros_like(change[:, :1].flatten(2)))
+                full_rows = full_rows.transpose(1, 2).reshape(b, len(rows), hq * d)
+                received = post(attn.o_proj(full_rows))
                 for h in range(hkv):
                     alone = torch.zeros_like(change)
                     alone[:, :, h * group:(h + 1) * group] = change[:, :, h * group:(h + 1) * group]
-                    moved = (attn.o_proj(alone.flatten(2)) - zero).norm(dim=-1)
+                    moved = (received - post(attn.o_proj(full_rows - alone.flatten(2)))).norm(dim=-1)
                     totals[layer_idx, h] += float((moved / residual[layer_idx][:, rows]).mean())
             return attn.o_proj(out.transpose(1, 2).reshape(b, t, hq * d)), None
 
@@ -125,8 +130,7 @@ def streaming_deltas(model, sequences: list[torch.Tensor], sinks: int = 4, windo
     """``scores[l][h]``: the residual-stream change (see :func:`_probing`) when KV head ``h`` of layer
     ``l`` alone streams, averaged over ``sequences`` (``ids [1, n]`` each, ``n > sinks + window``)."""
     adapter = Adapter(model)
-    if adapter.family.sandwich:
-        raise ValueError(f"hybrid attention supports pre-norm families, not {adapter.family.name}")
+    check_no_softcapping(adapter)
     short = [s.shape[1] for s in sequences if s.shape[1] <= sinks + window]
     if short:
         raise ValueError(f"sequences of {short} tokens never reach past sinks + window = {sinks + window}; "
