@@ -6,7 +6,7 @@ from tiny_models import HIDDEN, LAYERS, VOCAB, tiny_model
 
 import splice
 from splice.runtime.splice_runtime import ATTRIBUTE
-from splice.tools.speculative import search_draft, speculative_generate
+from splice.tools.speculative import lookup_draft, search_draft, speculative_generate
 
 
 def prompt(seed=0, n=6):
@@ -78,17 +78,18 @@ def test_search_runs_every_trial_and_plain_decoding_on_the_real_loop():
     assert best == (fastest if fastest.tokens_per_second > plain.tokens_per_second else None)
 
 
-def _timed_search(monkeypatch, seconds_by_draft):
+def _timed_search(monkeypatch, seconds_by_draft, lookups=(0,)):
     """search_draft with speculative_generate replaced: each run takes ``seconds_by_draft[layers]``."""
     import splice.tools.speculative as speculative
 
-    def fake(model, ids, new_tokens, layers, length):
-        drafted = 0 if layers is None else length
-        return ids, speculative.SpeculativeStats(new_tokens, 1, drafted, drafted, seconds_by_draft[layers and tuple(layers)])
+    def fake(model, ids, new_tokens, layers, length, lookup_ngram=0):
+        drafted = 0 if layers is None and not lookup_ngram else length
+        key = (layers and tuple(layers), lookup_ngram) if lookup_ngram else layers and tuple(layers)
+        return ids, speculative.SpeculativeStats(new_tokens, 1, drafted, drafted, seconds_by_draft[key])
 
     monkeypatch.setattr(speculative, "speculative_generate", fake)
-    return speculative.search_draft(None, [prompt()], order=[2, 1], counts=[1, 2], lengths=[2], new_tokens=10,
-                                    progress=False)
+    return speculative.search_draft(None, [prompt()], order=[2, 1], counts=[0, 1, 2], lengths=[2], lookups=lookups,
+                                    new_tokens=10, progress=False)
 
 
 def test_search_says_no_draft_when_plain_decoding_is_fastest(monkeypatch):
@@ -101,7 +102,61 @@ def test_search_picks_the_draft_that_beats_plain_decoding(monkeypatch):
     assert (best.layers, best.draft_len, best.tokens_per_second) == ([2], 2, 12.5)
 
 
+def test_search_tries_lookup_alone_and_with_each_skip_draft(monkeypatch):
+    best, trials = _timed_search(monkeypatch, {None: 1.0, (2,): 1.1, (1, 2): 1.2, (None, 3): 0.5, ((2,), 3): 0.7,
+                                               ((1, 2), 3): 0.9}, lookups=(0, 3))
+    tried = [(t.layers, t.lookup_ngram) for t in trials[1:]]
+    assert tried == [([2], 0), ([1, 2], 0), ([], 3), ([2], 3), ([1, 2], 3)]  # count 0 without lookup is no draft
+    assert (best.layers, best.lookup_ngram, best.tokens_per_second) == ([], 3, 20.0)
+
+
+def test_search_needs_a_draft():
+    with pytest.raises(ValueError, match="needs a draft"):
+        search_draft(tiny_model("llama"), [prompt()], order=[2, 1], counts=[0], lengths=[2], progress=False)
+
+
+@pytest.mark.parametrize("context, ngram, length, expected", [
+    ([5, 6, 7, 8, 9, 5, 6], 3, 4, [7, 8, 9, 5]),        # the last 2-gram (5, 6) occurred at 0
+    ([5, 6, 7, 1, 6, 2, 5, 6], 2, 2, [7, 1]),           # the longest n-gram wins over a later 1-gram match
+    ([1, 6, 2, 5, 6, 3, 4, 6], 2, 3, [3, 4, 6]),        # no 2-gram match: the most recent 1-gram match
+    ([1, 2, 3, 4], 3, 2, []),                           # no match at all
+    ([4, 4, 4], 3, 5, [4]),                             # overlapping occurrence, cut at the context's end
+    ([7], 3, 2, []),                                    # nothing before the last token
+])
+def test_lookup_draft(context, ngram, length, expected):
+    assert lookup_draft(torch.tensor(context), ngram, length).tolist() == expected
+
+
+@pytest.mark.parametrize("draft_layers", [None, [2]])
+@pytest.mark.parametrize("draft_len", [1, 4])
+def test_prompt_lookup_output_equals_greedy_generation(draft_layers, draft_len):
+    model = tiny_model("llama")
+    ids = torch.tensor([[5, 9, 11, 5, 9, 11, 5, 9, 11, 5, 9]])  # a repetitive prompt: every n-gram matches
+    expected = greedy(model, ids, 14)
+    out, stats = speculative_generate(model, ids, 14, draft_layers, draft_len, lookup_ngram=3)
+    assert torch.equal(out, expected)
+    assert stats.looked_up >= 1 and stats.drafted >= stats.looked_up and stats.new_tokens == 14
+
+
+def test_lookup_that_the_model_follows_saves_passes(real_model):
+    """On a summary, which copies spans of its passage, prompt lookup proposals are accepted: fewer full passes
+    than tokens, and the output is still the model's greedy output."""
+    model, tok = real_model
+    passage = ("The Lady of Shalott is a Victorian ballad by the English poet Alfred Tennyson. Like his other early "
+               "poems, it is loosely based on an Arthurian legend, the story of a woman who lives in a tower on an "
+               "island near Camelot and is under a curse.")
+    ids = tok.apply_chat_template([{"role": "user", "content": f"Summarize the following passage.\n\n{passage}"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True).input_ids
+    expected = greedy(model, ids, 32)
+    out, stats = speculative_generate(model, ids, 32, None, 4, lookup_ngram=3)
+    assert torch.equal(out, expected)
+    assert stats.looked_up >= 4 and stats.accepted >= stats.new_tokens // 4  # a quarter of the tokens took no pass
+
+
 @pytest.mark.parametrize("kwargs, message", [
+    (dict(draft_layers=None, draft_len=2, lookup_ngram=-1), "lookup_ngram"),
+    (dict(draft_layers=None, draft_len=2, lookup_ngram=True), "lookup_ngram"),
+    (dict(draft_layers=None, draft_len=0, lookup_ngram=2), "draft_len"),
     (dict(draft_layers=[0], draft_len=2), "layer 0"),
     (dict(draft_layers=[1, 2, 3], draft_len=2), "out of range"),
     (dict(draft_layers=[], draft_len=2), "at least one"),

@@ -10,10 +10,6 @@
   the same layers for every request (decode only), the Block-Influence router and the trained
   router; the routed batch runs gather/scatter, compared with running each group of rows that
   share a skip set as its own batch.
-* **Self-speculative decoding**: the draft (layers and length) picked by a measured search on
-  calibration prompts, or no draft (plain decoding) when none beat plain decoding there, then
-  tokens/s against the unpatched model's greedy ``generate`` on other prompts, with the outputs
-  checked identical.
 
 Every timed setting runs interleaved with the others round by round after a discarded warm-up
 round (:func:`splice.bench.timing.interleaved`).
@@ -26,14 +22,13 @@ unpatched model, its own interleaved setting ``layer-timed``, not a ratio).
 
 Ratios (medians, same run, ÷ unpatched): ``skip25_decode_speedup`` (greedy selection),
 ``skip25_ideal_speedup`` (above), ``skip25_ideal_fraction`` (measured ÷ ideal speedup),
-``patch_idle_decode_b1`` (patched with no items), ``skip25_ppl_ratio``, ``speculative_speedup``,
+``patch_idle_decode_b1`` (patched with no items), ``skip25_ppl_ratio``,
 ``routing_gather_vs_grouped``, and ``skip{10,25,40}_measured_beats_random``.
 """
 
 from __future__ import annotations
 
 import statistics
-import time
 from contextlib import nullcontext
 
 import torch
@@ -46,7 +41,6 @@ from ..skipping.spec import Skip
 from ..tools.calibration_text import evaluate, wikitext_windows
 from ..tools.layer_profile import METHODS, layers_for_budget, profile_layers
 from ..tools.router_training import fit_influence_router, fit_linear_router, measure_routing_data
-from ..tools.speculative import search_draft, speculative_generate
 from .output import provenance
 from .timing import decode_layer_seconds, decode_tps, interleaved
 
@@ -165,34 +159,6 @@ def routing_rows(model, calib, evals, static_layers, prompt_len, repeats, steps,
     return rows, grouped
 
 
-def speculative_rows(model, order, calib_prompts, eval_prompts, new_tokens, repeats, progress) -> dict:
-    adapter = Adapter(model)
-    counts = [round(adapter.num_layers * f) for f in (0.1, 0.2, 0.3)]
-    best, trials = search_draft(model, calib_prompts, order, counts, lengths=(2, 3, 4), new_tokens=24,
-                                progress=progress)
-    layers, length = (best.layers, best.draft_len) if best else (None, 0)  # None: no draft won, decode plainly
-    base, spec, accept, identical = [], [], [], True
-    for round_ in range(repeats + 1):  # round 0 warms both up and is discarded
-        t_base = t_spec = 0.0
-        for ids in eval_prompts:
-            start = time.perf_counter()
-            with torch.inference_mode():
-                expected = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                          max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
-            t_base += time.perf_counter() - start
-            out, stats = speculative_generate(model, ids, new_tokens, layers, length)
-            t_spec += stats.seconds
-            accept.append(stats.acceptance)
-            identical &= torch.equal(out, expected)
-        if round_:
-            base.append(len(eval_prompts) * new_tokens / t_base)
-            spec.append(len(eval_prompts) * new_tokens / t_spec)
-    return {"draft_layers": layers, "draft_len": length, "search": [vars(t) for t in trials],
-            "greedy_runs": base, "speculative_runs": spec,
-            "greedy_tps": statistics.median(base), "speculative_tps": statistics.median(spec),
-            "acceptance": statistics.median(accept), "identical_output": identical}
-
-
 def _row(static: list[dict], name: str) -> dict:
     return next(r for r in static if r["name"] == name)
 
@@ -216,7 +182,7 @@ def static_ratios(static: list[dict], layer_seconds: float) -> dict[str, float]:
 
 
 def run(model, tokenizer, calib_windows: int = 4, eval_windows: int = 16, length: int = 128,
-        greedy_candidates: int = 14, repeats: int = 3, steps: int = 32, new_tokens: int = 64,
+        greedy_candidates: int = 14, repeats: int = 3, steps: int = 32,
         progress: bool = True, profile=None) -> dict:
     adapter = Adapter(model)
     calib = wikitext_windows(tokenizer, calib_windows, length)
@@ -228,17 +194,12 @@ def run(model, tokenizer, calib_windows: int = 4, eval_windows: int = 16, length
     static, layer_runs = static_rows(model, profile, evals, FRACTIONS, repeats, steps, progress)
     routing, grouped = routing_rows(model, wikitext_windows(tokenizer, 32, 96, offset=calib_windows + eval_windows),
                                     evals[:, :96], _row(static, "greedy25")["layers"], 64, repeats, steps, progress)
-    prompts = [evals[i:i + 1, :64] for i in range(3)]
-    speculative = speculative_rows(model, profile.greedy_order + [l for l in sorted(
-        range(adapter.num_layers), key=lambda l: profile.removal_kl[l]) if l not in profile.greedy_order],
-        [calib[i:i + 1, :64] for i in range(2)], prompts, new_tokens, repeats, progress)
     ratios = static_ratios(static, statistics.median(layer_runs))
-    ratios["speculative_speedup"] = speculative["speculative_tps"] / speculative["greedy_tps"]
     ratios["routing_gather_vs_grouped"] = grouped["gather_scatter_tps_b8"] / grouped["grouped_tps_b8"]
     return {
         "benchmark": "skip", "model": adapter.name, "architecture": adapter.describe(),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), **provenance(),
         "eval_tokens": evals.numel(), "calibration_tokens": calib.numel(), "repeats": repeats, "decode_steps": steps,
         "profile": vars(profile), "static": static, "layer_seconds_runs": layer_runs, "routing": routing,
-        "routing_layout": grouped, "speculative": speculative, "ratios": ratios,
+        "routing_layout": grouped, "ratios": ratios,
     }

@@ -1,5 +1,5 @@
 """``splice bench skip`` report:
-perplexity and decode speed per skip fraction and method, routing, speculative decoding (a markdown table, a plot).
+perplexity and decode speed per skip fraction and method, and routing (a markdown table, a plot).
 """
 
 from __future__ import annotations
@@ -16,12 +16,7 @@ def table(report: dict) -> str:
     lines += ["", "| router | mean layers skipped | continuation ppl | decode tok/s (b8) |", "|---|---:|---:|---:|"]
     lines += [f"| {r['router']} | {r['mean_skipped']:.2f} | {r['ppl']:.2f} | {r['decode_tps_b8']:.1f} |"
               for r in report["routing"]]
-    s = report["speculative"]
-    draft = (f"draft skips {len(s['draft_layers'])} layers, length {s['draft_len']}" if s["draft_layers"] is not None
-             else "no draft beat plain decoding in the search")
-    lines += ["", f"speculative: {draft}, acceptance {s['acceptance']:.2f}, {s['speculative_tps']:.1f} vs "
-              f"{s['greedy_tps']:.1f} tok/s, identical output: {s['identical_output']}", "", "| ratio | value |",
-              "|---|---:|"]
+    lines += ["", "| ratio | value |", "|---|---:|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in report["ratios"].items()]
     return "\n".join(lines)
 

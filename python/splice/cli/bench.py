@@ -1,8 +1,8 @@
-"""``splice bench steer|skip|quant|attention|serve``: each writes a JSON report (and a plot)."""
+"""``splice bench steer|skip|speculative|quant|attention|serve``: each writes a JSON report (and a plot)."""
 
 from __future__ import annotations
 
-from .common import load, model_options, report_option, timing_options
+from .common import load, model_options, report_option, threads_option, timing_options
 
 
 def _report(report_module, report: dict, json_path, plot: bool = True) -> None:
@@ -37,8 +37,18 @@ def cmd_bench_skip(args) -> int:
     model, tokenizer = load(args)
     profile = LayerProfile.load(args.profile) if args.profile else None
     report = skip.run(model, tokenizer, calib_windows=args.calib_windows, eval_windows=args.eval_windows,
-                      repeats=args.repeats, steps=args.steps, new_tokens=args.new_tokens, profile=profile)
+                      repeats=args.repeats, steps=args.steps, profile=profile)
     _report(skip_report, report, args.json)
+    return 0
+
+
+def cmd_bench_speculative(args) -> int:
+    from ..bench import speculative, speculative_report
+
+    model, tokenizer = load(args)
+    report = speculative.run(model, tokenizer, prompts=args.prompts, calib_prompts=args.calib_prompts,
+                             new_tokens=args.new_tokens, repeats=args.repeats, workloads=args.workloads)
+    _report(speculative_report, report, args.json)
     return 0
 
 
@@ -113,12 +123,20 @@ def add_commands(sub) -> None:
     st.set_defaults(func=cmd_bench_steer)
 
     sk = bsub.add_parser("skip", parents=[model_options(), report, timing_options(32, 3)],
-                         help="layer skipping: static, per-request routing, self-speculative")
+                         help="layer skipping: static and per-request routing")
     sk.add_argument("--profile", help="reuse a layer profile from 'splice profile layers' (greedy for 40%%)")
     sk.add_argument("--calib-windows", type=int, default=4, help="128-token calibration windows")
     sk.add_argument("--eval-windows", type=int, default=16, help="128-token held-out evaluation windows")
-    sk.add_argument("--new-tokens", type=int, default=64, help="tokens generated per speculative run")
     sk.set_defaults(func=cmd_bench_skip)
+
+    sp = bsub.add_parser("speculative", parents=[model_options(), report_option(plot=False), threads_option()],
+                         help="speculative decoding (layer-skip drafts, prompt lookup) per workload vs greedy generate")
+    sp.add_argument("--workloads", nargs="+", default=["continuation", "summary"], choices=["continuation", "summary"])
+    sp.add_argument("--prompts", type=int, default=3, help="evaluation prompts per workload")
+    sp.add_argument("--calib-prompts", type=int, default=2, help="prompts per workload the draft search times")
+    sp.add_argument("--new-tokens", type=int, default=64, help="most tokens generated per prompt (EOS ends sooner)")
+    sp.add_argument("--repeats", type=int, default=3, help="timed rounds after the warm-up round")
+    sp.set_defaults(func=cmd_bench_speculative)
 
     bq = bsub.add_parser("quant", parents=[model_options(), report, timing_options(32, 3)],
                          help="quantization: perplexity, bytes and decode speed per width and method")
