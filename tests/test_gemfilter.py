@@ -78,7 +78,7 @@ def test_generation_on_every_token_kept_is_plain_generation():
     assert torch.equal(got, expected)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "gemma3"])
 def test_batched_generation_continues_each_row_on_its_own_kept_tokens(family):
     model = tiny_model(family)
     ids, mask = left_padded_batch((12, 6, 9))
