@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from splice.ops.attention_reference import check_band_attention, check_decode_attention
+from splice.ops.attention_reference import check_band_attention, check_decode_attention, check_softcap
 
 
 @triton.jit
@@ -31,6 +31,15 @@ def _softmax_step(s, m_i, l_i):
 
 
 @triton.jit
+def _softcapped(s, softcap):
+    """``softcap · tanh(s / softcap)`` (Gemma 2's logit soft-capping), ``s`` itself for softcap 0;
+    tanh written as 2·sigmoid(2x) − 1."""
+    if softcap > 0:
+        s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)
+    return s
+
+
+@triton.jit
 def _normalise(acc, l_i):
     """``acc / l_i`` per row, 0 for a row that read no key."""
     return tl.where(l_i[:, None] > 0, acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)
@@ -39,7 +48,7 @@ def _normalise(acc, l_i):
 @triton.jit
 def _band_attention_kernel(
     q_ptr, k_ptr, v_ptr, pos_ptr, valid_ptr, sinks_ptr, window_ptr, out_ptr,
-    scale, T, HQ, HKV, GROUP,
+    scale, softcap, T, HQ, HKV, GROUP,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -72,7 +81,7 @@ def _band_attention_kernel(
             kv_mask = mask_n[:, None] & mask_d[None, :]
             kv_offs = (kv_base + offs_n)[:, None] * D + offs_d[None, :]
             k = tl.load(k_ptr + kv_offs, mask=kv_mask, other=0.0).to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            s = _softcapped(tl.dot(q, tl.trans(k), input_precision="ieee"), softcap)
             dist = qpos[:, None] - kpos[None, :]
             allowed = (kvalid[None, :] & (offs_n[None, :] <= offs_m[:, None])
                        & (full | (dist < window) | (kpos[None, :] < sinks)))
@@ -89,7 +98,7 @@ def _band_attention_kernel(
 @triton.jit
 def _decode_attention_kernel(
     q_ptr, k_ptr, v_ptr, valid_ptr, out_ptr,
-    scale, L, HKV, GROUP,
+    scale, softcap, L, HKV, GROUP,
     D: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     bg = tl.program_id(0).to(tl.int64)
@@ -112,6 +121,7 @@ def _decode_attention_kernel(
             kv_offs = (bg * L + offs_n)[:, None] * D + offs_d[None, :]
             k = tl.load(k_ptr + kv_offs, mask=kv_mask, other=0.0).to(tl.float32)
             s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [GROUP_PAD, BLOCK_N]; too few rows for tl.dot
+            s = _softcapped(s, softcap)
             s = tl.where(slot[None, :], s, float("-inf"))
             p, alpha, m_new, l_i = _softmax_step(s, m_i, l_i)
             v = tl.load(v_ptr + kv_offs, mask=kv_mask, other=0.0).to(tl.float32)
@@ -125,9 +135,10 @@ def _device(x: torch.Tensor):
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
-def band_attention_triton(q, k, v, pos, valid, sinks, window, scale):
+def band_attention_triton(q, k, v, pos, valid, sinks, window, scale, softcap=0.0):
     """Same signature and result as ``torch.ops.splice.band_attention``."""
     check_band_attention(q, k, v, pos, valid, sinks, window)
+    check_softcap(softcap, "band_attention")
     b, hq, t, d = q.shape
     hkv = k.shape[1]
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -139,14 +150,15 @@ def band_attention_triton(q, k, v, pos, valid, sinks, window, scale):
     with _device(q):
         _band_attention_kernel[(triton.cdiv(t, block), b * hq)](
             q, k, v, pos.contiguous(), valid.contiguous(), sinks.contiguous(), window.contiguous(), out,
-            float(scale), t, hq, hkv, hq // hkv, D=d, BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d,
+            float(scale), float(softcap), t, hq, hkv, hq // hkv, D=d, BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d,
         )
     return out
 
 
-def decode_attention_triton(q, k, v, valid, scale):
+def decode_attention_triton(q, k, v, valid, scale, softcap=0.0):
     """Same signature and result as ``torch.ops.splice.decode_attention``."""
     check_decode_attention(q, k, v, valid)
+    check_softcap(softcap, "decode_attention")
     b, hq, d = q.shape
     hkv, length = k.shape[1], k.shape[2]
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -156,7 +168,7 @@ def decode_attention_triton(q, k, v, valid, scale):
     group = hq // hkv
     with _device(q):
         _decode_attention_kernel[(b * hkv,)](
-            q, k, v, valid.contiguous(), out, float(scale), length, hkv, group,
+            q, k, v, valid.contiguous(), out, float(scale), float(softcap), length, hkv, group,
             D=d, GROUP_PAD=triton.next_power_of_2(group), BLOCK_N=32, BLOCK_D=max(16, triton.next_power_of_2(d)),
         )
     return out

@@ -95,6 +95,21 @@ def test_band_long_rows_skip_blocks(device, backend):
     assert_close(run(device, backend, band_attention, *args), band_attention_reference(*args), torch.float32)
 
 
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_softcap_matches_reference(device, backend, dtype):
+    """Gemma 2's logit soft-capping, on scores large enough that the cap changes them (|s| up to ~10
+    against a cap of 2), prefill with mixed heads and a padded row, and decode."""
+    q, *rest = band_case(2, 6, 2, 37, 16, dtype, pads=[0, 4])
+    args = (q * 3, *rest, 2.0)
+    ref = band_attention_reference(*args)
+    assert not torch.allclose(ref.float(), band_attention_reference(*args[:-1]).float(), atol=1e-2)
+    assert_close(run(device, backend, band_attention, *args), ref, dtype)
+    q, k, v, valid, scale = decode_case(3, 6, 2, 45, 16, dtype)
+    args = (q * 3, k, v, valid, scale, 2.0)
+    assert_close(run(device, backend, decode_attention, *args), decode_attention_reference(*args), dtype)
+
+
 def test_reference_is_causal_attention():
     """With every head full and no padding the reference is SDPA's causal attention (GQA expanded); a
     window of 1 without sinks reads only the token itself (out = v); a padding query gives 0."""
@@ -111,9 +126,10 @@ def test_reference_is_causal_attention():
     assert torch.equal(out[1, :, :4], torch.zeros_like(out[1, :, :4]))
 
 
-def loop_attention(q, k, v, scale, may_read):
+def loop_attention(q, k, v, scale, may_read, softcap=0.0):
     """out[b, h, i] by the contract, one query at a time in float64: softmax over the keys j with
-    ``may_read(b, g, i, j)`` of scale * q.k, times v; 0 where no key may be read."""
+    ``may_read(b, g, i, j)`` of scale * q.k (soft-capped: cap * tanh(s / cap)), times v; 0 where no key
+    may be read."""
     b_count, hq, t, d = q.shape
     group = hq // k.shape[1]
     out = torch.zeros(b_count, hq, t, d, dtype=torch.float64)
@@ -124,11 +140,13 @@ def loop_attention(q, k, v, scale, may_read):
                 keys = [j for j in range(k.shape[2]) if may_read(b, g, i, j)]
                 if keys:
                     s = torch.stack([scale * q[b, h, i].double() @ k[b, g, j].double() for j in keys])
+                    s = softcap * torch.tanh(s / softcap) if softcap else s
                     out[b, h, i] = torch.softmax(s, 0) @ v[b, g, keys].double()
     return out
 
 
-def test_band_reference_is_the_contract():
+@pytest.mark.parametrize("softcap", [0.0, 0.7])
+def test_band_reference_is_the_contract(softcap):
     """Mixed heads (full, sinks + window, window only, window 1), a left-padded row and positions that
     start above 0, against the contract's rule written out per (query, key) pair."""
     q, k, v, pos, valid, sinks, window, scale = band_case(2, 8, 4, 11, 4, torch.float32, pads=[0, 3],
@@ -139,16 +157,17 @@ def test_band_reference_is_the_contract():
         near = window[g] <= 0 or pos[b, i] - pos[b, j] < window[g] or pos[b, j] < sinks[g]
         return bool(valid[b, j]) and j <= i and bool(near)
 
-    expected = loop_attention(q, k, v, scale, may_read)
-    torch.testing.assert_close(band_attention_reference(q, k, v, pos, valid, sinks, window, scale).double(), expected,
-                               atol=1e-5, rtol=1e-5)
+    expected = loop_attention(q, k, v, scale, may_read, softcap)
+    torch.testing.assert_close(band_attention_reference(q, k, v, pos, valid, sinks, window, scale, softcap).double(),
+                               expected, atol=1e-5, rtol=1e-5)
 
 
-def test_decode_reference_is_the_contract():
+@pytest.mark.parametrize("softcap", [0.0, 0.7])
+def test_decode_reference_is_the_contract(softcap):
     """One query per row over the valid slots of the cache (a row with none gives 0), GQA."""
     q, k, v, valid, scale = decode_case(3, 6, 2, 9, 4, torch.float32)
-    expected = loop_attention(q[:, :, None], k, v, scale, lambda b, g, i, j: bool(valid[b, j]))[:, :, 0]
-    torch.testing.assert_close(decode_attention_reference(q, k, v, valid, scale).double(), expected,
+    expected = loop_attention(q[:, :, None], k, v, scale, lambda b, g, i, j: bool(valid[b, j]), softcap)[:, :, 0]
+    torch.testing.assert_close(decode_attention_reference(q, k, v, valid, scale, softcap).double(), expected,
                                atol=1e-5, rtol=1e-5)
 
 
@@ -214,6 +233,8 @@ BAD_ARGS = {  # name: ((op, *args), message)
     "decode heads": (_decode(q=torch.zeros(1, 3, 8)), "multiple of KV heads"),
     "decode valid shape": (_decode(valid=torch.ones(1, 5, dtype=torch.bool)), "valid must be"),
     "decode v dtype": (_decode(v=torch.zeros(1, 2, 6, 8, dtype=torch.float16)), "v must be"),
+    "negative softcap": ((*_band(), -1.0), "softcap must be"),
+    "decode infinite softcap": ((*_decode(), float("inf")), "softcap must be"),
 }
 
 
@@ -235,6 +256,8 @@ def test_opcheck(device, dtype):
     torch.library.opcheck(torch.ops.splice.band_attention, band)
     q, k, v, valid, scale = move(decode_case(2, 6, 2, 13, 8, dtype))
     torch.library.opcheck(torch.ops.splice.decode_attention, (q, k, v, valid, scale))
+    torch.library.opcheck(torch.ops.splice.decode_attention, (q, k, v, valid, scale, 1.5))
+    torch.library.opcheck(torch.ops.splice.band_attention, (*band, 1.5))
     # a non-contiguous q: a [B, T, H, D] projection viewed as [B, H, T, D]
     torch.library.opcheck(torch.ops.splice.band_attention, (band[0].transpose(1, 2).contiguous().transpose(1, 2),
                                                             *band[1:]))
@@ -249,10 +272,11 @@ from splice.kernels import attention as a
 for dt in ("fp32", "bf16", "fp16"):
     for kernel, types, consts in (
         (a._band_attention_kernel,
-         [f"*{dt}", f"*{dt}", f"*{dt}", "*i64", "*i1", "*i64", "*i64", f"*{dt}", "fp32", "i32", "i32", "i32", "i32"],
+         [f"*{dt}", f"*{dt}", f"*{dt}", "*i64", "*i1", "*i64", "*i64", f"*{dt}", "fp32", "fp32", "i32", "i32", "i32",
+          "i32"],
          dict(D=64, BLOCK_M=64, BLOCK_N=64, BLOCK_D=64)),
         (a._decode_attention_kernel,
-         [f"*{dt}", f"*{dt}", f"*{dt}", "*i1", f"*{dt}", "fp32", "i32", "i32", "i32"],
+         [f"*{dt}", f"*{dt}", f"*{dt}", "*i1", f"*{dt}", "fp32", "fp32", "i32", "i32", "i32"],
          dict(D=64, GROUP_PAD=4, BLOCK_N=64, BLOCK_D=64)),
     ):
         signature = dict(zip(kernel.arg_names, types + ["constexpr"] * len(consts)))

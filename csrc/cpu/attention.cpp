@@ -199,12 +199,15 @@ inline void softmax_row(float* s, float& m, float& l, float* o, int64_t dp) {
 }
 #endif
 
-// Folds one tile of keys (kt [dp, kBlock], v [nk, dp]; scores of keys past nk must be −inf) into st.
+// Folds one tile of keys (kt [dp, kBlock], v [nk, dp]; scores of keys past nk must be −inf) into st;
+// softcap > 0 soft-caps each score first, s = softcap · tanh(s / softcap).
 inline void fold_block(Online& st, const float* q, int64_t rows, const float* kt, const float* v, int64_t nk,
-                       int64_t dp, const std::vector<uint8_t>* allowed) {
+                       int64_t dp, const std::vector<uint8_t>* allowed, float softcap) {
   scores(q, rows, kt, dp, st.s.data());
   for (int64_t r = 0; r < rows; ++r) {
     float* sr = st.s.data() + r * kBlock;
+    if (softcap > 0.f)
+      for (int64_t j = 0; j < kBlock; ++j) sr[j] = softcap * std::tanh(sr[j] / softcap);
     if (allowed != nullptr) {
       for (int64_t j = 0; j < kBlock; ++j)
         if (!(*allowed)[r * kBlock + j]) sr[j] = kNegInf;
@@ -232,7 +235,7 @@ struct BlockStats {
 template <typename E>
 at::Tensor band_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pos,
                                const at::Tensor& valid, const at::Tensor& sinks, const at::Tensor& window,
-                               double scale) {
+                               double scale, double softcap) {
   const int64_t B = q.size(0), Hq = q.size(1), T = q.size(2), D = q.size(3), Hkv = k.size(1);
   const int64_t group = Hq / Hkv, dp = padded_dim(D), nkb = (T + kBlock - 1) / kBlock;
   const int64_t nqb = (T + kQueries - 1) / kQueries;
@@ -268,7 +271,7 @@ at::Tensor band_attention_impl(const at::Tensor& q, const at::Tensor& k, const a
       ks.min_pos = std::min(ks.min_pos, p), ks.max_pos = std::max(ks.max_pos, p), ++ks.count;
     }
 
-  const float fscale = static_cast<float>(scale);
+  const float fscale = static_cast<float>(scale), fcap = static_cast<float>(softcap);
   at::parallel_for(0, B * Hq * nqb, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(kQueries * dp);
     std::vector<uint8_t> allowed(kQueries * kBlock);
@@ -300,7 +303,8 @@ at::Tensor band_attention_impl(const at::Tensor& q, const at::Tensor& k, const a
           }
         }
         const int64_t blk = ((b * Hkv + g) * nkb + kb) * tile;
-        fold_block(st, qf.data(), rows, kt.data() + blk, vf.data() + blk, nk, dp, every ? nullptr : &allowed);
+        fold_block(st, qf.data(), rows, kt.data() + blk, vf.data() + blk, nk, dp, every ? nullptr : &allowed,
+                   fcap);
       }
       for (int64_t r = 0; r < rows; ++r) store_row(st.o.data() + r * dp, st.l[r], op + (bh * T + i0 + r) * D, D);
     }
@@ -310,7 +314,7 @@ at::Tensor band_attention_impl(const at::Tensor& q, const at::Tensor& k, const a
 
 template <typename E>
 at::Tensor decode_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                 const at::Tensor& valid, double scale) {
+                                 const at::Tensor& valid, double scale, double softcap) {
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k.size(1), L = k.size(2);
   const int64_t group = Hq / Hkv, dp = padded_dim(D);
   at::Tensor out = at::empty_like(q);
@@ -323,7 +327,7 @@ at::Tensor decode_attention_impl(const at::Tensor& q, const at::Tensor& k, const
   E* op = out.data_ptr<E>();
   // Partial softmax of each (b, g, chunk, query head of the group): max, sum, unnormalised output.
   std::vector<float> pm(B * Hkv * nc * group), pl(B * Hkv * nc * group), po(B * Hkv * nc * group * dp);
-  const float fscale = static_cast<float>(scale);
+  const float fscale = static_cast<float>(scale), fcap = static_cast<float>(softcap);
   at::parallel_for(0, B * Hkv * nc, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(group * dp), kt(dp * kBlock, 0.f), vf(kBlock * dp);
     for (int64_t task = begin; task < end; ++task) {
@@ -341,7 +345,7 @@ at::Tensor decode_attention_impl(const at::Tensor& q, const at::Tensor& k, const
           load_row(vp + src, vf.data() + nk * dp, D, dp);
           ++nk;
         }
-        if (nk > 0) fold_block(st, qf.data(), group, kt.data(), vf.data(), nk, dp, nullptr);
+        if (nk > 0) fold_block(st, qf.data(), group, kt.data(), vf.data(), nk, dp, nullptr, fcap);
       }
       const int64_t at = task * group;
       std::copy(st.m.begin(), st.m.end(), pm.begin() + at);
@@ -374,27 +378,29 @@ at::Tensor decode_attention_impl(const at::Tensor& q, const at::Tensor& k, const
 
 at::Tensor band_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pos,
                               const at::Tensor& valid, const at::Tensor& sinks, const at::Tensor& window,
-                              double scale) {
+                              double scale, double softcap) {
   check_band_attention_args(q, k, v, pos, valid, sinks, window);
+  check_attention_softcap(softcap, "band_attention");
   TORCH_CHECK(q.device().is_cpu(), "band_attention_cpu: tensors must be on the CPU");
   const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous(), pc = pos.contiguous(),
                    mc = valid.contiguous(), sc = sinks.contiguous(), wc = window.contiguous();
   switch (q.scalar_type()) {
-    case at::kFloat: return band_attention_impl<float>(qc, kc, vc, pc, mc, sc, wc, scale);
-    case at::kBFloat16: return band_attention_impl<at::BFloat16>(qc, kc, vc, pc, mc, sc, wc, scale);
-    default: return band_attention_impl<at::Half>(qc, kc, vc, pc, mc, sc, wc, scale);
+    case at::kFloat: return band_attention_impl<float>(qc, kc, vc, pc, mc, sc, wc, scale, softcap);
+    case at::kBFloat16: return band_attention_impl<at::BFloat16>(qc, kc, vc, pc, mc, sc, wc, scale, softcap);
+    default: return band_attention_impl<at::Half>(qc, kc, vc, pc, mc, sc, wc, scale, softcap);
   }
 }
 
 at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                const at::Tensor& valid, double scale) {
+                                const at::Tensor& valid, double scale, double softcap) {
   check_decode_attention_args(q, k, v, valid);
+  check_attention_softcap(softcap, "decode_attention");
   TORCH_CHECK(q.device().is_cpu(), "decode_attention_cpu: tensors must be on the CPU");
   const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous(), mc = valid.contiguous();
   switch (q.scalar_type()) {
-    case at::kFloat: return decode_attention_impl<float>(qc, kc, vc, mc, scale);
-    case at::kBFloat16: return decode_attention_impl<at::BFloat16>(qc, kc, vc, mc, scale);
-    default: return decode_attention_impl<at::Half>(qc, kc, vc, mc, scale);
+    case at::kFloat: return decode_attention_impl<float>(qc, kc, vc, mc, scale, softcap);
+    case at::kBFloat16: return decode_attention_impl<at::BFloat16>(qc, kc, vc, mc, scale, softcap);
+    default: return decode_attention_impl<at::Half>(qc, kc, vc, mc, scale, softcap);
   }
 }
 

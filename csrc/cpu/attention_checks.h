@@ -5,6 +5,8 @@
 
 #include <torch/types.h>
 
+#include <limits>
+
 namespace splice {
 
 inline void check_attention_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const char* op,
@@ -30,6 +32,11 @@ inline void check_attention_index(const at::Tensor& t, const char* name, at::Sca
   TORCH_CHECK(t.scalar_type() == dtype && t.sizes() == shape, op, ": ", name, " must be ", dtype, " ", shape,
               ", got ", t.scalar_type(), " ", t.sizes());
   TORCH_CHECK(t.device() == q.device(), op, ": ", name, " must be on ", q.device(), ", got ", t.device());
+}
+
+inline void check_attention_softcap(double softcap, const char* op) {
+  TORCH_CHECK(softcap >= 0 && softcap != std::numeric_limits<double>::infinity(), op,
+              ": softcap must be 0 (none) or a positive finite number, got ", softcap);
 }
 
 inline void check_band_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

@@ -28,6 +28,7 @@ struct AttentionArgs {
   const int64_t* window;  // [Hkv]
   int64_t batch, q_heads, kv_heads, queries, keys, head_dim;
   float scale;
+  float softcap;  // > 0: scores are soft-capped, s = softcap · tanh(s / softcap)
 };
 
 constexpr int kAttnWarps = 4;        // queries per thread block
@@ -90,6 +91,7 @@ __global__ void attention_kernel(const AttentionArgs<T> a) {
       }
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+      if (a.softcap > 0.f) s = a.softcap * tanhf(s / a.softcap);
       const float m_new = fmaxf(m, s), corr = __expf(m - m_new), p = __expf(s - m_new);
       l = l * corr + p;
       m = m_new;

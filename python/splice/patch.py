@@ -25,7 +25,7 @@ from .adapters.architecture import Adapter
 from .ops import backend_for
 from .recipe import Recipe, check_steering_fits, load_recipe
 from .runtime.decoder_layer import make_forward, make_o_proj_forward
-from .runtime.hybrid_attention import check_no_softcapping, make_attention_forward
+from .runtime.hybrid_attention import make_attention_forward
 from .runtime.splice_runtime import ATTRIBUTE, SpliceRuntime
 from .skipping.spec import Skip, skipped_parts
 from .steering.slot_entries import INTERVENTIONS, Intervention, row_deciders, slot_entries
@@ -122,7 +122,6 @@ class Patch:
     def _check_head_map(self, head_map, router) -> None:
         if head_map is None:
             return
-        check_no_softcapping(self.adapter)
         head_map.validate_for(self.adapter)
         if router is not None:
             raise ValueError("hybrid attention and per-request routing cannot be combined yet")

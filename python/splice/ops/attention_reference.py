@@ -14,12 +14,15 @@ Prefill contract (``B`` rows, ``T`` tokens, head size ``D``)::
 
     query i may read key j  iff  valid[b, j] and j <= i and
                                  (window[g] <= 0 or pos[b, i] - pos[b, j] < window[g] or pos[b, j] < sinks[g])
-    out[b, h, i] = softmax_j(scale · q[b, h, i] · k[b, g, j] over the keys it may read) · v[b, g]
+    out[b, h, i] = softmax_j(cap(scale · q[b, h, i] · k[b, g, j]) over the keys it may read) · v[b, g]
 
 Decode contract::
 
     q       [B, Hq, D]; k, v [B, Hkv, L, D]; valid [B, L] bool (cache slots that hold tokens of the row)
-    out[b, h] = softmax over the valid slots j of scale · q[b, h] · k[b, g, j], times v[b, g]
+    out[b, h] = softmax over the valid slots j of cap(scale · q[b, h] · k[b, g, j]), times v[b, g]
+
+``cap`` is the identity for ``softcap = 0`` and Gemma 2's logit soft-capping
+``cap(s) = softcap · tanh(s / softcap)`` for ``softcap > 0``.
 
 A query that may read no key gives 0. Results are computed in fp32 and rounded once to q's dtype.
 The checks look at shapes, dtypes and devices only, so they also run on fake tensors; their messages
@@ -80,6 +83,11 @@ def check_decode_attention(q, k, v, valid) -> None:
     _check_index(valid, "valid", torch.bool, [k.shape[0], k.shape[2]], q, op)
 
 
+def check_softcap(softcap: float, op: str) -> None:
+    torch._check(softcap >= 0 and softcap != float("inf"),
+                 lambda: f"{op}: softcap must be 0 (none) or a positive finite number, got {softcap}")
+
+
 def band_mask(pos: torch.Tensor, valid: torch.Tensor, sinks: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
     """The allowed (query, key) pairs, [B, Hkv, T, T] bool."""
     t = pos.shape[1]
@@ -91,28 +99,32 @@ def band_mask(pos: torch.Tensor, valid: torch.Tensor, sinks: torch.Tensor, windo
     return causal & near & valid[:, None, None, :]
 
 
-def _masked_attention(q, k, v, mask, scale):
-    """fp32 softmax(scale · q k^T) v over ``mask`` (broadcast to the scores), 0 for rows with no key;
-    k, v and mask are per KV head and repeated for the query heads of each group."""
+def _masked_attention(q, k, v, mask, scale, softcap):
+    """fp32 softmax(cap(scale · q k^T)) v over ``mask`` (broadcast to the scores), 0 for rows with no
+    key; k, v and mask are per KV head and repeated for the query heads of each group."""
     groups = q.shape[1] // k.shape[1]
     k, v = (t.float().repeat_interleave(groups, dim=1) for t in (k, v))
     if mask.shape[1] != 1:
         mask = mask.repeat_interleave(groups, dim=1)
     scores = torch.matmul(q.float(), k.transpose(-1, -2)) * scale
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
     scores = scores.masked_fill(~mask, float("-inf"))
     p = torch.softmax(scores, dim=-1)
     p = torch.where(mask.any(-1, keepdim=True), p, torch.zeros((), dtype=p.dtype, device=p.device))
     return torch.matmul(p, v)
 
 
-def band_attention_reference(q, k, v, pos, valid, sinks, window, scale: float) -> torch.Tensor:
+def band_attention_reference(q, k, v, pos, valid, sinks, window, scale: float, softcap: float = 0.0) -> torch.Tensor:
     """[B, Hq, T, D] in q's dtype; see the module docstring."""
     check_band_attention(q, k, v, pos, valid, sinks, window)
-    return _masked_attention(q, k, v, band_mask(pos, valid, sinks, window), scale).to(q.dtype)
+    check_softcap(softcap, "band_attention")
+    return _masked_attention(q, k, v, band_mask(pos, valid, sinks, window), scale, softcap).to(q.dtype)
 
 
-def decode_attention_reference(q, k, v, valid, scale: float) -> torch.Tensor:
+def decode_attention_reference(q, k, v, valid, scale: float, softcap: float = 0.0) -> torch.Tensor:
     """[B, Hq, D] in q's dtype; see the module docstring."""
     check_decode_attention(q, k, v, valid)
+    check_softcap(softcap, "decode_attention")
     mask = valid[:, None, None, :]  # [B, 1, 1, L]
-    return _masked_attention(q[:, :, None], k, v, mask, scale)[:, :, 0].to(q.dtype)
+    return _masked_attention(q[:, :, None], k, v, mask, scale, softcap)[:, :, 0].to(q.dtype)

@@ -75,14 +75,29 @@ def model_window(adapter, attn) -> int:
     return int(getattr(adapter.config, "sliding_window", None) or 0)
 
 
-def check_no_softcapping(adapter) -> None:
-    """This forward computes ``softmax(q·kᵀ·scale)``: refuse attention that soft-caps its logits
-    (Gemma 2's ``attn_logit_softcapping``), which it would silently drop."""
-    caps = {getattr(layer.self_attn, "attn_logit_softcapping", None) for layer in adapter.layers} - {None}
-    if caps:
-        raise ValueError(f"hybrid attention does not soft-cap attention logits, and this {adapter.family.name} model "
-                         f"asks for attn_logit_softcapping={caps.pop()}; load it with attn_logit_softcapping=None in "
-                         "its config to run without (as Hugging Face's own SDPA attention does)")
+def logit_softcap(attn) -> float:
+    """The attention's logit soft-cap (Gemma 2's ``attn_logit_softcapping``; 0: none)."""
+    return float(getattr(attn, "attn_logit_softcapping", None) or 0.0)
+
+
+def attend(q, k, v, mask, causal: bool, scale: float, softcap: float = 0.0) -> torch.Tensor:
+    """Grouped-query attention of q [B, Hq, T, D] over k, v [B, Hkv, L, D] under ``mask`` (bool, True
+    where visible, or additive) or causally: SDPA; with ``softcap > 0`` the scores are soft-capped,
+    ``softcap · tanh(s / softcap)``, which SDPA cannot do, so it is written out as Gemma 2's eager
+    attention does (masked scores at the dtype's minimum, softmax in fp32)."""
+    if not softcap:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
+                                              enable_gqa=q.shape[1] != k.shape[1])
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    s = softcap * torch.tanh(s / softcap)
+    if causal:
+        t, n = s.shape[-2:]
+        mask = torch.ones(t, n, dtype=torch.bool, device=s.device).tril(n - t)
+    if mask is not None:
+        s = s.masked_fill(~mask, torch.finfo(s.dtype).min) if mask.dtype == torch.bool else s + mask
+    return torch.matmul(torch.softmax(s, -1, dtype=torch.float32).to(v.dtype), v)
 
 
 def streaming_window(window: int, layer_window: int) -> int:
@@ -103,11 +118,8 @@ def make_attention_forward(adapter, layer_idx: int, head_map, runtime):
     sinks, window = head_map.sinks, streaming_window(head_map.window, full_window)
     head_sinks = torch.tensor([0 if g in full else sinks for g in range(hkv)])
     head_window = torch.tensor([full_window if g in full else window for g in range(hkv)])
+    softcap = logit_softcap(attn)
     state = runtime.state
-
-    def attend(q, k, v, mask, causal):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=attn.scaling,
-                                              enable_gqa=q.shape[1] != k.shape[1])
 
     def store_of(cache) -> StreamingKV:
         return cache.__dict__.setdefault(STREAMS, {}).setdefault(layer_idx, StreamingKV(sinks, window))
@@ -117,7 +129,7 @@ def make_attention_forward(adapter, layer_idx: int, head_map, runtime):
         b, t = pos.shape
         if state.prefill:
             out = band_attention(q, k, v, pos, real, head_sinks.to(pos.device), head_window.to(pos.device),
-                                 attn.scaling)
+                                 attn.scaling, softcap)
         if full:
             kf, vf = cache.update(k[:, full].contiguous(), v[:, full].contiguous(), layer_idx)
         else:
@@ -127,14 +139,15 @@ def make_attention_forward(adapter, layer_idx: int, head_map, runtime):
             store = store_of(cache)
             store.write(k[:, stream], v[:, stream], pos, real)
             if not state.prefill:
-                heads.append(decode_attention(q[:, q_stream, 0], store.keys, store.values, store.valid, attn.scaling))
+                heads.append(decode_attention(q[:, q_stream, 0], store.keys, store.values, store.valid, attn.scaling,
+                                              softcap))
         if state.prefill:
             return out
         if full:
             seen = (attention_mask[:, 0, -1, :kf.shape[2]] if attention_mask is not None
                     else torch.ones(b, kf.shape[2], dtype=torch.bool, device=pos.device))
             seen = seen if seen.dtype == torch.bool else seen == 0
-            heads.insert(0, decode_attention(q[:, q_full, 0], kf, vf, seen, attn.scaling))
+            heads.insert(0, decode_attention(q[:, q_full, 0], kf, vf, seen, attn.scaling, softcap))
         return torch.cat(heads, 1)[:, order, None]
 
     def forward(hidden_states, position_embeddings, attention_mask=None, past_key_values=None, **kwargs):
@@ -154,7 +167,7 @@ def make_attention_forward(adapter, layer_idx: int, head_map, runtime):
             if past_key_values is not None:
                 kf, vf = past_key_values.update(kf.contiguous(), vf.contiguous(), layer_idx)
             mask = attention_mask[..., :kf.shape[2]] if attention_mask is not None else None
-            outputs.append(attend(q[:, q_full], kf, vf, mask, mask is None and t > 1))
+            outputs.append(attend(q[:, q_full], kf, vf, mask, mask is None and t > 1, attn.scaling, softcap))
         elif past_key_values is not None:
             hold_length(past_key_values, layer_idx, b, t, hidden_states)
         if not stream:  # every head full (a layer spliced on purpose): nothing streams
@@ -169,7 +182,7 @@ def make_attention_forward(adapter, layer_idx: int, head_map, runtime):
                 old = band_mask(pos, store.pos, store.valid, sinks, window)
                 ks, vs = torch.cat([store.keys, ks], 2), torch.cat([store.values, vs], 2)
                 mask = torch.cat([old, mask], -1)
-        outputs.append(attend(qs, ks, vs, mask, False))
+        outputs.append(attend(qs, ks, vs, mask, False, attn.scaling, softcap))
         if store is not None:
             store.write(k[:, stream], v[:, stream], pos, real)
         out = torch.cat(outputs, 1)[:, order]  # [B, Hq, T, D] in the model's head order

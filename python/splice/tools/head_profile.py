@@ -26,7 +26,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from ..adapters.architecture import Adapter
 from ..hybrid.head_map import HeadMap
-from ..runtime.hybrid_attention import band_mask, check_no_softcapping, model_window, project_heads, streaming_window
+from ..runtime.hybrid_attention import attend, band_mask, logit_softcap, model_window, project_heads, streaming_window
 
 
 @torch.inference_mode()
@@ -74,6 +74,7 @@ def _probing(adapter: Adapter, sinks: int, window: int, stride: int, totals: tor
     def make(layer_idx: int, attn):
         full_window = model_window(adapter, attn)
         window_here = streaming_window(window, full_window)
+        softcap = logit_softcap(attn)
         post = adapter.layers[layer_idx].post_attention_layernorm if adapter.family.sandwich else nn.Identity()
 
         def forward(hidden_states, position_embeddings, attention_mask=None, **kwargs):
@@ -81,18 +82,17 @@ def _probing(adapter: Adapter, sinks: int, window: int, stride: int, totals: tor
             q, k, v = project_heads(attn, hidden_states, hq, hkv, d)
             q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
 
-            def attend(query, mask, causal=False):
-                return F.scaled_dot_product_attention(query, k, v, attn_mask=mask, is_causal=causal,
-                                                      scale=attn.scaling, enable_gqa=hq != hkv)
+            def attend_to(query, mask, causal=False):
+                return attend(query, k, v, mask, causal, attn.scaling, softcap)
 
             mask = attention_mask[..., :t] if attention_mask is not None else None
-            out = attend(q, mask, mask is None and t > 1)
+            out = attend_to(q, mask, mask is None and t > 1)
             rows, pos = sampled_queries(t, sinks, window, stride), torch.arange(t, device=q.device)
             if len(rows):
                 ok = torch.ones(1, t, dtype=torch.bool, device=q.device)
                 seen = band_mask(rows[None], pos[None], ok, 0, full_window or t)
-                full_rows = attend(q[:, :, rows], seen)
-                change = full_rows - attend(q[:, :, rows], band_mask(rows[None], pos[None], ok, sinks, window_here))
+                full_rows = attend_to(q[:, :, rows], seen)
+                change = full_rows - attend_to(q[:, :, rows], band_mask(rows[None], pos[None], ok, sinks, window_here))
                 change = change.transpose(1, 2).reshape(b, len(rows), hq, d)
                 full_rows = full_rows.transpose(1, 2).reshape(b, len(rows), hq * d)
                 received = post(attn.o_proj(full_rows))
@@ -130,7 +130,6 @@ def streaming_deltas(model, sequences: list[torch.Tensor], sinks: int = 4, windo
     """``scores[l][h]``: the residual-stream change (see :func:`_probing`) when KV head ``h`` of layer
     ``l`` alone streams, averaged over ``sequences`` (``ids [1, n]`` each, ``n > sinks + window``)."""
     adapter = Adapter(model)
-    check_no_softcapping(adapter)
     short = [s.shape[1] for s in sequences if s.shape[1] <= sinks + window]
     if short:
         raise ValueError(f"sequences of {short} tokens never reach past sinks + window = {sinks + window}; "
