@@ -287,3 +287,19 @@ def test_real_model_lfd_loses_the_top1_context_answer(real_model):
     assert fused["top1_context"] < 0.5 * plain["top1_context"]
     assert fused["follows_context"] <= plain["follows_context"]
     assert set(fused["layers"]) <= set(candidates(30)) and sum(fused["layers"].values()) == report["known"]
+
+
+def test_rates_count_margins_and_top1_answers():
+    from splice.tools.knowledge_conflict import Conflict
+    conflicts = [Conflict("a", "m", "c", memory_id=1, context_id=2), Conflict("b", "m", "c", memory_id=3, context_id=0)]
+    logits = torch.tensor([[0.0, 1.0, 5.0, 0.0], [0.5, 0.0, 0.0, 2.0]])
+    got = lfd_eval.rates(logits, conflicts)
+    assert got == {"follows_context": 0.5, "top1_context": 0.5, "top1_memory": 0.5, "mean_margin": (4.0 - 1.5) / 2}
+
+
+def test_cli_parses_layers_and_refuses_a_bad_weight(capsys):
+    from splice.cli import main, parser
+    args = parser().parse_args(["eval", "lfd", "--layers", "auto", "16", "--weights", "0.5"])
+    assert args.layers == ["auto", 16] and args.weights == [0.5]
+    with pytest.raises(SystemExit, match="weight must be a finite number >= 0"):
+        main(["eval", "lfd", "--weights", "-1"])

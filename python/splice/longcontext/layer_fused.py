@@ -165,8 +165,9 @@ class _Fusion:
 @contextlib.contextmanager
 def layer_fused(model, spec: LayerFusedDecoding):
     """Within the block, ``model``'s logits are ``z_LFD`` (module docstring); the block yields the
-    fusion's state (``.chosen``: the last forward's chosen layer per row and position). ValueError
-    before any hook is installed if the model has no adapter or ``spec`` does not fit it."""
+    fusion's state (``.chosen``: the last forward's chosen layer per row and position). With
+    ``select="prompt"`` the first forward in the block chooses for the whole block (one ``generate``).
+    ValueError before any hook is installed if the model has no adapter or ``spec`` does not fit it."""
     if not isinstance(spec, LayerFusedDecoding):
         raise ValueError(f"lfd must be a splice.LayerFusedDecoding, got {type(spec).__name__}")
     adapter = Adapter(model)
