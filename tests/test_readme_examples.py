@@ -36,6 +36,7 @@ README = ROOT / "README.md"
 RUN = ("Python API", "Per-request steering", "Conditional steering (CAST)",
        "Learned maps and head edits (LinEAS, LoReFT's form, PH3)", "Layer skipping", "Hybrid attention",
        "GemFilter: early layers choose the prompt",
+       "Layer Fused Decoding (LFD): a middle layer's reading added to the logits",
        "Compiled decoding", "Mixed-precision quantization")
 NOT_RUN_HERE = {"Serving behind vLLM": "needs a running vLLM server; tests/test_serving_vllm.py runs one"}
 
@@ -235,6 +236,18 @@ def test_gemfilter(session):
     answer, expected = printed.strip().split(" expected ")
     assert expected == session[0]["key"].answer and session[0]["key"].ids.shape[1] > 1900
     assert answer.strip().startswith(expected), printed
+
+
+@pytest.mark.real_model
+def test_layer_fused_decoding(session):
+    """Weight 0 gives plain generate's answer (the passage's); the fused settings change it."""
+    printed = run(session, "Layer Fused Decoding (LFD): a middle layer's reading added to the logits")
+    lines = printed.rstrip("\n").split("\n")
+    namespace = session[0]
+    model, tok, conflict = namespace["model"], namespace["tok"], namespace["conflict"]
+    plain = generate_text(model, tok, conflict.prompt, 6)
+    assert lines[0] == f"auto 0.0 {plain!r}" and plain.startswith(" " + conflict.context), printed
+    assert len(lines) == 3 and all(line.split(" ", 2)[2] != repr(plain) for line in lines[1:]), printed
 
 
 @pytest.mark.real_model

@@ -5,7 +5,9 @@ from .adapters.architecture import supported_families
 from .decoding.compile_check import CompileError
 from .decoding.compiled_decode import CompiledDecoder, compile_decode
 from .decoding.gemfilter_generate import gemfilter_generate
+from .decoding.lfd_generate import lfd_generate
 from .longcontext.gemfilter import GemFilter
+from .longcontext.layer_fused import LayerFusedDecoding, layer_fused
 from .patch import Patch, patch
 from .quant.activations import set_quant_activations
 from .quant.checkpoint import load_quantized
@@ -18,6 +20,6 @@ from .vectors.vector_set import VectorSet
 
 __version__ = "0.1.0"
 
-__all__ = ["Affine", "CompileError", "CompiledDecoder", "Condition", "GemFilter", "HeadScale", "LowRank", "Patch", "Positions",
-           "Recipe", "RecipeError", "Skip", "Steer", "TokenGate", "VectorSet", "compile_decode", "gemfilter_generate", "load_quantized",
+__all__ = ["Affine", "CompileError", "CompiledDecoder", "Condition", "GemFilter", "HeadScale", "LayerFusedDecoding", "LowRank", "Patch", "Positions",
+           "Recipe", "RecipeError", "Skip", "Steer", "TokenGate", "VectorSet", "compile_decode", "gemfilter_generate", "layer_fused", "lfd_generate", "load_quantized",
            "load_recipe", "ops", "patch", "set_quant_activations", "supported_families"]

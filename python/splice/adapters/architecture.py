@@ -83,6 +83,22 @@ class Adapter(ModelShape):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def final_norm(self) -> nn.Module:
+        """The norm between the last decoder layer and ``lm_head``."""
+        norm = getattr(getattr(self.model, "model", self.model), "norm", None)
+        if not isinstance(norm, nn.Module):
+            raise ValueError(f"{type(self.model).__name__} has no final norm at .model.norm")
+        return norm
+
+    @property
+    def lm_head(self) -> nn.Module:
+        """The output projection to the vocabulary."""
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        if not isinstance(head, nn.Module):
+            raise ValueError(f"{type(self.model).__name__} has no output embeddings (lm_head)")
+        return head
+
     def o_proj(self, layer_idx: int) -> nn.Linear:
         """The attention output projection; its input is the concatenation of the head outputs."""
         return self.layers[layer_idx].self_attn.o_proj

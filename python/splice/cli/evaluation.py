@@ -1,4 +1,5 @@
-"""``splice eval steer``: what steering does to generated text (concept, fluency, relevance)."""
+"""``splice eval steer``: what steering does to generated text (concept, fluency, relevance);
+``splice eval lfd``: context vs memory answers with and without Layer Fused Decoding."""
 
 from __future__ import annotations
 
@@ -37,6 +38,30 @@ def cmd_eval_steer(args) -> int:
     return 0
 
 
+def layer_arg(text: str) -> int | str:
+    return text if text == "auto" else int(text)
+
+
+def cmd_eval_lfd(args) -> int:
+    from ..bench.output import provenance, write
+    from ..longcontext.layer_fused import LayerFusedDecoding
+    from ..tools import lfd_eval
+    from ..tools.knowledge_conflict import load_facts
+
+    try:
+        specs = [LayerFusedDecoding(layer, weight, args.select) for layer in args.layers for weight in args.weights]
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    model, tokenizer = load(args)
+    report = lfd_eval.evaluate(model, tokenizer, specs, facts=load_facts(args.facts) if args.facts else None,
+                               seed=args.seed)
+    report.update(provenance())
+    print(lfd_eval.table(report))
+    if args.json:
+        print(f"wrote {write(report, args.json)}")
+    return 0
+
+
 def add_commands(sub) -> None:
     ev = sub.add_parser("eval", help="evaluations of interventions")
     esub = ev.add_subparsers(dest="eval_command", required=True)
@@ -60,3 +85,14 @@ def add_commands(sub) -> None:
     st.add_argument("--condition-prompts", type=int, default=None,
                     help="held-out condition prompts generated from for conditional methods (default: all)")
     st.set_defaults(func=cmd_eval_steer)
+    lf = esub.add_parser("lfd", parents=[model_options(), threads_option()],
+                         help="Layer Fused Decoding on the knowledge-conflict facts: share of answers following the "
+                              "passage, with and without LFD")
+    lf.add_argument("--layers", type=layer_arg, nargs="+", default=["auto"],
+                    help="fused layers: indices and/or 'auto' (the lowest-IKS layer of the latter half)")
+    lf.add_argument("--weights", type=float, nargs="+", default=[0.25, 0.5, 1.0], help="fusion weights w")
+    lf.add_argument("--select", choices=["step", "prompt"], default="step", help="when 'auto' chooses its layer")
+    lf.add_argument("--facts", help="a facts JSON file (default: the 58 built-in facts)")
+    lf.add_argument("--seed", type=int, default=0, help="seed of the contradicting answers' pairing")
+    lf.add_argument("--json", help="write the report here")
+    lf.set_defaults(func=cmd_eval_lfd)

@@ -126,15 +126,16 @@ def kept_tokens(scores: torch.Tensor, attention_mask: torch.Tensor, spec: GemFil
     return [pooled[b].topk(min(spec.keep, int(lengths[b]))).indices.sort().values for b in range(len(pooled))]
 
 
-def check_prompt(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
-    """Raise ValueError unless ``input_ids`` and ``attention_mask`` are one left-padded [B, n] batch."""
+def check_prompt(input_ids: torch.Tensor, attention_mask: torch.Tensor, who: str = "GemFilter") -> None:
+    """Raise ValueError (naming ``who``) unless ``input_ids`` and ``attention_mask`` are one left-padded
+    [B, n] batch."""
     if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
-        raise ValueError(f"GemFilter: input_ids and attention_mask must both be [batch, tokens], got "
+        raise ValueError(f"{who}: input_ids and attention_mask must both be [batch, tokens], got "
                          f"{list(input_ids.shape)} and {list(attention_mask.shape)}")
     if input_ids.shape[1] == 0 or bool((attention_mask.sum(-1) == 0).any()):
-        raise ValueError("GemFilter: every prompt needs at least one token")
+        raise ValueError(f"{who}: every prompt needs at least one token")
     if bool((attention_mask[:, 1:] < attention_mask[:, :-1]).any()):
-        raise ValueError("GemFilter: the batch must be left-padded (a row has a pad after a token)")
+        raise ValueError(f"{who}: the batch must be left-padded (a row has a pad after a token)")
 
 
 def select(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, spec: GemFilter,
