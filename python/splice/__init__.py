@@ -20,6 +20,7 @@ from .vectors.vector_set import VectorSet
 
 __version__ = "0.1.0"
 
-__all__ = ["Affine", "CompileError", "CompiledDecoder", "Condition", "GemFilter", "HeadScale", "LayerFusedDecoding", "LowRank", "Patch", "Positions",
-           "Recipe", "RecipeError", "Skip", "Steer", "TokenGate", "VectorSet", "compile_decode", "gemfilter_generate", "layer_fused", "lfd_generate", "load_quantized",
-           "load_recipe", "ops", "patch", "set_quant_activations", "supported_families"]
+__all__ = ["Affine", "CompileError", "CompiledDecoder", "Condition", "GemFilter", "HeadScale", "LayerFusedDecoding",
+           "LowRank", "Patch", "Positions", "Recipe", "RecipeError", "Skip", "Steer", "TokenGate", "VectorSet",
+           "compile_decode", "gemfilter_generate", "layer_fused", "lfd_generate", "load_quantized", "load_recipe",
+           "ops", "patch", "set_quant_activations", "supported_families"]
