@@ -34,7 +34,8 @@ README = ROOT / "README.md"
 
 # The sections whose Python block a test below runs.
 RUN = ("Python API", "Per-request steering", "Conditional steering (CAST)",
-       "Learned maps and head edits (LinEAS, LoReFT's form, PH3)", "Layer skipping", "Hybrid attention",
+       "Learned maps and head edits (LinEAS, LoReFT's form, PH3)", "Layer skipping",
+       "Speculative decoding: layer-skip drafts and prompt lookup", "Hybrid attention",
        "GemFilter: early layers choose the prompt",
        "Layer Fused Decoding (LFD): a middle layer's reading added to the logits",
        "Compiled decoding", "Mixed-precision quantization")
@@ -201,6 +202,19 @@ def test_layer_skipping(session):
     with torch.inference_mode():
         greedy = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False)
     assert text == tok.decode(greedy[0, ids.shape[1]:])  # the full model's greedy answer
+
+
+@pytest.mark.real_model
+def test_speculative_decoding(session):
+    printed = run(session, "Speculative decoding: layer-skip drafts and prompt lookup")
+    ns = session[0]
+    model, tok, ids, stats = ns["model"], ns["tok"], ns["summary_ids"], ns["lookup_stats"]
+    summary, _ = printed.rstrip("\n").rsplit("\n", 1)
+    assert "Shalott" in summary
+    with torch.inference_mode():
+        greedy = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=48, do_sample=False)
+    assert summary == tok.decode(greedy[0, ids.shape[1]:])  # the model's own greedy summary
+    assert stats.looked_up > 0 and stats.accepted >= stats.new_tokens // 4
 
 
 def test_int8_activations(session):
