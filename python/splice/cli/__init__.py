@@ -1,5 +1,5 @@
 """The ``splice`` command line: ``demo``, ``extract``, ``profile layers|heads``, ``route train``,
-``condition fit``, ``train lineas|gact|controller``, ``search heads``,
+``condition fit``, ``train lineas|gact|controller``, ``search heads|attention``,
 ``bench steer|skip|quant|attention|serve``, ``eval steer``, ``quantize``, ``export``, ``serve``."""
 
 from __future__ import annotations
