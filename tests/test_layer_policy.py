@@ -196,6 +196,29 @@ def test_bad_policies_fail_before_touching_the_model(make, error, match):
     assert torch.equal(before, logits(model, x))
 
 
+def test_sensitivities_from_each_layer_equal_running_the_whole_model():
+    """Starting at layer l from the unpatched hidden states gives the whole patched model's KL (to
+    rounding: there the layers before l run splice's forward)."""
+    from splice.tools.calibration_text import log_probs
+    from splice.tools.layer_policy_search import policy_quality, sensitivities
+
+    model = tiny_model("llama")
+    x = ids(3)
+    before = logits(model, x)
+    got = sensitivities(model, x, SINKS, WINDOW, batch_size=1, progress=False)
+    reference = log_probs(model, x, 1)
+    for layer, choice in itertools.product(range(LAYERS), ("window", "none")):
+        choices = ["full"] * LAYERS
+        choices[layer] = choice
+        whole = policy_quality(model, policy(*choices), x, reference, 1)[1]
+        assert got[choice][layer] == pytest.approx(whole, rel=1e-3), (layer, choice)  # splice's layer forward: same math
+        assert whole > 1e-4  # the window drops tokens on this input
+    assert got["full"] == [0.0] * LAYERS and len(model.model.layers) == LAYERS
+    assert torch.equal(before, logits(model, x))
+    with pytest.raises(ValueError, match="longer than sinks"):
+        sensitivities(model, x[:, :SINKS + WINDOW], SINKS, WINDOW)
+
+
 # --- the search on the real model -------------------------------------------------------------
 @pytest.mark.real_model
 @pytest.mark.slow  # 60 sensitivity passes and 6 held-out evaluations: minutes on 2 cores

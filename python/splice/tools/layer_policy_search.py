@@ -4,7 +4,9 @@ chosen by measured sensitivity under a cost budget.
 1. *Sensitivity* (:func:`sensitivities`): for every layer ``l`` and choice ``c`` in {window,
    none}, the mean ``KL(p_full || p_{l→c})`` of the next-token distributions on calibration
    windows, with layer ``l`` alone changed. Calibration windows must be longer than ``sinks +
-   window``, or a window drops no token and measures nothing.
+   window``, or a window drops no token and measures nothing. Layers before ``l`` are unchanged,
+   so each pass starts at layer ``l`` from the hidden states the unpatched model fed it
+   (:func:`running_from`): half the layer passes of running the whole model each time.
 2. *Cost* (:func:`~splice.hybrid.layer_policy.choice_costs`): attention FLOPs per decoded token at a
    target context (analytical).
 3. *Solver* (:func:`solve`): the choices minimising the summed sensitivity subject to
@@ -16,8 +18,11 @@ chosen by measured sensitivity under a cost budget.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 from ..adapters.architecture import Adapter
@@ -75,19 +80,67 @@ def policy_quality(model, policy: LayerPolicy | None, windows: torch.Tensor, ref
         return evaluate(model, windows, reference, batch_size)
 
 
+@torch.inference_mode()
+def layer_inputs(model, windows: torch.Tensor, batch_size: int = 4) -> list[torch.Tensor]:
+    """The hidden states entering every decoder layer, [count, length, hidden] each."""
+    adapter = Adapter(model)
+    seen: list[list[torch.Tensor]] = [[] for _ in range(adapter.num_layers)]
+
+    def record(idx):
+        def hook(module, args, kwargs):
+            seen[idx].append((args[0] if args else kwargs["hidden_states"]).detach())
+        return hook
+
+    handles = [layer.register_forward_pre_hook(record(i), with_kwargs=True) for i, layer in enumerate(adapter.layers)]
+    try:
+        for chunk in windows.split(batch_size):
+            model(input_ids=chunk, use_cache=False, logits_to_keep=1)
+    finally:
+        for h in handles:
+            h.remove()
+    return [torch.cat(s) for s in seen]
+
+
+@contextmanager
+def running_from(model, start: int):
+    """While inside, ``model`` runs only its decoder layers ``start..`` (give it ``inputs_embeds``: the
+    hidden states entering layer ``start``); the layer list is put back on leaving."""
+    base = getattr(model, "model", model)
+    every = base.layers
+    base.layers = nn.ModuleList(list(every)[start:])
+    try:
+        yield
+    finally:
+        base.layers = every
+
+
+@torch.inference_mode()
+def kl_from(model, start: int, inputs: torch.Tensor, reference: torch.Tensor, batch_size: int = 4) -> float:
+    """Mean ``KL(reference || model)`` over the next-token positions, running layers ``start..`` on
+    ``inputs`` (the hidden states entering layer ``start``, from :func:`layer_inputs`)."""
+    total, count = 0.0, 0
+    with running_from(model, start):
+        for chunk, ref in zip(inputs.split(batch_size), reference.split(batch_size)):
+            logp = F.log_softmax(model(inputs_embeds=chunk, use_cache=False).logits[:, :-1].float(), dim=-1)
+            total += float(F.kl_div(logp, ref, log_target=True, reduction="sum"))
+            count += ref.shape[0] * ref.shape[1]
+    return total / count
+
+
 def sensitivities(model, windows: torch.Tensor, sinks: int = 4, window: int = 256, batch_size: int = 4,
                   progress: bool = True) -> dict[str, list[float]]:
     """``{"window": [KL per layer], "none": [...], "full": [0, ...]}`` (module docstring, step 1)."""
     adapter = Adapter(model)
     check_calibration(windows, sinks, window)
     reference = log_probs(model, windows, batch_size)
+    inputs = layer_inputs(model, windows, batch_size)
     out = {"full": [0.0] * adapter.num_layers, "window": [], "none": []}
     steps = [(layer, choice) for layer in range(adapter.num_layers) for choice in CHANGED]
     for layer, choice in tqdm(steps, desc="layer sensitivity", disable=not progress):
         choices = ["full"] * adapter.num_layers
         choices[layer] = choice
-        policy = LayerPolicy.from_choices(choices, sinks, window, adapter.name)
-        out[choice].append(max(0.0, policy_quality(model, policy, windows, reference, batch_size)[1]))
+        with patch(model, policy=LayerPolicy.from_choices(choices, sinks, window, adapter.name)):
+            out[choice].append(max(0.0, kl_from(model, layer, inputs[layer], reference, batch_size)))
     return out
 
 
