@@ -64,16 +64,27 @@ def cmd_profile_heads(args) -> int:
 
 
 def cmd_search_attention(args) -> int:
+    from ..hybrid.layer_policy import LayerPolicy
     from ..tools.calibration_text import wikitext_windows
     from ..tools.layer_policy_search import search_policy
 
     if not args.out.endswith(".json"):
         raise SystemExit("--out must end in .json (a layer policy)")
+    measured = None
+    if args.reuse:
+        earlier = LayerPolicy.load(args.reuse)
+        try:
+            measured, calib = earlier.report["sensitivity_kl"], earlier.report["calibration"]
+        except (TypeError, KeyError):
+            raise SystemExit(f"{args.reuse} holds no measured sensitivities") from None
+        args.sinks, args.window, args.windows, args.length = (earlier.sinks, earlier.window, calib["windows"],
+                                                              calib["length"])
     model, tokenizer = load(args)
     calibration = wikitext_windows(tokenizer, args.windows, args.length)
     held_out = (wikitext_windows(tokenizer, args.held_out, args.length, offset=args.windows)
                 if args.held_out else None)
-    policy = search_policy(model, calibration, args.budget, args.context, args.sinks, args.window, held_out)
+    policy = search_policy(model, calibration, args.budget, args.context, args.sinks, args.window, held_out,
+                           measured=measured)
     path = policy.save(args.out)
     report = policy.report
     print(f"layers: window {list(policy.window_layers)}, none {list(policy.none_layers)}; cost "
@@ -99,6 +110,8 @@ def add_search_attention(ssub) -> None:
     sa.add_argument("--windows", type=int, default=2, help="WikiText-2 calibration windows")
     sa.add_argument("--length", type=int, default=320, help="tokens per window (more than sinks + window)")
     sa.add_argument("--held-out", type=int, default=2, help="windows after the calibration ones to verify on")
+    sa.add_argument("--reuse", help="an earlier policy file: solve again from its measured sensitivities (its "
+                                    "sinks, window and calibration windows replace --sinks --window --windows --length)")
     sa.add_argument("--out", required=True, help="the layer policy (.json)")
     sa.set_defaults(func=cmd_search_attention)
 

@@ -146,10 +146,12 @@ def sensitivities(model, windows: torch.Tensor, sinks: int = 4, window: int = 25
 
 def search_policy(model, calibration: torch.Tensor, budget: float, context: int = 8192, sinks: int = 4,
                   window: int = 256, held_out: torch.Tensor | None = None, batch_size: int = 4,
-                  progress: bool = True) -> LayerPolicy:
+                  progress: bool = True, measured: dict[str, list[float]] | None = None) -> LayerPolicy:
     """The policy (module docstring) for ``budget``: the fraction of the full model's attention FLOPs
     per token at ``context`` that the policy may spend. Its ``report`` holds the measurements and,
-    with ``held_out`` windows, the verification."""
+    with ``held_out`` windows, the verification. ``measured``: sensitivities already measured on
+    ``calibration`` with these ``sinks`` and ``window`` (e.g. an earlier policy's
+    ``report["sensitivity_kl"]``), reused instead of measured again."""
     if not (isinstance(budget, (int, float)) and 0 <= budget <= 1):
         raise ValueError(f"budget must be a fraction of the full attention cost in [0, 1], got {budget!r}")
     adapter = Adapter(model)
@@ -158,7 +160,10 @@ def search_policy(model, calibration: torch.Tensor, budget: float, context: int 
     check_calibration(calibration, sinks, window)
     if held_out is not None:
         check_calibration(held_out, sinks, window)
-    measured = sensitivities(model, calibration, sinks, window, batch_size, progress)
+    if measured is None:
+        measured = sensitivities(model, calibration, sinks, window, batch_size, progress)
+    elif any(len(measured.get(c, ())) != adapter.num_layers for c in CHOICES):
+        raise ValueError(f"measured sensitivities need {CHOICES}, one value per layer ({adapter.num_layers})")
     full_cost = sum(costs["full"] for _ in range(adapter.num_layers))  # summed as the solver sums
     choices, loss, cost = solve([costs] * adapter.num_layers,
                                 [{c: measured[c][l] for c in CHOICES} for l in range(adapter.num_layers)],
