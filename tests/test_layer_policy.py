@@ -179,6 +179,20 @@ def test_an_all_full_policy_changes_nothing_and_remove_is_bit_identical():
     assert not any("forward" in vars(m) for m in model.modules())
 
 
+@pytest.mark.parametrize("choices", [("window", "none", "full"), ("none", "window", "window")])
+def test_cached_generation_under_a_policy_matches_recomputing(choices):
+    """Window layers' streaming stores and none layers' length-only cache entries together give the
+    tokens of recomputing every step without a cache (left padding, windows that wrap)."""
+    from test_hybrid import greedy_no_cache  # positions as generate gives them under left padding
+    from tiny_models import greedy, left_padded_batch
+
+    model = tiny_model("llama")
+    ids, mask = left_padded_batch((14, 9, 12))
+    with splice.patch(model, policy=LayerPolicy.from_choices(list(choices), 1, 4)):
+        cached = greedy(model, ids, mask, 8)
+        assert torch.equal(cached, greedy_no_cache(model, ids, mask, 8))
+
+
 @pytest.mark.parametrize("make, error, match", [
     (lambda: dict(policy=LayerPolicy.from_choices(["full"] * 4)), ValueError, "4 layers"),
     (lambda: dict(policy=policy("window", "full", "full"), heads=HeadMap(LAYERS, 2, {}, 1, 8)), ValueError,
