@@ -278,3 +278,14 @@ def test_searched_policy_beats_random_policies_of_the_same_cost_on_held_out_text
     assert all(r["cost_fraction"] == pytest.approx(report["cost_fraction"]) for n, r in rows.items() if n != "full")
     assert bench["ratios"]["layerboost_beats_random"] == 1.0, bench["ratios"]
     assert rows["layerboost"]["ppl"] < min(rows[f"random{s}"]["ppl"] for s in range(3))
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["bench", "attention", "--method", "layerboost"], "--policy is required"),
+    (["search", "attention", "--out", "policy.txt"], "must end in .json"),
+])
+def test_cli_refuses_missing_or_bad_files_before_loading_the_model(argv, match):
+    from splice.cli import main
+
+    with pytest.raises(SystemExit, match=match):
+        main(argv)

@@ -76,9 +76,8 @@ def cmd_bench_attention(args) -> int:
         raise SystemExit("splice bench attention: --heads is required for --method hybrid")
     model, tokenizer = load(args)
     report = attention.run(model, tokenizer, HeadMap.load(args.heads), contexts=args.contexts or CONTEXTS,
-                           samples=args.samples,
-                           ppl_windows=args.ppl_windows, ppl_length=args.ppl_length, steps=args.steps,
-                           repeats=args.repeats)
+                           samples=args.samples, ppl_windows=args.ppl_windows, ppl_length=args.ppl_length,
+                           steps=args.steps, repeats=args.repeats)
     _report(attention_report, report, args.json)
     return 0
 
@@ -87,8 +86,9 @@ def _bench_gemfilter(args) -> int:
     from ..bench import gemfilter, gemfilter_report
 
     model, tokenizer = load(args)
-    report = gemfilter.run(model, tokenizer, contexts=args.contexts or CONTEXTS, samples=args.samples, keep=args.keep,
-                           layer=args.layer, calibration=args.calibration, steps=args.steps, repeats=args.repeats)
+    report = gemfilter.run(model, tokenizer, contexts=args.contexts or CONTEXTS, samples=args.samples,
+                           keep=args.keep, layer=args.layer, calibration=args.calibration, steps=args.steps,
+                           repeats=args.repeats)
     _report(gemfilter_report, report, args.json)
     return 0
 
