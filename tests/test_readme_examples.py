@@ -38,6 +38,7 @@ RUN = ("Python API", "Per-request steering", "Conditional steering (CAST)",
        "Speculative decoding: layer-skip drafts and prompt lookup", "Hybrid attention",
        "GemFilter: early layers choose the prompt",
        "Layer Fused Decoding (LFD): a middle layer's reading added to the logits",
+       "LayerBoost: per-layer attention policies",
        "Compiled decoding", "Mixed-precision quantization")
 NOT_RUN_HERE = {"Serving behind vLLM": "needs a running vLLM server; tests/test_serving_vllm.py runs one"}
 
@@ -241,6 +242,18 @@ def test_hybrid_attention(session):
     answer, expected = printed.strip().split(" expected ")
     assert expected == session[0]["key"].answer
     assert answer.strip().startswith(expected), printed  # the key, read back from beyond the window
+
+
+@pytest.mark.real_model
+def test_layerboost_policy(session):
+    """The searched policy costs perplexity on held-out text, and remove() gives the unpatched model back."""
+    from splice.tools.calibration_text import perplexity
+
+    printed = run(session, "LayerBoost: per-layer attention policies").split()
+    ns = session[0]
+    assert len(ns["policy"].choices) == 30 and ns["policy"].none_layers and ns["policy"].window_layers
+    patched, unpatched = float(printed[-2]), float(printed[-1])
+    assert unpatched == perplexity(ns["model"], ns["held_out"]) and 1.0 < patched / unpatched < 1.5, printed
 
 
 @pytest.mark.real_model

@@ -22,6 +22,7 @@ from pathlib import Path
 from torch import nn
 
 from .adapters.architecture import Adapter
+from .hybrid.layer_policy import LayerPolicy
 from .ops import backend_for
 from .recipe import Recipe, check_steering_fits, load_recipe
 from .runtime.decoder_layer import make_forward, make_o_proj_forward
@@ -216,10 +217,23 @@ def _check_no_overlap(skips, routed) -> None:
         raise ValueError(f"layers {overlap} are both skipped statically and routed per request")
 
 
-def patch(model: nn.Module, *items: Intervention | Skip, recipe=None, router=None, heads=None, max_slots: int = 8) -> Patch:
+def _policy_heads(policy, adapter: Adapter, heads):
+    """The head map of ``policy``'s window layers (None without any), after checking the policy."""
+    if not isinstance(policy, LayerPolicy):
+        raise TypeError(f"policy must be a LayerPolicy, got {type(policy).__name__}")
+    policy.validate_for(adapter)
+    if heads is not None and policy.window_layers:
+        raise ValueError("give streaming layers through the policy or through heads=, not both")
+    return policy.head_map(adapter) if policy.window_layers else heads
+
+
+def patch(model: nn.Module, *items: Intervention | Skip, recipe=None, router=None, heads=None, policy=None,
+          max_slots: int = 8) -> Patch:
     """Patch ``model`` with steering (``Steer``), layer skipping (``Skip``), a per-request
-    ``router``, hybrid attention (``heads``: a :class:`~splice.hybrid.head_map.HeadMap`) and/or a
-    recipe (a path, a dict or a :class:`Recipe`).
+    ``router``, hybrid attention (``heads``: a :class:`~splice.hybrid.head_map.HeadMap`), a
+    per-layer attention ``policy`` (a :class:`~splice.hybrid.layer_policy.LayerPolicy`: its window
+    layers become a head map, its none layers ``Skip(layers, "attn")``) and/or a recipe (a path, a
+    dict or a :class:`Recipe`).
 
     The given interventions (the recipe's default list first) fill slot 1, which every row uses
     until :meth:`Patch.assign` says otherwise. ``max_slots`` bounds the distinct steering
@@ -237,6 +251,9 @@ def patch(model: nn.Module, *items: Intervention | Skip, recipe=None, router=Non
     recipe.validate_for(adapter)
     steers = [i for i in items if isinstance(i, INTERVENTIONS)]
     skips = list(recipe.skips) + [i for i in items if isinstance(i, Skip)]
+    if policy is not None:
+        heads = _policy_heads(policy, adapter, heads)
+        skips += [Skip(policy.none_layers, "attn")] if policy.none_layers else []
     router = router if router is not None else recipe.router
     for steer in steers:
         steer.validate_for(adapter)

@@ -1,6 +1,6 @@
 """The ``splice`` command line: ``demo``, ``extract``, ``profile layers|heads``, ``route train``,
-``condition fit``, ``train lineas|gact|controller``, ``search heads``,
-``bench steer|skip|quant|attention|serve``, ``eval steer|lfd``, ``quantize``, ``export``, ``serve``."""
+``condition fit``, ``train lineas|gact|controller``, ``search heads|attention``,
+``bench steer|skip|speculative|quant|attention|serve``, ``eval steer|lfd``, ``quantize``, ``export``, ``serve``."""
 
 from __future__ import annotations
 

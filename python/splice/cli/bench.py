@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from .common import load, model_options, report_option, threads_option, timing_options
 
+CONTEXTS = (2048, 4096, 8192)
+
 
 def _report(report_module, report: dict, json_path, plot: bool = True) -> None:
     """Print ``report_module.table(report)``; with ``json_path``, write the JSON and (with ``plot``, where
@@ -78,12 +80,14 @@ def cmd_bench_attention(args) -> int:
 
     if args.method == "gemfilter":
         return _bench_gemfilter(args)
+    if args.method == "layerboost":
+        return _bench_layerboost(args)
     if not args.heads:
         raise SystemExit("splice bench attention: --heads is required for --method hybrid")
     model, tokenizer = load(args)
-    report = attention.run(model, tokenizer, HeadMap.load(args.heads), contexts=args.contexts, samples=args.samples,
-                           ppl_windows=args.ppl_windows, ppl_length=args.ppl_length, steps=args.steps,
-                           repeats=args.repeats)
+    report = attention.run(model, tokenizer, HeadMap.load(args.heads), contexts=args.contexts or CONTEXTS,
+                           samples=args.samples, ppl_windows=args.ppl_windows, ppl_length=args.ppl_length,
+                           steps=args.steps, repeats=args.repeats)
     _report(attention_report, report, args.json)
     return 0
 
@@ -92,9 +96,24 @@ def _bench_gemfilter(args) -> int:
     from ..bench import gemfilter, gemfilter_report
 
     model, tokenizer = load(args)
-    report = gemfilter.run(model, tokenizer, contexts=args.contexts, samples=args.samples, keep=args.keep,
-                           layer=args.layer, calibration=args.calibration, steps=args.steps, repeats=args.repeats)
+    report = gemfilter.run(model, tokenizer, contexts=args.contexts or CONTEXTS, samples=args.samples,
+                           keep=args.keep, layer=args.layer, calibration=args.calibration, steps=args.steps,
+                           repeats=args.repeats)
     _report(gemfilter_report, report, args.json)
+    return 0
+
+
+def _bench_layerboost(args) -> int:
+    from ..bench import layerboost, layerboost_report
+    from ..hybrid.layer_policy import LayerPolicy
+
+    if not args.policy:
+        raise SystemExit("splice bench attention: --policy is required for --method layerboost")
+    policy = LayerPolicy.load(args.policy)
+    model, tokenizer = load(args)
+    report = layerboost.run(model, tokenizer, policy, seeds=args.seeds, ppl_windows=args.ppl_windows,
+                            ppl_length=args.ppl_length, contexts=args.contexts or (), samples=args.samples)
+    _report(layerboost_report, report, args.json)
     return 0
 
 
@@ -158,10 +177,15 @@ def add_commands(sub) -> None:
 
     ba = bsub.add_parser("attention", parents=[model_options(), report, timing_options(16, 3)],
                          help="hybrid attention: pass-key, perplexity, KV bytes and speed at long context")
-    ba.add_argument("--method", choices=["hybrid", "gemfilter"], default="hybrid",
-                    help="hybrid: head maps (needs --heads); gemfilter: GemFilter against the unpatched model")
+    ba.add_argument("--method", choices=["hybrid", "gemfilter", "layerboost"], default="hybrid",
+                    help="hybrid: head maps (needs --heads); gemfilter: GemFilter against the unpatched model; "
+                         "layerboost: a layer policy against random ones of the same cost (needs --policy; "
+                         "quality only, nothing timed)")
     ba.add_argument("--heads", help="head map with scores from 'splice profile heads' (--method hybrid)")
-    ba.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096, 8192], help="pass-key context lengths")
+    ba.add_argument("--policy", help="layer policy from 'splice search attention' (--method layerboost)")
+    ba.add_argument("--seeds", type=int, default=3, help="random policies of the same cost (--method layerboost)")
+    ba.add_argument("--contexts", type=int, nargs="+",
+                    help="pass-key context lengths (default: 2048 4096 8192; none for --method layerboost)")
     ba.add_argument("--keep", type=int, default=1024, help="tokens GemFilter keeps (--method gemfilter)")
     ba.add_argument("--layer", type=int, help="GemFilter's selection layer (default: chosen on calibration prompts)")
     ba.add_argument("--calibration", type=int, default=2,

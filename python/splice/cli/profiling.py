@@ -1,10 +1,11 @@
-"""``splice profile layers|heads`` and ``splice route train``: measurements that later commands reuse."""
+"""``splice profile layers|heads``, ``splice search attention`` and ``splice route train``: measurements
+that later commands reuse."""
 
 from __future__ import annotations
 
 import torch
 
-from .common import load, model_options
+from .common import load, model_options, threads_option
 
 
 def cmd_profile_layers(args) -> int:
@@ -60,6 +61,59 @@ def cmd_profile_heads(args) -> int:
     plot_head_map(head_map, path.with_suffix(".png"))
     print(f"{head_map.full_fraction:.0%} of KV heads keep full attention; wrote {path} and {path.with_suffix('.png')}")
     return 0
+
+
+def cmd_search_attention(args) -> int:
+    from ..hybrid.layer_policy import LayerPolicy
+    from ..tools.calibration_text import wikitext_windows
+    from ..tools.layer_policy_search import search_policy
+
+    if not args.out.endswith(".json"):
+        raise SystemExit("--out must end in .json (a layer policy)")
+    measured = None
+    if args.reuse:
+        earlier = LayerPolicy.load(args.reuse)
+        try:
+            measured, calib = earlier.report["sensitivity_kl"], earlier.report["calibration"]
+        except (TypeError, KeyError):
+            raise SystemExit(f"{args.reuse} holds no measured sensitivities") from None
+        args.sinks, args.window, args.windows, args.length = (earlier.sinks, earlier.window, calib["windows"],
+                                                              calib["length"])
+    model, tokenizer = load(args)
+    calibration = wikitext_windows(tokenizer, args.windows, args.length)
+    held_out = (wikitext_windows(tokenizer, args.held_out, args.length, offset=args.windows)
+                if args.held_out else None)
+    policy = search_policy(model, calibration, args.budget, args.context, args.sinks, args.window, held_out,
+                           measured=measured)
+    path = policy.save(args.out)
+    report = policy.report
+    print(f"layers: window {list(policy.window_layers)}, none {list(policy.none_layers)}; cost "
+          f"{report['cost_fraction']:.3f} of full attention at {args.context} tokens; summed calibration KL "
+          f"{report['predicted_kl']:.4f}")
+    if held_out is not None:
+        check = report["held_out"]
+        print(f"held-out perplexity {check['full_ppl']:.2f} -> {check['ppl']:.2f} (KL {check['kl']:.4f})")
+    print(f"wrote {path}")
+    return 0
+
+
+def add_search_attention(ssub) -> None:
+    """``splice search attention`` (under the ``search`` command)."""
+    sa = ssub.add_parser("attention", parents=[model_options(), threads_option()],
+                         help="LayerBoost: per layer full attention, a sliding window or none, by measured "
+                              "sensitivity under a cost budget; writes a layer policy")
+    sa.add_argument("--budget", type=float, default=0.3,
+                    help="fraction of the full model's attention FLOPs per token at --context to spend")
+    sa.add_argument("--context", type=int, default=8192, help="context length the cost model assumes")
+    sa.add_argument("--sinks", type=int, default=4)
+    sa.add_argument("--window", type=int, default=64)
+    sa.add_argument("--windows", type=int, default=2, help="WikiText-2 calibration windows")
+    sa.add_argument("--length", type=int, default=320, help="tokens per window (more than sinks + window)")
+    sa.add_argument("--held-out", type=int, default=2, help="windows after the calibration ones to verify on")
+    sa.add_argument("--reuse", help="an earlier policy file: solve again from its measured sensitivities (its "
+                                    "sinks, window and calibration windows replace --sinks --window --windows --length)")
+    sa.add_argument("--out", required=True, help="the layer policy (.json)")
+    sa.set_defaults(func=cmd_search_attention)
 
 
 def cmd_route_train(args) -> int:

@@ -1,10 +1,12 @@
-"""``splice demo``, ``extract``, ``condition fit``, ``train lineas|gact|controller`` and ``search heads``."""
+"""``splice demo``, ``extract``, ``condition fit``, ``train lineas|gact|controller`` and ``search heads``
+(``search attention`` is in :mod:`.profiling`)."""
 
 from __future__ import annotations
 
 import json
 
 from .common import load, model_options, report_option, threads_option
+from .profiling import add_search_attention
 
 
 def cmd_demo(args) -> int:
@@ -239,3 +241,4 @@ def add_commands(sub) -> None:
     heads.add_argument("--seed", type=int, default=0)
     heads.add_argument("--out", required=True, help="output recipe (.yaml or .json) that prunes the heads found")
     heads.set_defaults(func=cmd_search_heads)
+    add_search_attention(ssub)
