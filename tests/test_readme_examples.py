@@ -36,7 +36,7 @@ README = ROOT / "README.md"
 RUN = ("Python API", "Per-request steering", "Conditional steering (CAST)",
        "Learned maps and head edits (LinEAS, LoReFT's form, PH3)", "Layer skipping", "Hybrid attention",
        "GemFilter: early layers choose the prompt",
-       "Compiled decoding", "Mixed-precision quantization")
+       "Compiled decoding", "Mixed-precision quantization", "GPTQ: calibrated quantization")
 NOT_RUN_HERE = {"Serving behind vLLM": "needs a running vLLM server; tests/test_serving_vllm.py runs one"}
 
 
@@ -209,6 +209,12 @@ def test_int8_activations(session):
 
     flag, err = run(session, "Mixed-precision quantization").split()
     assert flag == str(library.int8_dot_products()) and 1e-4 < float(err) < 0.05
+
+
+def test_gptq_layer(session):
+    """On correlated inputs GPTQ's output error is well below round-to-nearest's in the same format."""
+    rtn, gptq = map(float, run(session, "GPTQ: calibrated quantization").split())
+    assert 0 < gptq < 0.8 * rtn
 
 
 @pytest.mark.real_model
