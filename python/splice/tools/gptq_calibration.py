@@ -59,13 +59,18 @@ class _Stop(Exception):
     """Ends a layer's forward pass once the unit being calibrated has seen its input."""
 
 
-def _layer_units(plan: QuantPlan, prefix: str) -> list[list[str]]:
-    """The planned (below 16 bits) modules of one decoder layer, grouped by unit, in plan (model) order."""
+def _layer_units(plan: QuantPlan, names: list[str], prefix: str) -> list[list[str]]:
+    """The planned (below 16 bits) modules of one decoder layer, grouped by unit, in model order (``names``)."""
     grouped: dict[str, list[str]] = {}
-    for name, e in plan.entries.items():
-        if name.startswith(prefix) and e.bits != DENSE:
+    for name in names:
+        if name.startswith(prefix) and name in plan.entries and plan.entries[name].bits != DENSE:
             grouped.setdefault(unit_of(name), []).append(name)
     return list(grouped.values())
+
+
+def _layer_prefix(model: nn.Module) -> str:
+    """The module-name prefix of decoder layer ``i`` without ``i`` (``"model.layers."``)."""
+    return ("model." if getattr(model, "model", model) is not model else "") + "layers."
 
 
 def _check(model: nn.Module, plan: QuantPlan, windows: torch.Tensor, adapter: Adapter) -> None:
@@ -76,7 +81,7 @@ def _check(model: nn.Module, plan: QuantPlan, windows: torch.Tensor, adapter: Ad
         raise ValueError(f"windows must be non-empty [count, length] token ids, got {list(windows.shape)} "
                          f"{windows.dtype}")
     mods = quantizable(model)
-    prefixes = tuple(f"{adapter_prefix(model)}{i}." for i in range(adapter.num_layers))
+    prefixes = tuple(f"{_layer_prefix(model)}{i}." for i in range(adapter.num_layers))
     for name, e in plan.entries.items():
         if e.bits == DENSE:
             continue
@@ -87,12 +92,6 @@ def _check(model: nn.Module, plan: QuantPlan, windows: torch.Tensor, adapter: Ad
         if windows.numel() < e.shape[1]:
             raise ValueError(f"{name}: too few calibration tokens ({windows.numel()}) for its {e.shape[1]} inputs "
                              "(its Hessian needs at least as many tokens as inputs); use more or longer windows")
-
-
-def adapter_prefix(model: nn.Module) -> str:
-    """The module-name prefix of decoder layer ``i`` without ``i`` (``"model.layers."``)."""
-    base = getattr(model, "model", model)
-    return ("model." if base is not model else "") + "layers."
 
 
 def _record_first_inputs(model, layer0, windows, batch_size):
@@ -171,13 +170,13 @@ def gptq_quantize_model(model: nn.Module, plan: QuantPlan, windows: torch.Tensor
             swapped[name] = m.weight
             m.weight = nn.Parameter(packed.dequantize().to(m.weight.dtype), requires_grad=False)
 
-    prefix = adapter_prefix(model)
+    prefix = _layer_prefix(model)
     buffered = 0.0
     try:
         inputs, kwargs = _record_first_inputs(model, adapter.layers[0], windows, batch_size)
         for idx in tqdm(range(adapter.num_layers), desc="GPTQ", unit="layer", disable=not progress):
             layer = adapter.layers[idx]
-            for names in _layer_units(plan, f"{prefix}{idx}."):
+            for names in _layer_units(plan, list(mods), f"{prefix}{idx}."):
                 quantize_unit(names, _hessian_of(layer, mods[names[0]], inputs, kwargs))
             outputs = _run(layer, inputs, kwargs)
             buffered = max(buffered, 2 * sum(t.numel() * t.element_size() for t in inputs) / 2**20)
