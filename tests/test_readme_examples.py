@@ -39,7 +39,7 @@ RUN = ("Python API", "Per-request steering", "Conditional steering (CAST)",
        "GemFilter: early layers choose the prompt",
        "Layer Fused Decoding (LFD): a middle layer's reading added to the logits",
        "LayerBoost: per-layer attention policies",
-       "Compiled decoding", "Mixed-precision quantization")
+       "Compiled decoding", "Mixed-precision quantization", "GPTQ: calibrated quantization")
 NOT_RUN_HERE = {"Serving behind vLLM": "needs a running vLLM server; tests/test_serving_vllm.py runs one"}
 
 
@@ -225,6 +225,12 @@ def test_int8_activations(session):
 
     flag, err = run(session, "Mixed-precision quantization").split()
     assert flag == str(library.int8_dot_products()) and 1e-4 < float(err) < 0.05
+
+
+def test_gptq_layer(session):
+    """On correlated inputs GPTQ's output error is well below round-to-nearest's in the same format."""
+    rtn, gptq = map(float, run(session, "GPTQ: calibrated quantization").split())
+    assert 0 < gptq < 0.8 * rtn
 
 
 @pytest.mark.real_model

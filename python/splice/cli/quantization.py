@@ -12,6 +12,7 @@ def cmd_quantize(args) -> int:
     from ..quant.apply import quantize_model
     from ..quant.checkpoint import save_quantized
     from ..tools.calibration_text import evaluate, log_probs, wikitext_windows
+    from ..tools.gptq_calibration import gptq_quantize_model
     from ..tools.quant_sensitivity import Measurements, measure
 
     if Path(args.out).exists() and not args.overwrite:
@@ -19,6 +20,8 @@ def cmd_quantize(args) -> int:
     if args.method != "measured" and len(args.group_sizes) != 1:
         raise SystemExit(f"--method {args.method} uses one group size; only measured chooses among several")
     model, tokenizer = load(args)
+    gptq = args.quantizer == "gptq"
+    cost_quantizer = "hqq" if gptq else args.quantizer  # GPTQ's costs: measured with HQQ (calibration-free)
     measurements = None
     if args.method in ("measured", "lim", "zd"):
         windows = wikitext_windows(tokenizer, args.windows, args.length)
@@ -28,12 +31,12 @@ def cmd_quantize(args) -> int:
             try:
                 measurements = Measurements.load(args.measurements)
                 measurements.check_reuse(model, windows,
-                                         *((args.quantizer, widths, args.group_sizes) if kl_used else ()))
+                                         *((cost_quantizer, widths, args.group_sizes) if kl_used else ()))
             except ValueError as exc:
                 raise SystemExit(f"{args.measurements}: {exc}") from exc
             print(f"reusing measurements from {args.measurements}")
         else:
-            measurements = measure(model, windows, widths, args.group_sizes, args.quantizer)
+            measurements = measure(model, windows, widths, args.group_sizes, cost_quantizer)
             if args.measurements:
                 print(f"wrote {measurements.save(args.measurements)}")
     plan = plan_for(model, args.method, args.bits, measurements, args.group_sizes[0], args.widths, args.seed,
@@ -42,7 +45,13 @@ def cmd_quantize(args) -> int:
     if args.eval_windows:
         evals = wikitext_windows(tokenizer, args.eval_windows, args.length, offset=args.windows)
         reference, full_ppl = log_probs(model, evals), evaluate(model, evals)[0]
-    report = quantize_model(model, plan, args.quantizer)
+    if gptq:  # calibration text after the sensitivity and held-out windows, which it must not see
+        seen = (args.windows + args.eval_windows) * args.length
+        calibration = wikitext_windows(tokenizer, args.calibration_windows, args.calibration_length,
+                                       offset=-(-seen // args.calibration_length))
+        report = gptq_quantize_model(model, plan, calibration, damp=args.damp, act_order=args.act_order)
+    else:
+        report = quantize_model(model, plan, args.quantizer)
     print(f"plan ({args.method}, {args.quantizer}): {plan.summary()}")
     print(report)
     if evals is not None:
@@ -72,7 +81,13 @@ def add_commands(sub) -> None:
     qz.add_argument("--measurements", help="measurement JSON: reused when it exists (refused unless made with the "
                     "same calibration windows and, for measured, quantizer, widths and group sizes), else "
                     "written there")
-    qz.add_argument("--quantizer", default="hqq", choices=["hqq", "rtn", "rtn_sym", "rtn_int"])
+    qz.add_argument("--quantizer", default="hqq", choices=["hqq", "rtn", "rtn_sym", "rtn_int", "gptq"],
+                    help="gptq: calibrated on WikiText-2 windows after the held-out ones, integer zero points "
+                    "(exportable); --method measured then allocates with costs measured with hqq")
+    qz.add_argument("--calibration-windows", type=int, default=16, help="gptq: calibration windows")
+    qz.add_argument("--calibration-length", type=int, default=512, help="gptq: tokens per calibration window")
+    qz.add_argument("--act-order", action="store_true", help="gptq: quantize columns by decreasing Hessian diagonal")
+    qz.add_argument("--damp", type=float, default=0.01, help="gptq: dampening, a fraction of the mean Hessian diagonal")
     qz.add_argument("--group-sizes", type=int, nargs="+", default=[64], choices=[32, 64, 128],
                     help="group sizes to choose among (measured; the other methods take one)")
     qz.add_argument("--widths", type=int, nargs="+", default=[2, 3, 4, 8], help="widths to choose from (16: dense)")

@@ -47,14 +47,14 @@ def _codes(wg: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int) -> tor
     return torch.round(wg / s[..., None] + z[..., None]).clamp_(0, 2**bits - 1)
 
 
-def _as_stored(s: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def as_stored(s: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Scales and zeros rounded to float16, back in fp32 (codes are chosen for the stored values)."""
     if not bool(torch.isfinite(s.to(torch.float16)).all() and torch.isfinite(z.to(torch.float16)).all()):
         raise ValueError("weight range too large for float16 scales / zero points")
     return s.to(torch.float16).to(torch.float32), z.to(torch.float16).to(torch.float32)
 
 
-def _rtn_params(wg: torch.Tensor, mask: torch.Tensor, bits: int, method: str):
+def rtn_params(wg: torch.Tensor, mask: torch.Tensor, bits: int, method: str):
     qmax = 2**bits - 1
     symmetric = method == "rtn_sym"
     if symmetric:
@@ -112,9 +112,9 @@ def quantize(w: torch.Tensor, bits: int, group_size: int, method: str = "rtn", *
         raise ValueError("w has non-finite values")
     n, k = w.shape
     wg, mask = _grouped(w, group_size)
-    s, z = _rtn_params(wg, mask, bits, method)
-    s, z = _as_stored(s, z)
+    s, z = rtn_params(wg, mask, bits, method)
+    s, z = as_stored(s, z)
     if method == "hqq":
-        s, z = _as_stored(s, _hqq_zeros(wg, mask, s, z, bits, iters))
+        s, z = as_stored(s, _hqq_zeros(wg, mask, s, z, bits, iters))
     codes = _codes(wg, s, z, bits).view(n, -1)[:, :k].to(torch.uint8)
     return Quantized(codes.contiguous(), s.to(torch.float16), z.to(torch.float16), bits, group_size)
