@@ -10,7 +10,7 @@
 // (outside the head's sinks and window, after the diagonal, or all padding): streaming heads touch
 // only O(sinks + window) keys per query. decode_attention splits each (batch, KV head) cache over
 // chunks (flash-decoding), runs the query heads of the group together over the valid slots of a
-// chunk, and merges the chunks' partial softmaxes.
+// chunk, and merges the chunks' partial softmaxes (the softmax step and that split: attention_online.h).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/types.h>
@@ -20,32 +20,16 @@
 #include <limits>
 #include <vector>
 
-#ifdef __AVX512F__
-#include <immintrin.h>
-#if defined(__GNUC__) && !defined(__clang__)
-// GCC 12's AVX-512 headers self-initialise _mm512_undefined_*(), which -Wall reports once inlined here.
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
-#endif
-
 #include "attention_checks.h"
+#include "attention_online.h"
 
 namespace splice {
 namespace {
 
-constexpr int64_t kBlock = 64;      // keys per block: the columns of a score tile
+using namespace attn;
+
 constexpr int64_t kQueries = 32;    // queries per band_attention task
 constexpr int64_t kMinChunk = 512;  // fewest cache slots per decode task
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-inline int64_t padded_dim(int64_t d) { return (d + 15) / 16 * 16; }
-
-// dst[0, dp) = scale · src[0, d), zero-padded.
-template <typename T>
-inline void load_row(const T* src, float* dst, int64_t d, int64_t dp, float scale = 1.f) {
-  for (int64_t i = 0; i < d; ++i) dst[i] = static_cast<float>(src[i]) * scale;
-  for (int64_t i = d; i < dp; ++i) dst[i] = 0.f;
-}
 
 // Column j of the transposed key tile kt [dp, kBlock] = src [d].
 template <typename T>
@@ -53,31 +37,7 @@ inline void load_column(const T* src, float* kt, int64_t j, int64_t d) {
   for (int64_t i = 0; i < d; ++i) kt[i * kBlock + j] = static_cast<float>(src[i]);
 }
 
-// Running softmax state of `rows` queries: max m, sum l, unnormalised output o [rows, dp].
-struct Online {
-  std::vector<float> m, l, o, s;  // s: the score / probability tile [rows, kBlock]
-  Online(int64_t rows, int64_t dp)
-      : m(rows, kNegInf), l(rows, 0.f), o(rows * dp, 0.f), s(rows * kBlock) {}
-};
-
 #ifdef __AVX512F__
-// exp(x) for x <= 0 (Cephes' polynomial after x = n ln2 + r); values below -87 give ~1e-38.
-inline __m512 exp512(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(p, n);
-}
-
 // s [rows, kBlock] = q [rows, dp] · kt [dp, kBlock], four queries at a time (the last group repeats
 // its last row rather than branching).
 inline void scores(const float* q, int64_t rows, const float* kt, int64_t dp, float* s) {
@@ -139,33 +99,6 @@ inline void accumulate(const float* p, int64_t rows, int64_t nk, const float* v,
   }
 }
 
-// One row of the online softmax: s [kBlock] (−inf where masked) becomes probabilities relative to the
-// new running max; l and o [dp] are rescaled to it.
-inline void softmax_row(float* s, float& m, float& l, float* o, int64_t dp) {
-  __m512 mx = _mm512_set1_ps(kNegInf);
-  for (int c = 0; c < kBlock; c += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + c));
-  const float m_new = std::max(m, _mm512_reduce_max_ps(mx));
-  if (m_new == kNegInf) {  // nothing readable yet: the row contributes nothing
-    for (int c = 0; c < kBlock; c += 16) _mm512_storeu_ps(s + c, _mm512_setzero_ps());
-    return;
-  }
-  const __m512 mv = _mm512_set1_ps(m_new), ninf = _mm512_set1_ps(kNegInf);
-  __m512 sum = _mm512_setzero_ps();
-  for (int c = 0; c < kBlock; c += 16) {
-    const __m512 x = _mm512_loadu_ps(s + c);
-    const __mmask16 live = _mm512_cmp_ps_mask(x, ninf, _CMP_NEQ_OQ);
-    const __m512 e = _mm512_maskz_mov_ps(live, exp512(_mm512_sub_ps(x, mv)));
-    _mm512_storeu_ps(s + c, e);
-    sum = _mm512_add_ps(sum, e);
-  }
-  const float alpha = m == kNegInf ? 0.f : std::exp(m - m_new);
-  l = l * alpha + _mm512_reduce_add_ps(sum);
-  m = m_new;
-  if (alpha != 1.f) {
-    const __m512 av = _mm512_set1_ps(alpha);
-    for (int64_t c = 0; c < dp; c += 16) _mm512_storeu_ps(o + c, _mm512_mul_ps(_mm512_loadu_ps(o + c), av));
-  }
-}
 #else
 // Portable fallbacks: the same tiles, one element at a time.
 inline void scores(const float* q, int64_t rows, const float* kt, int64_t dp, float* s) {
@@ -183,20 +116,6 @@ inline void accumulate(const float* p, int64_t rows, int64_t nk, const float* v,
       for (int64_t d = 0; d < dp; ++d) o[r * dp + d] += p[r * kBlock + j] * v[j * dp + d];
 }
 
-inline void softmax_row(float* s, float& m, float& l, float* o, int64_t dp) {
-  float m_new = m;
-  for (int64_t j = 0; j < kBlock; ++j) m_new = std::max(m_new, s[j]);
-  if (m_new == kNegInf) {
-    for (int64_t j = 0; j < kBlock; ++j) s[j] = 0.f;
-    return;
-  }
-  float sum = 0.f;
-  for (int64_t j = 0; j < kBlock; ++j) sum += (s[j] = s[j] == kNegInf ? 0.f : std::exp(s[j] - m_new));
-  const float alpha = m == kNegInf ? 0.f : std::exp(m - m_new);
-  l = l * alpha + sum;
-  m = m_new;
-  for (int64_t d = 0; d < dp; ++d) o[d] *= alpha;
-}
 #endif
 
 // Folds one tile of keys (kt [dp, kBlock], v [nk, dp]; scores of keys past nk must be −inf) into st;
@@ -217,13 +136,6 @@ inline void fold_block(Online& st, const float* q, int64_t rows, const float* kt
     softmax_row(sr, st.m[r], st.l[r], st.o.data() + r * dp, dp);
   }
   accumulate(st.s.data(), rows, nk, v, dp, st.o.data());
-}
-
-// out row [d] = o / l, or 0 where nothing was read.
-template <typename T>
-inline void store_row(const float* o, float l, T* out, int64_t d) {
-  const float inv = l > 0.f ? 1.f / l : 0.f;
-  for (int64_t i = 0; i < d; ++i) out[i] = static_cast<T>(o[i] * inv);
 }
 
 // Positions of the valid keys of one key block (or of all the queries of a query block).
@@ -319,23 +231,18 @@ at::Tensor decode_attention_impl(const at::Tensor& q, const at::Tensor& k, const
   const int64_t group = Hq / Hkv, dp = padded_dim(D);
   at::Tensor out = at::empty_like(q);
   if (out.numel() == 0) return out;
-  // Chunks of the cache per (b, g): enough tasks to keep every thread busy, none under kMinChunk slots.
-  const int64_t want = std::max<int64_t>(1, (4 * at::get_num_threads() + B * Hkv - 1) / (B * Hkv));
-  const int64_t chunk = std::max(kMinChunk, (L + want - 1) / want), nc = std::max<int64_t>(1, (L + chunk - 1) / chunk);
+  DecodeSplit split(B * Hkv, group, dp, L, kMinChunk);
   const E *qp = q.const_data_ptr<E>(), *kp = k.const_data_ptr<E>(), *vp = v.const_data_ptr<E>();
   const bool* vd = valid.const_data_ptr<bool>();
-  E* op = out.data_ptr<E>();
-  // Partial softmax of each (b, g, chunk, query head of the group): max, sum, unnormalised output.
-  std::vector<float> pm(B * Hkv * nc * group), pl(B * Hkv * nc * group), po(B * Hkv * nc * group * dp);
   const float fscale = static_cast<float>(scale), fcap = static_cast<float>(softcap);
-  at::parallel_for(0, B * Hkv * nc, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, split.tasks(), 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(group * dp), kt(dp * kBlock, 0.f), vf(kBlock * dp);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t bg = task / nc, b = bg / Hkv, c0 = (task % nc) * chunk, c1 = std::min(L, c0 + chunk);
+      const int64_t bg = task / split.nc, b = bg / Hkv, c1 = split.last(task);
       for (int64_t h = 0; h < group; ++h) load_row(qp + (bg * group + h) * D, qf.data() + h * dp, D, dp, fscale);
       Online st(group, dp);
       const bool* vrow = vd + b * L;
-      int64_t j = c0;
+      int64_t j = split.first(task);
       while (j < c1) {  // gather the next kBlock valid slots, then fold them in
         int64_t nk = 0;
         for (; j < c1 && nk < kBlock; ++j) {
@@ -347,32 +254,10 @@ at::Tensor decode_attention_impl(const at::Tensor& q, const at::Tensor& k, const
         }
         if (nk > 0) fold_block(st, qf.data(), group, kt.data(), vf.data(), nk, dp, nullptr, fcap);
       }
-      const int64_t at = task * group;
-      std::copy(st.m.begin(), st.m.end(), pm.begin() + at);
-      std::copy(st.l.begin(), st.l.end(), pl.begin() + at);
-      std::copy(st.o.begin(), st.o.end(), po.begin() + at * dp);
+      split.save(task, st);
     }
   });
-  // Merge the chunks of each (b, query head).
-  at::parallel_for(0, B * Hq, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> o(dp);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t bg = bh / group, h = bh % group;
-      float m = kNegInf, l = 0.f;
-      for (int64_t c = 0; c < nc; ++c) m = std::max(m, pm[(bg * nc + c) * group + h]);
-      std::fill(o.begin(), o.end(), 0.f);
-      if (m != kNegInf) {
-        for (int64_t c = 0; c < nc; ++c) {
-          const int64_t at = (bg * nc + c) * group + h;
-          if (pm[at] == kNegInf) continue;
-          const float w = std::exp(pm[at] - m);
-          l += pl[at] * w;
-          for (int64_t d = 0; d < D; ++d) o[d] += po[at * dp + d] * w;
-        }
-      }
-      store_row(o.data(), l, op + bh * D, D);
-    }
-  });
+  split.merge(out.data_ptr<E>(), D);
   return out;
 }
 
