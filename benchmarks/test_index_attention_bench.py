@@ -1,8 +1,8 @@
 """pytest-benchmark suite: ``splice::index_attention`` over K = 512 chosen slots of an 8K-slot cache
 against ``splice::decode_attention`` over all of it: HyLRA's reuse path against full attention, one
 decode step of SmolLM2-135M's attention (4 rows, 9 query / 3 KV heads, head size 64), the C++ CPU
-kernels, float32 and bfloat16. The chosen slots are distinct and in no order (as a top-k gives them).
-Each dtype is one benchmark group, so compare the medians within a group.
+kernels (the dispatcher's choice, asserted), float32 and bfloat16. The chosen slots are distinct and in
+no order (as a top-k gives them). Each dtype is one benchmark group: compare the medians within it.
 Run with ``python -m pytest benchmarks/test_index_attention_bench.py -q``.
 """
 
@@ -11,7 +11,8 @@ import functools
 import pytest
 import torch
 
-from splice.ops import backend_for, decode_attention, index_attention, use_backend
+from splice.ops import backend_for, decode_attention, index_attention
+from splice.ops.library import extension_error
 
 B, HQ, HKV, L, D, K = 4, 9, 3, 8192, 64, 512
 
@@ -35,6 +36,7 @@ def test_attention_decode(benchmark, op, dtype):
     else:
         fn = lambda: index_attention(q, k, v, idx, D**-0.5)  # noqa: E731
     benchmark.group = f"decode attention L={L} {dtype}"
-    with use_backend("cpp"), torch.inference_mode():
-        benchmark.extra_info["backend"] = backend_for(op, "cpu")
+    benchmark.extra_info["backend"] = backend = backend_for(op, "cpu")
+    assert backend == "cpp", f"{op} would run on {backend!r}: {extension_error()}"
+    with torch.inference_mode():  # the dispatcher's choice, as on the hot path (no per-call backend lookup)
         benchmark.pedantic(fn, rounds=50, iterations=1, warmup_rounds=5)
