@@ -8,6 +8,7 @@ from tiny_models import HIDDEN, LAYERS, greedy, left_padded_batch, tiny_model
 
 import splice
 from splice.hybrid.head_map import HeadMap
+from splice.hybrid.reuse_policy import ReusePolicy
 from splice.quant.apply import quantize_model
 from splice.quant.plan import QuantPlan
 from splice.runtime.splice_runtime import ATTRIBUTE
@@ -29,6 +30,7 @@ CONFIGS = {
         splice.Steer(vec(6), layers=[2], gate=splice.TokenGate(vec(8, scale=1.0), threshold=0.0, temperature=0.1))),
     "skip": lambda m: splice.patch(m, splice.Skip([1]), splice.Skip([0], "attn")),
     "hybrid": lambda m: splice.patch(m, heads=HeadMap(LAYERS, 2, {0: {0}, 2: {1}}, sinks=1, window=3)),
+    "reuse": lambda m: splice.patch(m, reuse=ReusePolicy(LAYERS, (0,), 3)),
     "condition": lambda m: splice.patch(
         m, splice.Steer(vec(2), layers=[1, 2], gate=splice.Condition(vec(7, scale=1.0), 0, 0.0, "above"))),
 }

@@ -23,10 +23,12 @@ from torch import nn
 
 from .adapters.architecture import Adapter
 from .hybrid.layer_policy import LayerPolicy
+from .hybrid.reuse_policy import ReusePolicy
 from .ops import backend_for
 from .recipe import Recipe, check_steering_fits, load_recipe
 from .runtime.decoder_layer import make_forward, make_o_proj_forward
-from .runtime.hybrid_attention import make_attention_forward
+from .runtime.hybrid_attention import make_attention_forward, model_window
+from .runtime.reuse_attention import SlotSelection, make_reuse_forward
 from .runtime.splice_runtime import ATTRIBUTE, SpliceRuntime
 from .skipping.spec import Skip, skipped_parts
 from .steering.slot_entries import INTERVENTIONS, Intervention, row_deciders, slot_entries
@@ -44,6 +46,7 @@ class Patch:
         self.skips: list[Skip] = []
         self.router = None
         self.head_map = None
+        self.reuse = None
         self._spliced: list[nn.Module] = []
         self.active = True
 
@@ -99,6 +102,8 @@ class Patch:
     def set_skip(self, *skips: Skip) -> None:
         """Skip these layers or sub-layers from now on (replacing earlier skips); none: run all."""
         self._check_active()
+        if skips and self.reuse is not None:
+            raise ValueError("layer skips cannot be combined with layer reuse (reuse=) yet")
         for skip in skips:
             skip.validate_for(self.adapter)
         parts = skipped_parts(skips, self.adapter.num_layers)
@@ -112,6 +117,8 @@ class Patch:
         """Route requests with ``router`` (decided at prefill, applied while decoding); None: off."""
         self._check_active()
         if router is not None:
+            if self.reuse is not None:
+                raise ValueError("per-request routing cannot be combined with layer reuse (reuse=) yet")
             router.validate_for(self.adapter)
             self._check_head_map(self.head_map, router)
             _check_no_overlap(self.skips, router.layers)
@@ -133,6 +140,14 @@ class Patch:
             if head_map.streaming(idx):
                 layer.self_attn.forward = make_attention_forward(self.adapter, idx, head_map, self.runtime)
                 self._spliced.append(layer.self_attn)
+
+    def _install_reuse(self, policy: ReusePolicy) -> None:
+        self.reuse = policy
+        selection = SlotSelection()
+        for idx in (*policy.selecting_layers, *policy.reuse_layers):
+            attn = self.adapter.layers[idx].self_attn
+            attn.forward = make_reuse_forward(self.adapter, idx, policy, self.runtime, selection)
+            self._spliced.append(attn)
 
     def _slot_items(self) -> list[tuple[str, float]]:
         return [item for items in self.slots.values() for item in items]
@@ -190,7 +205,8 @@ class Patch:
         """The backend each splice op runs for this model's device."""
         device = self.adapter.device
         names = (["fused_steer"] + (["gather_rows", "scatter_rows"] if self.router is not None else [])
-                 + (["band_attention", "decode_attention"] if self.head_map is not None else []))
+                 + (["band_attention", "decode_attention"] if self.head_map is not None else [])
+                 + (["index_attention"] if self.reuse is not None else []))
         return {name: backend_for(name, device) for name in names}
 
     def to_recipe(self) -> Recipe:
@@ -227,13 +243,29 @@ def _policy_heads(policy, adapter: Adapter, heads):
     return policy.head_map(adapter) if policy.window_layers else heads
 
 
+def _check_reuse(reuse, adapter: Adapter, others: dict) -> None:
+    """A reuse policy fits the model and runs alone among the attention-changing options."""
+    if not isinstance(reuse, ReusePolicy):
+        raise TypeError(f"reuse must be a ReusePolicy, got {type(reuse).__name__}")
+    reuse.validate_for(adapter)
+    given = [name for name, value in others.items() if value]
+    if given:
+        raise ValueError(f"layer reuse (reuse=) cannot be combined with {', '.join(given)} yet: they change "
+                         "which layers attend, and a reusing layer needs its full layer to run")
+    windowed = [l for l in range(adapter.num_layers) if model_window(adapter, adapter.layers[l].self_attn)]
+    if windowed:
+        raise ValueError(f"layer reuse needs full-attention layers; layers {windowed} have the model's own "
+                         "sliding window")
+
+
 def patch(model: nn.Module, *items: Intervention | Skip, recipe=None, router=None, heads=None, policy=None,
-          max_slots: int = 8) -> Patch:
+          reuse=None, max_slots: int = 8) -> Patch:
     """Patch ``model`` with steering (``Steer``), layer skipping (``Skip``), a per-request
     ``router``, hybrid attention (``heads``: a :class:`~splice.hybrid.head_map.HeadMap`), a
     per-layer attention ``policy`` (a :class:`~splice.hybrid.layer_policy.LayerPolicy`: its window
-    layers become a head map, its none layers ``Skip(layers, "attn")``) and/or a recipe (a path, a
-    dict or a :class:`Recipe`).
+    layers become a head map, its none layers ``Skip(layers, "attn")``), HyLRA layer ``reuse`` (a
+    :class:`~splice.hybrid.reuse_policy.ReusePolicy`, alone among these attention options) and/or a
+    recipe (a path, a dict or a :class:`Recipe`).
 
     The given interventions (the recipe's default list first) fill slot 1, which every row uses
     until :meth:`Patch.assign` says otherwise. ``max_slots`` bounds the distinct steering
@@ -255,6 +287,9 @@ def patch(model: nn.Module, *items: Intervention | Skip, recipe=None, router=Non
         heads = _policy_heads(policy, adapter, heads)
         skips += [Skip(policy.none_layers, "attn")] if policy.none_layers else []
     router = router if router is not None else recipe.router
+    if reuse is not None:
+        _check_reuse(reuse, adapter, {"skips": skips, "router": router is not None, "heads": heads is not None,
+                                      "policy": policy is not None})
     for steer in steers:
         steer.validate_for(adapter)
     runtime = SpliceRuntime(adapter, max_slots)
@@ -269,6 +304,8 @@ def patch(model: nn.Module, *items: Intervention | Skip, recipe=None, router=Non
     handle._install()
     if heads is not None:
         handle._install_head_map(heads)
+    if reuse is not None:
+        handle._install_reuse(reuse)
     if default:
         handle.set_slot(1, default)
     return handle

@@ -82,6 +82,8 @@ def cmd_bench_attention(args) -> int:
         return _bench_gemfilter(args)
     if args.method == "layerboost":
         return _bench_layerboost(args)
+    if args.method == "hylra":
+        return _bench_hylra(args)
     if not args.heads:
         raise SystemExit("splice bench attention: --heads is required for --method hybrid")
     model, tokenizer = load(args)
@@ -114,6 +116,21 @@ def _bench_layerboost(args) -> int:
     report = layerboost.run(model, tokenizer, policy, seeds=args.seeds, ppl_windows=args.ppl_windows,
                             ppl_length=args.ppl_length, contexts=args.contexts or (), samples=args.samples)
     _report(layerboost_report, report, args.json)
+    return 0
+
+
+def _bench_hylra(args) -> int:
+    from ..bench import hylra, hylra_report
+    from ..hybrid.reuse_policy import ReusePolicy
+
+    if not args.reuse:
+        raise SystemExit("splice bench attention: --reuse is required for --method hylra")
+    policy = ReusePolicy.load(args.reuse)
+    model, tokenizer = load(args)
+    report = hylra.run(model, tokenizer, policy, contexts=args.contexts or CONTEXTS, samples=args.samples,
+                       ppl_windows=args.ppl_windows, ppl_length=args.ppl_length, ppl_offset=args.ppl_offset,
+                       steps=args.steps, repeats=args.repeats)
+    _report(hylra_report, report, args.json)
     return 0
 
 
@@ -177,12 +194,14 @@ def add_commands(sub) -> None:
 
     ba = bsub.add_parser("attention", parents=[model_options(), report, timing_options(16, 3)],
                          help="hybrid attention: pass-key, perplexity, KV bytes and speed at long context")
-    ba.add_argument("--method", choices=["hybrid", "gemfilter", "layerboost"], default="hybrid",
+    ba.add_argument("--method", choices=["hybrid", "gemfilter", "layerboost", "hylra"], default="hybrid",
                     help="hybrid: head maps (needs --heads); gemfilter: GemFilter against the unpatched model; "
                          "layerboost: a layer policy against random ones of the same cost (needs --policy; "
-                         "quality only, nothing timed)")
+                         "quality only, nothing timed); hylra: layer reuse against the unpatched model (needs "
+                         "--reuse)")
     ba.add_argument("--heads", help="head map with scores from 'splice profile heads' (--method hybrid)")
     ba.add_argument("--policy", help="layer policy from 'splice search attention' (--method layerboost)")
+    ba.add_argument("--reuse", help="reuse policy from 'splice search reuse' (--method hylra)")
     ba.add_argument("--seeds", type=int, default=3, help="random policies of the same cost (--method layerboost)")
     ba.add_argument("--contexts", type=int, nargs="+",
                     help="pass-key context lengths (default: 2048 4096 8192; none for --method layerboost)")
@@ -193,6 +212,9 @@ def add_commands(sub) -> None:
     ba.add_argument("--samples", type=int, default=3, help="pass-key prompts per context")
     ba.add_argument("--ppl-windows", type=int, default=2, help="WikiText-2 windows for perplexity")
     ba.add_argument("--ppl-length", type=int, default=2048, help="tokens per perplexity window")
+    ba.add_argument("--ppl-offset", type=int,
+                    help="first perplexity window, in windows of --ppl-length (--method hylra; default: the first "
+                         "past the policy's calibration)")
     ba.set_defaults(func=cmd_bench_attention)
 
     bs = bsub.add_parser("serve", parents=[report_option(plot=False)],

@@ -116,6 +116,39 @@ def add_search_attention(ssub) -> None:
     sa.set_defaults(func=cmd_search_attention)
 
 
+def cmd_search_reuse(args) -> int:
+    from ..tools.calibration_text import wikitext_windows
+    from ..tools.reuse_search import search_reuse
+
+    if not args.out.endswith(".json"):
+        raise SystemExit("--out must end in .json (a reuse policy)")
+    model, tokenizer = load(args)
+    calibration = wikitext_windows(tokenizer, args.windows, args.length)
+    policy = search_reuse(model, calibration, args.topk, args.full, args.max_loss, args.queries)
+    path = policy.save(args.out)
+    report = policy.report
+    print(f"full layers {list(policy.full_layers)} (sensitive: {report['sensitive']}); the reusing layers lose "
+          f"{report['lost_mass']:.3f} attention mass in all, {report['lost_mass'] / max(len(policy.reuse_layers), 1):.3f} "
+          f"each on average; wrote {path}")
+    return 0
+
+
+def add_search_reuse(ssub) -> None:
+    """``splice search reuse`` (under the ``search`` command)."""
+    sr = ssub.add_parser("reuse", parents=[model_options(), threads_option()],
+                         help="HyLRA: profile per-layer attention sensitivity and cross-layer top-k overlap, then "
+                              "choose the full layers by dynamic programming; writes a reuse policy")
+    sr.add_argument("--topk", type=int, default=1024, help="slots a full layer picks per KV head for those above it")
+    sr.add_argument("--full", type=int, default=12, help="number of full layers (layer 0 included)")
+    sr.add_argument("--max-loss", type=float, default=0.5,
+                    help="a layer losing more than this share of its attention under its own top-k stays full")
+    sr.add_argument("--windows", type=int, default=2, help="WikiText-2 calibration windows")
+    sr.add_argument("--length", type=int, default=4096, help="tokens per calibration window")
+    sr.add_argument("--queries", type=int, default=256, help="last positions of each window profiled")
+    sr.add_argument("--out", required=True, help="the reuse policy (.json)")
+    sr.set_defaults(func=cmd_search_reuse)
+
+
 def cmd_route_train(args) -> int:
     from ..adapters.architecture import Adapter
     from ..tools.calibration_text import wikitext_windows

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from .common import load, model_options, report_option, threads_option
-from .profiling import add_search_attention
+from .profiling import add_search_attention, add_search_reuse
 
 
 def cmd_demo(args) -> int:
@@ -242,3 +242,4 @@ def add_commands(sub) -> None:
     heads.add_argument("--out", required=True, help="output recipe (.yaml or .json) that prunes the heads found")
     heads.set_defaults(func=cmd_search_heads)
     add_search_attention(ssub)
+    add_search_reuse(ssub)

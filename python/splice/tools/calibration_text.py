@@ -71,3 +71,23 @@ def evaluate(model, windows: torch.Tensor, reference: torch.Tensor | None = None
 
 def perplexity(model, windows: torch.Tensor, batch_size: int = 8) -> float:
     return evaluate(model, windows, None, batch_size)[0]
+
+
+@torch.inference_mode()
+def continuation_perplexity(model, windows: torch.Tensor, prefix: int, batch_size: int = 1) -> float:
+    """Perplexity of each window's tokens after ``prefix + 1``, read the way decoding reads them: the
+    first ``prefix`` tokens are prefilled into a KV cache, then the rest run in one pass over that
+    cache (interventions that act on decoding, not on the prefill, are measured this way)."""
+    if not 0 < prefix < windows.shape[1] - 1:
+        raise ValueError(f"prefix must leave at least two tokens of each window, got {prefix} of "
+                         f"{windows.shape[1]}")
+    nll_sum, count = 0.0, 0
+    for chunk in windows.split(batch_size):
+        cache = model(input_ids=chunk[:, :prefix], use_cache=True, logits_to_keep=1).past_key_values
+        rest = chunk[:, prefix:]
+        positions = torch.arange(prefix, chunk.shape[1])[None].expand(chunk.shape[0], -1)
+        logits = model(input_ids=rest, past_key_values=cache, position_ids=positions, use_cache=True).logits
+        logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+        nll_sum -= float(logp.gather(-1, rest[:, 1:, None]).sum())
+        count += rest[:, 1:].numel()
+    return math.exp(nll_sum / count)
