@@ -38,7 +38,7 @@ RUN = ("Python API", "Per-request steering", "Conditional steering (CAST)",
        "Speculative decoding: layer-skip drafts and prompt lookup", "Hybrid attention",
        "GemFilter: early layers choose the prompt",
        "Layer Fused Decoding (LFD): a middle layer's reading added to the logits",
-       "LayerBoost: per-layer attention policies",
+       "LayerBoost: per-layer attention policies", "HyLRA: layers that reuse the tokens a full layer chose",
        "Compiled decoding", "Mixed-precision quantization", "GPTQ: calibrated quantization")
 NOT_RUN_HERE = {"Serving behind vLLM": "needs a running vLLM server; tests/test_serving_vllm.py runs one"}
 
@@ -260,6 +260,20 @@ def test_layerboost_policy(session):
     assert len(ns["policy"].choices) == 30 and ns["policy"].none_layers and ns["policy"].window_layers
     patched, unpatched = float(printed[-2]), float(printed[-1])
     assert unpatched == perplexity(ns["model"], ns["held_out"]) and 1.0 < patched / unpatched < 1.5, printed
+
+
+@pytest.mark.real_model
+def test_hylra_reuse(session):
+    """Decoding under the searched reuse policy reads fewer tokens in 18 of 30 layers and stays within
+    a few percent of the unpatched perplexity; remove() gives the unpatched model back."""
+    from splice.tools.calibration_text import continuation_perplexity
+
+    printed = run(session, "HyLRA: layers that reuse the tokens a full layer chose").split()
+    ns = session[0]
+    assert len(ns["policy"].full_layers) == 12 and ns["policy"].topk == 1024
+    patched, unpatched = float(printed[-2]), float(printed[-1])
+    assert unpatched == continuation_perplexity(ns["model"], ns["held_out"], prefix=1024)
+    assert patched != unpatched and 0.98 < patched / unpatched < 1.1, printed
 
 
 @pytest.mark.real_model
