@@ -36,7 +36,8 @@ import torch
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, op: str, q_dims: int) -> None:
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, op: str, q_dims: int) -> None:
+    """The checks every attention op shares: q ``q_dims``-d, k and v [B, Hkv, L, D] like q, GQA groups."""
     torch._check(q.dtype in DTYPES, lambda: f"{op}: q must be float32, bfloat16 or float16, got {q.dtype}")
     torch._check(q.dim() == q_dims, lambda: f"{op}: q must be {q_dims}-d, got {list(q.shape)}")
     torch._check(k.dim() == 4, lambda: f"{op}: k must be [B, Hkv, L, D], got {list(k.shape)}")
@@ -65,7 +66,7 @@ def _check_index(t: torch.Tensor, name: str, dtype: torch.dtype, shape: list[int
 def check_band_attention(q, k, v, pos, valid, sinks, window) -> None:
     """Raise RuntimeError unless the arguments fit the prefill contract."""
     op = "band_attention"
-    _check_qkv(q, k, v, op, 4)
+    check_qkv(q, k, v, op, 4)
     torch._check(
         q.shape[2] == k.shape[2], lambda: f"{op}: q and k must have the same T, got {list(q.shape)} and {list(k.shape)}"
     )
@@ -79,7 +80,7 @@ def check_band_attention(q, k, v, pos, valid, sinks, window) -> None:
 def check_decode_attention(q, k, v, valid) -> None:
     """Raise RuntimeError unless the arguments fit the decode contract."""
     op = "decode_attention"
-    _check_qkv(q, k, v, op, 3)
+    check_qkv(q, k, v, op, 3)
     _check_index(valid, "valid", torch.bool, [k.shape[0], k.shape[2]], q, op)
 
 
@@ -99,7 +100,7 @@ def band_mask(pos: torch.Tensor, valid: torch.Tensor, sinks: torch.Tensor, windo
     return causal & near & valid[:, None, None, :]
 
 
-def _masked_attention(q, k, v, mask, scale, softcap):
+def masked_attention(q, k, v, mask, scale, softcap):
     """fp32 softmax(cap(scale · q k^T)) v over ``mask`` (broadcast to the scores), 0 for rows with no
     key; k, v and mask are per KV head and repeated for the query heads of each group."""
     groups = q.shape[1] // k.shape[1]
@@ -119,7 +120,7 @@ def band_attention_reference(q, k, v, pos, valid, sinks, window, scale: float, s
     """[B, Hq, T, D] in q's dtype; see the module docstring."""
     check_band_attention(q, k, v, pos, valid, sinks, window)
     check_softcap(softcap, "band_attention")
-    return _masked_attention(q, k, v, band_mask(pos, valid, sinks, window), scale, softcap).to(q.dtype)
+    return masked_attention(q, k, v, band_mask(pos, valid, sinks, window), scale, softcap).to(q.dtype)
 
 
 def decode_attention_reference(q, k, v, valid, scale: float, softcap: float = 0.0) -> torch.Tensor:
@@ -127,4 +128,4 @@ def decode_attention_reference(q, k, v, valid, scale: float, softcap: float = 0.
     check_decode_attention(q, k, v, valid)
     check_softcap(softcap, "decode_attention")
     mask = valid[:, None, None, :]  # [B, 1, 1, L]
-    return _masked_attention(q[:, :, None], k, v, mask, scale, softcap)[:, :, 0].to(q.dtype)
+    return masked_attention(q[:, :, None], k, v, mask, scale, softcap)[:, :, 0].to(q.dtype)

@@ -25,14 +25,14 @@ from __future__ import annotations
 
 import torch
 
-from .attention_reference import _check_qkv, _masked_attention, check_softcap
+from .attention_reference import check_qkv, check_softcap, masked_attention
 
 OP = "index_attention"
 
 
 def check_index_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor) -> None:
     """Raise RuntimeError unless the arguments fit the contract (shapes, dtypes, devices)."""
-    _check_qkv(q, k, v, OP, 3)
+    check_qkv(q, k, v, OP, 3)
     b, hkv = k.shape[0], k.shape[1]
     torch._check(
         idx.dtype == torch.int64 and idx.dim() == 3 and idx.shape[0] == b and idx.shape[1] == hkv,
@@ -64,4 +64,4 @@ def index_attention_reference(q, k, v, idx, scale: float, softcap: float = 0.0) 
     rows = idx.clamp(min=0)[..., None].expand(-1, -1, -1, k.shape[3])  # [B, Hkv, K, D]
     ks, vs = torch.gather(k, 2, rows), torch.gather(v, 2, rows)
     mask = (idx >= 0)[:, :, None, :]  # [B, Hkv, 1, K], repeated for the query heads of each group
-    return _masked_attention(q[:, :, None], ks, vs, mask, scale, softcap)[:, :, 0].to(q.dtype)
+    return masked_attention(q[:, :, None], ks, vs, mask, scale, softcap)[:, :, 0].to(q.dtype)
