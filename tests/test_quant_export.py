@@ -177,6 +177,11 @@ def test_vllm_loads_4_bit_and_matches_splice_greedy(smol_4bit):
     _, qconfig, _ = read(out)
     assert {(s.weights.group_size, s.weights.symmetric) for s in qconfig.config_groups.values()} \
         == {(32, True), (64, False), (128, False)}
+    assert_vllm_matches_splice(model, tok, out)
+
+
+def assert_vllm_matches_splice(model, tok, out: Path) -> None:
+    """vLLM's greedy tokens on ``out`` equal ``model``'s for STEPS steps, log-probs within 0.05."""
     ids = tok("The capital of France is").input_ids
     got = probe(out, ids)
     assert "error" not in got, got
@@ -188,6 +193,21 @@ def test_vllm_loads_4_bit_and_matches_splice_greedy(smol_4bit):
     assert got["tokens"] == ours
     logprobs = logits.log_softmax(-1).gather(1, torch.tensor(got["tokens"])[:, None])[:, 0]
     assert (logprobs - torch.tensor(got["logprobs"])).abs().max() < 0.05
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(vllm_missing, reason="vllm is not importable")
+@pytest.mark.skipif(not has_wna16_kernel(), reason=WNA16_MISSING)
+def test_vllm_serves_a_gptq_export_with_splice_greedy_tokens(tmp_path):
+    """GPTQ 4-bit g64 (integer zero points) on every decoder linear, calibrated on WikiText-2: the
+    export loads in vLLM and generates splice's own greedy tokens."""
+    from splice.tools.calibration_text import wikitext_windows
+
+    model, tok = smol()
+    plan = QuantPlan.for_units(model, {n: (4, 64) for n in units(model) if n != "lm_head"})
+    report = gptq_quantize_model(model, plan, wikitext_windows(tok, 8, 256), progress=False)
+    assert report.quant.quantized == len(plan.entries) == report.quant.modules
+    assert_vllm_matches_splice(model, tok, export_compressed_tensors(model, tmp_path / "ct", tokenizer=tok))
 
 
 @pytest.mark.slow
