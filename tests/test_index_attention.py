@@ -21,16 +21,13 @@ from kernel_checks import (
     launcher_opt_in,
     needs_nvcc,
 )
-from test_attention_kernels import loop_attention, run
+from test_attention_kernels import TOL, assert_close, loop_attention, run
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from splice.ops import decode_attention, index_attention
 from splice.ops.index_attention_reference import index_attention_reference
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# fp32 sums in another order; bf16 / fp16 outputs are rounded once (their inputs feed fp32 math everywhere).
-TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2),
-       torch.float16: dict(atol=2e-3, rtol=2e-3)}
 # (B, Hq, Hkv, L, D, K): GQA groups 3 and 1, K below L and above it (padded with -1), K across several
 # blocks of 64, head sizes that are not a multiple of 16.
 SHAPES = [(3, 6, 2, 45, 16, 20), (2, 3, 3, 200, 24, 150), (2, 9, 3, 30, 20, 41), (1, 6, 2, 1, 8, 3)]
@@ -51,11 +48,6 @@ def index_case(b, hq, hkv, length, d, count, dtype, seed=0):
     if b > 1:
         idx[1, 0] = -1
     return q, k, v, idx, d**-0.5
-
-
-def assert_close(out, ref, dtype):
-    assert out.dtype == dtype and out.shape == ref.shape and out.is_contiguous()
-    torch.testing.assert_close(out.cpu().float(), ref.float(), **TOL[dtype])
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
