@@ -256,3 +256,16 @@ def test_cli_refuses_missing_or_bad_files_before_loading_the_model(argv, match):
 
     with pytest.raises(SystemExit, match=match):
         main(argv)
+
+
+def test_reuse_composes_with_steering():
+    """Steering runs in the decoder layer, reuse in its attention: with every slot read, a steered and
+    reusing model decodes exactly as the steered one."""
+    model = tiny_model("llama")
+    x = ids(11)
+    steer = lambda: splice.Steer(torch.randn(64, generator=torch.Generator().manual_seed(2)) * 3, layers=[1, 2])
+    with splice.patch(model, steer()):
+        want = stepwise_logits(model, x)
+    with splice.patch(model, steer(), reuse=policy(topk=PREFIX + STEPS)):
+        torch.testing.assert_close(stepwise_logits(model, x), want, rtol=1e-4, atol=1e-4)
+    assert (want - stepwise_logits(model, x)).abs().max() > 1e-2  # the steering really changes the output
