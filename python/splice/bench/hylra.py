@@ -20,7 +20,6 @@ Ratios: ``hylra_decode_8k_speedup`` (batch 4, ÷ full; ``_b1`` too), ``hylra_ppl
 from __future__ import annotations
 
 import copy
-import math
 import statistics
 from contextlib import nullcontext
 
@@ -29,21 +28,13 @@ from tqdm import tqdm
 from ..adapters.architecture import Adapter
 from ..hybrid.reuse_policy import ReusePolicy
 from ..patch import patch
-from ..tools.calibration_text import continuation_perplexity, wikitext_windows
+from ..tools.calibration_text import continuation_perplexity, held_out_offset, wikitext_windows
 from ..tools.passkey import passkey_accuracy, passkey_set
 from .attention import LongContext
 from .output import provenance
 from .timing import interleaved, make_batch
 
 TIMED = ("full", "hylra")
-
-
-def held_out_offset(policy: ReusePolicy, length: int) -> int:
-    """The first window of ``length`` tokens past the policy's calibration tokens."""
-    calibration = (policy.report or {}).get("calibration")
-    if not calibration:
-        raise ValueError("the policy does not say which windows calibrated it (make it with splice search reuse)")
-    return math.ceil(int(calibration["windows"]) * int(calibration["length"]) / length)
 
 
 def decode_rows(model, policy: ReusePolicy, vocab: int, context: int, steps: int, repeats: int,
@@ -72,7 +63,7 @@ def run(model, tokenizer, policy: ReusePolicy, contexts=(2048, 4096, 8192), samp
     ``ppl_length``; default and minimum: the first past the policy's calibration tokens)."""
     adapter = Adapter(model)
     policy.validate_for(adapter)
-    offset = held_out_offset(policy, ppl_length)
+    offset = held_out_offset(policy.report, ppl_length, "splice search reuse")
     if ppl_offset is not None:
         if ppl_offset < offset:
             raise ValueError(f"ppl_offset {ppl_offset} would score windows the policy was calibrated on; "

@@ -18,7 +18,6 @@ policy's) and ``layerboost_beats_tiered`` (1.0 or 0.0).
 
 from __future__ import annotations
 
-import math
 import statistics
 from contextlib import nullcontext
 
@@ -27,7 +26,7 @@ from tqdm import tqdm
 from ..adapters.architecture import Adapter
 from ..hybrid.layer_policy import LayerPolicy, choice_costs
 from ..patch import patch
-from ..tools.calibration_text import log_probs, wikitext_windows
+from ..tools.calibration_text import held_out_offset, log_probs, wikitext_windows
 from ..tools.layer_policy_search import policy_quality, tiered_like
 from ..tools.passkey import passkey_accuracy, passkey_set
 from .output import provenance
@@ -40,14 +39,6 @@ def configurations(policy: LayerPolicy, seeds: int) -> dict[str, LayerPolicy | N
     return out
 
 
-def held_out_offset(policy: LayerPolicy, length: int) -> int:
-    """The first window of ``length`` tokens past the policy's calibration tokens."""
-    calibration = (policy.report or {}).get("calibration")
-    if not calibration:
-        raise ValueError("the policy does not say which windows calibrated it (make it with splice search attention)")
-    return math.ceil(int(calibration["windows"]) * int(calibration["length"]) / length)
-
-
 def run(model, tokenizer, policy: LayerPolicy, seeds: int = 3, ppl_windows: int = 4, ppl_length: int = 512,
         contexts=(), samples: int = 3, batch_size: int = 4, progress: bool = True) -> dict:
     """The report (module docstring)."""
@@ -56,7 +47,7 @@ def run(model, tokenizer, policy: LayerPolicy, seeds: int = 3, ppl_windows: int 
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
     configs = configurations(policy, seeds)
-    offset = held_out_offset(policy, ppl_length)
+    offset = held_out_offset(policy.report, ppl_length, "splice search attention")
     windows = wikitext_windows(tokenizer, ppl_windows, ppl_length, offset)
     tasks = {n: passkey_set(tokenizer, n, samples, seed=100) for n in contexts}
     reference = log_probs(model, windows, batch_size)

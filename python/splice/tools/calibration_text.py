@@ -25,6 +25,16 @@ def data_root() -> Path:
     return Path(__file__).resolve().parents[4] / "shared" / "data"
 
 
+def held_out_offset(report: dict | None, length: int, made_by: str) -> int:
+    """The first window of ``length`` tokens past the calibration tokens a searched policy's
+    ``report["calibration"]`` names (``windows`` of ``length`` tokens each); ``made_by``: the
+    command that writes such a report, for the error."""
+    calibration = (report or {}).get("calibration")
+    if not calibration:
+        raise ValueError(f"the policy does not say which windows calibrated it (make it with {made_by})")
+    return math.ceil(int(calibration["windows"]) * int(calibration["length"]) / length)
+
+
 def wikitext_windows(tokenizer, count: int, length: int, offset: int = 0) -> torch.Tensor:
     """``count`` windows of ``length`` tokens [count, length], starting ``offset`` windows in."""
     path = data_root() / WIKITEXT
