@@ -174,3 +174,33 @@ def test_reused_measurements_with_other_settings_are_refused_before_any_work(rea
         quant.run(model, tokenizer, calib_windows=1, calib_length=64, measurements_path=path, progress=False)
     with pytest.raises(ValueError, match="other calibration windows"):
         quant.run(model, tokenizer, calib_windows=2, calib_length=64, measurements_path=path, progress=False)
+
+
+def test_gptq_rows_are_scored_not_timed_and_their_costs_are_reused_only_if_made_the_same_way(
+        real_model, tmp_path, monkeypatch):
+    model, tokenizer = tied_llama(), FoldedTokenizer(real_model[1])
+    monkeypatch.setattr(quant, "GPTQ_WINDOWS", 4)
+    path = tmp_path / "gptq.json"
+    args = dict(calib_windows=1, calib_length=64, eval_windows=2, eval_length=64, steps=2, repeats=1,
+                progress=False, decode_only=True, gptq=True, gptq_measurements_path=path)
+    report = quant.run(model, tokenizer, **args)
+    rows = {r["name"]: r for r in report["rows"]}
+    gptq_rows = ["uniform4-g32", "gptq-uniform3", "gptq-uniform4", "gptq-measured3.5", "gptq-measured4.25"]
+    assert list(rows)[5:] == gptq_rows + ["uniform4-a8"]
+    for name in gptq_rows:
+        assert "decode_runs_b1" not in rows[name], name
+    assert "decode_runs_b1" in rows["uniform4"]
+    for t in quant.BUDGETS:
+        assert rows[f"gptq-measured{t}"]["bits_per_weight"] <= t
+    assert rows["gptq-uniform3"]["kl"] < rows["uniform3"]["kl"]  # calibrated beats HQQ at 3 bits
+    assert report["gptq"]["act_order"] and report["gptq"]["calibration_tokens"] == 4 * quant.GPTQ_LENGTH
+    r = report["ratios"]
+    assert r["gptq_mixed425_vs_grid"] == rows["gptq-measured4.25"]["ppl"] / rows["uniform4-g32"]["ppl"]
+    assert r["gptq_mixed35_ppl_ratio"] == rows["gptq-measured3.5"]["ppl"] / rows["bf16"]["ppl"]
+    assert "gptq_mixed425_vs_hqq" not in r  # no HQQ measured rows in a decode-only run
+    monkeypatch.setattr(quant, "measure", lambda *a, **k: pytest.fail("the GPTQ costs were measured again"))
+    again = quant.run(model, tokenizer, **args)
+    assert again["ratios"]["gptq_mixed35_ppl_ratio"] == pytest.approx(r["gptq_mixed35_ppl_ratio"], rel=1e-4)
+    monkeypatch.setattr(quant, "GPTQ", quant.GPTQSettings(act_order=False, grid="rtn"))
+    with pytest.raises(ValueError, match="GPTQ settings and Hessian windows"):
+        quant.run(model, tokenizer, **args)

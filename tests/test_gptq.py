@@ -9,12 +9,13 @@ from tiny_models import VOCAB
 from splice.ops.quant_format import dequantize_codes
 from splice.ops.quant_packing import PackedWeight
 from splice.quant.apply import quantize_model
-from splice.quant.gptq import Hessian, gptq_quantize
+from splice.quant.gptq import GPTQSettings, Hessian, gptq_quantize
 from splice.quant.linear import QuantLinear
 from splice.quant.plan import QuantPlan, quantizable, units
-from splice.quant.quantizers import quantize
-from splice.tools.calibration_text import evaluate, wikitext_windows
+from splice.quant.quantizers import _codes, _grouped, as_stored, clipped_params, quantize, rtn_params
+from splice.tools.calibration_text import evaluate, log_probs, wikitext_windows
 from splice.tools.gptq_calibration import gptq_quantize_model
+from splice.tools.quant_sensitivity import Measurements, gptq_record, measure
 
 K = 200  # not a multiple of 64 or 128: partial last groups
 
@@ -35,16 +36,38 @@ def output_error(x, w, q):
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("group_size", [32, 64, 128])
-@pytest.mark.parametrize("symmetric", [False, True])
-def test_identity_hessian_gives_exactly_rtn_with_integer_zeros(bits, group_size, symmetric):
-    """With H = I no error is spread, so GPTQ is round-to-nearest: rtn_int (or rtn_sym) bit for bit,
-    in sweep order or activation order."""
+@pytest.mark.parametrize("grid", ["rtn_int", "rtn_sym", "rtn"])
+def test_identity_hessian_gives_exactly_rtn_on_its_grid(bits, group_size, grid):
+    """With H = I no error is spread, so GPTQ is round-to-nearest on its grid bit for bit, in sweep
+    order or activation order."""
     w, _, _ = layer()
-    rtn = quantize(w, bits, group_size, "rtn_sym" if symmetric else "rtn_int")
+    rtn = quantize(w, bits, group_size, grid)
     for act_order in (False, True):
-        q = gptq_quantize(w, torch.eye(K), bits, group_size, symmetric=symmetric, act_order=act_order)
+        q = gptq_quantize(w, torch.eye(K), bits, group_size, grid=grid, act_order=act_order)
         assert torch.equal(q.codes, rtn.codes) and torch.equal(q.scales, rtn.scales)
         assert torch.equal(q.zeros, rtn.zeros)
+
+
+@pytest.mark.parametrize("grid", ["rtn_int", "rtn"])
+def test_clipping_never_raises_a_groups_squared_error_and_lowers_the_total(grid):
+    """Gaussian groups: shrinking the min-max range trades their few tail weights for a finer grid."""
+    w, _, _ = layer()
+    wg, mask = _grouped(w, 64)
+
+    def error(s, z):
+        return (((_codes(wg, s, z, 3) - z[..., None]) * s[..., None] - wg) ** 2 * mask).sum(-1)
+
+    plain, clipped = error(*as_stored(*rtn_params(wg, mask, 3, grid))), error(*clipped_params(wg, mask, 3, grid))
+    assert bool((clipped <= plain).all()) and float(clipped.sum()) < 0.9 * float(plain.sum())
+
+
+def test_clipped_gptq_at_identity_hessian_rounds_to_the_clipped_grid():
+    w, _, _ = layer()
+    q = gptq_quantize(w, torch.eye(K), 3, 64, grid="rtn", clip=True)
+    wg, mask = _grouped(w, 64)
+    s, z = clipped_params(wg, mask, 3, "rtn")
+    assert torch.equal(q.scales.float(), s) and torch.equal(q.zeros.float(), z)
+    assert torch.equal(q.codes, _codes(wg, s, z, 3).view(w.shape[0], -1)[:, :K].to(torch.uint8))
 
 
 def test_activation_order_keeps_columns_in_their_own_groups():
@@ -114,6 +137,10 @@ def test_bad_input_is_refused():
         gptq_quantize(w, h, 4, 64, damp=-1)
     with pytest.raises(ValueError, match="bits must be one of"):
         gptq_quantize(w, h, 5, 64)
+    with pytest.raises(ValueError, match="grid must be one of"):
+        gptq_quantize(w, h, 4, 64, grid="hqq")
+    with pytest.raises(ValueError, match="damp must be"):
+        GPTQSettings(damp=float("nan"))  # settings are refused when made, before any calibration
     singular = torch.ones(K, K)  # rank 1, no dead column: only dampening could make it definite
     with pytest.raises(ValueError, match="not positive definite after dampening 0"):
         gptq_quantize(w, singular, 4, 64, damp=0.0)
@@ -203,3 +230,75 @@ def test_gptq_3_bit_beats_hqq_3_bit_on_held_out_wikitext(real_model):
             quantize_model(m, plan, "hqq")
         ppl[method] = evaluate(m, evals)[0]
     assert ppl["gptq"] < 0.5 * ppl["hqq"], ppl
+
+
+# ---- GPTQ-measured allocation costs ---------------------------------------------------------------------------
+
+
+def gptq_costs(model, settings=GPTQSettings(act_order=True, grid="rtn"), hessian_windows=None):
+    return measure(model, windows(), (2, 3), (32,), "gptq", progress=False, gptq=settings,
+                   hessian_windows=calib() if hessian_windows is None else hessian_windows)
+
+
+def kl_by_hand(model, layer: int, leaves: list[str], bits: int, group_size: int, settings) -> float:
+    """The KL on ``windows()`` with the layer's ``leaves`` GPTQ-quantized, their Hessian taken here, unfused."""
+    block = model.model.layers[layer]
+    members = [block.get_submodule(leaf) for leaf in leaves]
+    xs = []
+    hook = members[0].register_forward_pre_hook(lambda mod, args: xs.append(args[0].reshape(-1, args[0].shape[-1])))
+    with torch.no_grad():
+        model(input_ids=calib(), use_cache=False)
+    hook.remove()
+    x = torch.cat(xs).double()
+    hessian = (2 * x.T @ x / x.shape[0]).float()
+    reference = log_probs(model, windows())
+    originals = [m.weight for m in members]
+    for m in members:
+        q = gptq_quantize(m.weight.detach(), hessian, bits, group_size, act_order=settings.act_order, grid=settings.grid)
+        m.weight = torch.nn.Parameter(dequantize_codes(q.codes, q.scales, q.zeros, group_size), requires_grad=False)
+    try:
+        return evaluate(model, windows(), reference)[1]
+    finally:
+        for m, w in zip(members, originals):
+            m.weight = w
+
+
+def test_gptq_costs_are_the_kl_of_each_unit_gptq_quantized_alone():
+    """Each cost is the KL with that unit alone GPTQ-quantized on the unquantized model's input Hessian
+    (q/k/v share one), recomputed here without the measurement's hooks or its run from recorded inputs;
+    and GPTQ's costs are below round-to-nearest's on the same grid."""
+    model = tied_llama()
+    settings = GPTQSettings(act_order=True, grid="rtn")
+    measured = gptq_costs(model, settings)
+    assert measured.method == "gptq" and measured.gptq["grid"] == "rtn" and measured.gptq["act_order"]
+    for layer, leaves, unit in [(1, ["mlp.down_proj"], "mlp.down_proj"),
+                                (0, ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "self_attn.qkv")]:
+        want = kl_by_hand(model, layer, leaves, 2, 32, settings)
+        assert measured.kl[f"model.layers.{layer}.{unit}"]["2g32"] == pytest.approx(want, rel=1e-3, abs=1e-7)
+    rtn = measure(model, windows(), (2, 3), (32,), "rtn", progress=False)
+    layered = [u for u in measured.kl if u != "lm_head"]
+    assert sum(measured.kl[u]["2g32"] for u in layered) < 0.8 * sum(rtn.kl[u]["2g32"] for u in layered)
+
+
+def test_gptq_costs_are_refused_for_other_gptq_settings_or_hessian_windows(tmp_path):
+    model = tied_llama()
+    settings = GPTQSettings(act_order=True, grid="rtn")
+    again = Measurements.load(gptq_costs(model, settings).save(tmp_path / "m.json"))
+    again.check_reuse(model, windows(), "gptq", (2, 3), (32,), gptq_record(settings, calib()))
+    for other in (gptq_record(GPTQSettings(grid="rtn"), calib()),
+                  gptq_record(settings, windows(8, 48, seed=6)), {}):
+        with pytest.raises(ValueError, match="GPTQ settings and Hessian windows"):
+            again.check_reuse(model, windows(), "gptq", (2, 3), (32,), other)
+
+
+def test_gptq_cost_measurement_refuses_bad_input_before_measuring():
+    model = tied_llama()
+    before = state(model)
+    k = model.model.layers[0].mlp.down_proj.in_features
+    with pytest.raises(ValueError, match=rf"mlp\.down_proj: too few Hessian tokens \({k - 1}\)"):
+        gptq_costs(model, hessian_windows=torch.randint(3, VOCAB, (1, k - 1)))
+    with pytest.raises(ValueError, match="method gptq needs hessian_windows"):
+        measure(model, windows(), (2,), (32,), "gptq", progress=False)
+    with pytest.raises(ValueError, match="GPTQ settings or Hessian windows given for method 'hqq'"):
+        measure(model, windows(), (2,), (32,), "hqq", progress=False, hessian_windows=calib())
+    assert all(torch.equal(before[key], v) for key, v in state(model).items())

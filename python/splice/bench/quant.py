@@ -11,6 +11,14 @@ Rows, every one scored on the same held-out WikiText-2 windows:
   2, 3 or 4 bits and group size 32, 64 or 128), ``measured-g64`` (bits only, group 64: the same costs
   without the group-size choice), ``lim``, ``zd`` and ``random`` (the control; perplexity is the
   median over seeds, speed and bytes are the first seed's).
+* ``gptq``: GPTQ rows (activation order, float min-max zero points, clipping:
+  :class:`splice.quant.gptq.GPTQSettings` ``GPTQ``), calibrated on ``GPTQ_WINDOWS`` × ``GPTQ_LENGTH`` WikiText-2 tokens after the held-out
+  ones: ``gptq-uniform3`` and ``gptq-uniform4`` (group 64), and ``gptq-measured3.5`` / ``4.25``, the
+  measured allocation with costs measured by GPTQ-quantizing each unit alone
+  (:func:`splice.tools.quant_sensitivity.measure` with ``gptq``); plus ``uniform4-g32`` (HQQ at 4 bits
+  in groups of 32, 5.0 bits per weight: the grid the default model's Q4_1 weights already sit on).
+  These rows report quality and bytes, not decode speed: they run the same kernels as the formats
+  above.
 
 Quantized rows are planned and quantized from the fp32 weights, then cast to bfloat16 like the
 baseline (activations and dense weights in bf16; codes, fp16 scales and zero points as packed).
@@ -43,7 +51,9 @@ largest with bits per weight ≤ ``B``, the smallest with ≥ ``B``; named in th
 ``uniform_neighbours``; a side without one is left out):
 ``measured{35,425}_ppl_vs_uniform_{below,above}`` (perplexity ÷ that row's) and
 ``measured{35,425}_beats_uniform_{below,above}``; and ``measured{35,425}_beats_random`` (1.0 when
-measured allocation has the lower perplexity).
+measured allocation has the lower perplexity). With ``gptq``: ``gptq_uniform3_ppl_ratio``,
+``gptq_mixed35_ppl_ratio``, ``gptq_mixed425_ppl_ratio`` (÷ bf16), ``gptq_mixed425_vs_hqq`` (÷ the HQQ
+``measured4.25`` row, when present) and ``gptq_mixed425_vs_grid`` (÷ ``uniform4-g32``).
 """
 
 from __future__ import annotations
@@ -51,6 +61,7 @@ from __future__ import annotations
 import copy
 import statistics
 from contextlib import nullcontext
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -61,10 +72,13 @@ from ..decoding.compiled_decode import compile_decode
 from ..quant.activations import set_quant_activations
 from ..quant.allocate import plan_for
 from ..quant.apply import quantize_model
+from ..quant.gptq import GPTQSettings
 from ..quant.linear import QuantLinear
 from ..quant.plan import QuantPlan, quantizable
 from ..tools.calibration_text import evaluate, log_probs, wikitext_windows
-from ..tools.quant_sensitivity import Measurements, measure
+from ..tools.gptq_calibration import gptq_quantize_model
+from ..tools.quant_sensitivity import GPTQ as GPTQ_COSTS
+from ..tools.quant_sensitivity import Measurements, gptq_record, measure
 from .bandwidth import bandwidth_fraction, bytes_per_step, kv_bytes_per_token, read_bandwidth
 from .llamacpp import LlamaCpp, gguf_bytes, unavailable
 from .output import provenance
@@ -82,6 +96,9 @@ MEMORY = "memory-read"  # the bandwidth setting timed among the rows
 PROFILED = ("bf16", "uniform4")  # profile_decode: their decode steps at batch 1 and 8, split by the profiler
 A8, LLAMACPP = "uniform4-a8", "llamacpp-q4_1"
 COMPILED = {"uniform4": "uniform4-compiled", A8: "uniform4-a8-compiled"}  # compiled row of each model
+GPTQ = GPTQSettings(act_order=True, grid="rtn", clip=True)
+GPTQ_WINDOWS, GPTQ_LENGTH = 16, 512
+GRID = "uniform4-g32"  # HQQ 4-bit in groups of 32: the default model's own Q4_1 grid
 
 
 def model_bytes(model: torch.nn.Module) -> int:
@@ -129,6 +146,8 @@ def _time_rows(rows: list[dict], models: dict, decode_ids, steps: int, repeats: 
     bandwidth = statistics.median(runs[MEMORY]["read"])
     context = decode_ids[0].shape[1] + (steps - 1) / 2  # mean cached positions over the timed steps
     for row in rows:
+        if row["name"] not in others and row["name"] not in models:
+            continue  # a quality-only row
         if row["name"] in others:
             weights, kv = others[row["name"]][2:]
         else:
@@ -144,41 +163,62 @@ def _time_rows(rows: list[dict], models: dict, decode_ids, steps: int, repeats: 
     return runs[MEMORY]["read"]
 
 
-def _quantized(model, plan, quantizer):
+def _quantized(model, plan, quantizer, gptq_windows=None):
+    """A bf16 copy of ``model`` quantized by ``plan`` with ``quantizer``, or with GPTQ on ``gptq_windows``."""
     q = copy.deepcopy(model)
-    quantize_model(q, plan, quantizer)
+    if gptq_windows is not None:
+        gptq_quantize_model(q, plan, gptq_windows, GPTQ, progress=False)
+    else:
+        quantize_model(q, plan, quantizer)
     return q.to(torch.bfloat16)
+
+
+def _measurements(model, calib, quantizer, path, progress, **gptq) -> Measurements:
+    """The costs at ``MEASURED_WIDTHS`` × ``MEASURED_GROUPS``: reused from ``path`` when it exists (refused
+    unless made the same way), else measured (and written to ``path`` when given)."""
+    if path is not None and Path(path).is_file():
+        found = Measurements.load(path)
+        record = gptq_record(gptq["gptq"], gptq["hessian_windows"]) if gptq else {}
+        found.check_reuse(model, calib, quantizer, MEASURED_WIDTHS, MEASURED_GROUPS, record)
+        return found
+    found = measure(model, calib, MEASURED_WIDTHS, MEASURED_GROUPS, quantizer, progress=progress, **gptq)
+    if path is not None:
+        found.save(path)
+    return found
 
 
 def run(model, tokenizer, calib_windows: int = 2, calib_length: int = 128, eval_windows: int = 4,
         eval_length: int = 512, steps: int = 32, repeats: int = 3, seeds: int = 3, quantizer: str = "hqq",
         measurements_path=None, progress: bool = True, decode_only: bool = False,
-        profile_decode: bool = False, compiled: bool = False, llamacpp_gguf=None) -> dict:
+        profile_decode: bool = False, compiled: bool = False, llamacpp_gguf=None, gptq: bool = False,
+        gptq_measurements_path=None) -> dict:
     """The report (module docstring); ``model`` is the fp32 model (left unchanged).
 
     ``measurements_path``: a measurement file to reuse when it exists (refused unless measured on
     the same calibration windows with the same quantizer, widths 2, 3, 4 and group sizes 32, 64,
-    128), else where the measurements made here are written.
+    128), else where the measurements made here are written. ``gptq_measurements_path``: the same for
+    the GPTQ costs (refused unless also made with the same GPTQ settings and Hessian windows).
     """
     adapter = Adapter(model)
     calib = wikitext_windows(tokenizer, calib_windows, calib_length)
     offset = -(-calib_windows * calib_length // eval_length)  # held-out windows start after the calibration text
     evals = wikitext_windows(tokenizer, eval_windows, eval_length, offset=offset)
     decode_ids = [evals[torch.arange(b) % eval_windows, :64] for b in BATCHES]
-    if decode_only:
-        measurements = None
-    elif measurements_path is not None and Path(measurements_path).is_file():
-        measurements = Measurements.load(measurements_path)
-        measurements.check_reuse(model, calib, quantizer, MEASURED_WIDTHS, MEASURED_GROUPS)
-    else:
-        measurements = measure(model, calib, MEASURED_WIDTHS, MEASURED_GROUPS, quantizer, progress=progress)
-        if measurements_path is not None:
-            measurements.save(measurements_path)
+    measurements = None if decode_only else _measurements(model, calib, quantizer, measurements_path, progress)
+    gptq_windows = gptq_costs = None
+    if gptq:  # GPTQ's calibration text: after the held-out windows
+        seen = (offset + eval_windows) * eval_length
+        gptq_windows = wikitext_windows(tokenizer, GPTQ_WINDOWS, GPTQ_LENGTH, offset=-(-seen // GPTQ_LENGTH))
+        gptq_costs = _measurements(model, calib, GPTQ_COSTS, gptq_measurements_path, progress, gptq=GPTQ,
+                                   hessian_windows=gptq_windows)
     reference = log_probs(model, evals)
     jobs = [("fp32", None, None), ("bf16", None, None)]
     jobs += [(f"uniform{b}", "uniform", b + 32 / GROUP) for b in UNIFORM]
     if not decode_only:
         jobs += [(f"{m}{t}", m, t) for t in BUDGETS for m in ("measured", "measured-g64", *SCORED)]
+    if gptq:
+        jobs += [(GRID, "uniform-g32", 5.0), *[(f"gptq-uniform{b}", "gptq-uniform", b + 32 / GROUP) for b in (3, 4)],
+                 *[(f"gptq-measured{t}", "gptq-measured", t) for t in BUDGETS]]
     rows, timed = [], {}
     for name, method, target in tqdm(jobs, desc="quantized models", disable=not progress):
         if method is None:
@@ -188,13 +228,19 @@ def run(model, tokenizer, calib_windows: int = 2, calib_length: int = 128, eval_
         seeds_here = range(seeds) if method == "random" else [0]
         found = []
         for seed in seeds_here:
-            groups = MEASURED_GROUPS if method == "measured" else (GROUP,)
-            plan = (QuantPlan.uniform(model, int(name.removeprefix("uniform")), GROUP) if method == "uniform" else
-                    plan_for(model, method.removesuffix("-g64"), target, measurements, GROUP, seed=seed,
-                             group_sizes=groups))
-            quantized = _quantized(model, plan, quantizer)
+            groups = MEASURED_GROUPS if method.endswith("measured") else (GROUP,)
+            if method in ("uniform", "gptq-uniform"):
+                plan = QuantPlan.uniform(model, int(name[-1]), GROUP)
+            elif method == "uniform-g32":
+                plan = QuantPlan.uniform(model, 4, 32)
+            else:
+                costs = gptq_costs if method == "gptq-measured" else measurements
+                plan = plan_for(model, method.removesuffix("-g64").removeprefix("gptq-"), target, costs, GROUP,
+                                seed=seed, group_sizes=groups)
+            quantized = _quantized(model, plan, quantizer, gptq_windows if method.startswith("gptq") else None)
             found.append(_row(name, quantized, evals, reference, plan))
-            if seed == 0:  # speed and bytes are the first seed's
+            quality_only = method.startswith("gptq") or method == "uniform-g32"
+            if seed == 0 and not quality_only:  # speed and bytes are the first seed's
                 timed[name] = quantized
         row = found[0]
         if len(found) > 1:
@@ -217,6 +263,7 @@ def run(model, tokenizer, calib_windows: int = 2, calib_length: int = 128, eval_
     return {
         "benchmark": "quant", "model": adapter.name, "architecture": adapter.describe(), **provenance(),
         "quantizer": quantizer, "eval_tokens": evals.numel(), "calibration_tokens": calib.numel(),
+        **({"gptq": {**asdict(GPTQ), "calibration_tokens": gptq_windows.numel()}} if gptq else {}),
         "repeats": repeats, "decode_steps": steps, "random_seeds": seeds, "decode_only": decode_only,
         "skipped_rows": skipped,
         "read_bandwidth": statistics.median(bandwidth_runs), "read_bandwidth_runs": bandwidth_runs,
@@ -287,6 +334,13 @@ def ratios(rows: list[dict]) -> dict[str, float]:
     out |= {"q4_decode_vs_fp32_b1": q4["decode_tps_b1"] / fp32["decode_tps_b1"],
             "q4_decode_vs_fp32_b8": q4["decode_tps_b8"] / fp32["decode_tps_b8"],
             "uniform3_ppl_ratio": by["uniform3"]["ppl"] / bf16["ppl"]}
+    if "gptq-measured3.5" in by:
+        out |= {"gptq_uniform3_ppl_ratio": by["gptq-uniform3"]["ppl"] / bf16["ppl"],
+                "gptq_mixed35_ppl_ratio": by["gptq-measured3.5"]["ppl"] / bf16["ppl"],
+                "gptq_mixed425_ppl_ratio": by["gptq-measured4.25"]["ppl"] / bf16["ppl"],
+                "gptq_mixed425_vs_grid": by["gptq-measured4.25"]["ppl"] / by[GRID]["ppl"]}
+        if "measured4.25" in by:
+            out["gptq_mixed425_vs_hqq"] = by["gptq-measured4.25"]["ppl"] / by["measured4.25"]["ppl"]
     if "measured3.5" not in by:
         return out
     out |= {"mixed35_ppl_ratio": by["measured3.5"]["ppl"] / bf16["ppl"],

@@ -62,7 +62,8 @@ def cmd_bench_quant(args) -> int:
                        eval_length=args.eval_length, steps=args.steps, repeats=args.repeats, seeds=args.seeds,
                        measurements_path=args.measurements, decode_only=args.decode_only,
                        profile_decode=args.profile_decode, compiled=args.compiled,
-                       llamacpp_gguf=args.llamacpp_gguf or _default_gguf(args))
+                       llamacpp_gguf=args.llamacpp_gguf or _default_gguf(args), gptq=args.gptq,
+                       gptq_measurements_path=args.gptq_measurements)
     _report(quant_report, report, args.json)
     return 0
 
@@ -190,6 +191,11 @@ def add_commands(sub) -> None:
                     help="add the uniform 4-bit model decoded by splice.compile_decode (batch 1 and 8)")
     bq.add_argument("--llamacpp-gguf", help="GGUF for the llama.cpp row (default: the bundled Q4_1 file of the "
                     "default model); the row needs llama-cpp-python: make install-llamacpp")
+    bq.add_argument("--gptq", action="store_true",
+                    help="add GPTQ rows (uniform 3 and 4 bits, measured allocation at 3.5 and 4.25 with GPTQ costs) "
+                    "and the HQQ 4-bit group-32 row (the model's own grid); quality only")
+    bq.add_argument("--gptq-measurements", help="GPTQ cost JSON: reused when it exists (refused unless made the "
+                    "same way), else written there")
     bq.set_defaults(func=cmd_bench_quant)
 
     ba = bsub.add_parser("attention", parents=[model_options(), report, timing_options(16, 3)],

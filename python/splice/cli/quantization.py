@@ -11,32 +11,40 @@ def cmd_quantize(args) -> int:
     from ..quant.allocate import plan_for
     from ..quant.apply import quantize_model
     from ..quant.checkpoint import save_quantized
+    from ..quant.gptq import GPTQSettings
     from ..tools.calibration_text import evaluate, log_probs, wikitext_windows
     from ..tools.gptq_calibration import gptq_quantize_model
-    from ..tools.quant_sensitivity import Measurements, measure
+    from ..tools.quant_sensitivity import Measurements, gptq_record, measure
 
     if Path(args.out).exists() and not args.overwrite:
         raise SystemExit(f"{args.out} exists; pass --overwrite to replace it")
     if args.method != "measured" and len(args.group_sizes) != 1:
         raise SystemExit(f"--method {args.method} uses one group size; only measured chooses among several")
     model, tokenizer = load(args)
-    gptq = args.quantizer == "gptq"
-    cost_quantizer = "hqq" if gptq else args.quantizer  # GPTQ's costs: measured with HQQ (calibration-free)
+    gptq = GPTQSettings(args.damp, args.act_order, args.grid, clip=args.clip) if args.quantizer == "gptq" else None
+    calibration = None
+    if gptq:  # calibration text after the sensitivity and held-out windows, which it must not see
+        seen = (args.windows + args.eval_windows) * args.length
+        calibration = wikitext_windows(tokenizer, args.calibration_windows, args.calibration_length,
+                                       offset=-(-seen // args.calibration_length))
     measurements = None
     if args.method in ("measured", "lim", "zd"):
         windows = wikitext_windows(tokenizer, args.windows, args.length)
         widths = args.widths if args.method == "measured" else ()
+        # GPTQ's costs: each unit GPTQ-quantized alone, with its Hessian on the calibration windows
+        cost_gptq = {"gptq": gptq, "hessian_windows": calibration} if gptq else {}
         if args.measurements and Path(args.measurements).is_file():
             kl_used = args.method == "measured"  # lim and zd read no KL: quantizer and formats do not matter
             try:
                 measurements = Measurements.load(args.measurements)
-                measurements.check_reuse(model, windows,
-                                         *((cost_quantizer, widths, args.group_sizes) if kl_used else ()))
+                measurements.check_reuse(model, windows, *((args.quantizer, widths, args.group_sizes,
+                                                            gptq_record(gptq, calibration) if gptq else {})
+                                                           if kl_used else ()))
             except ValueError as exc:
                 raise SystemExit(f"{args.measurements}: {exc}") from exc
             print(f"reusing measurements from {args.measurements}")
         else:
-            measurements = measure(model, windows, widths, args.group_sizes, cost_quantizer)
+            measurements = measure(model, windows, widths, args.group_sizes, args.quantizer, **cost_gptq)
             if args.measurements:
                 print(f"wrote {measurements.save(args.measurements)}")
     plan = plan_for(model, args.method, args.bits, measurements, args.group_sizes[0], args.widths, args.seed,
@@ -45,11 +53,8 @@ def cmd_quantize(args) -> int:
     if args.eval_windows:
         evals = wikitext_windows(tokenizer, args.eval_windows, args.length, offset=args.windows)
         reference, full_ppl = log_probs(model, evals), evaluate(model, evals)[0]
-    if gptq:  # calibration text after the sensitivity and held-out windows, which it must not see
-        seen = (args.windows + args.eval_windows) * args.length
-        calibration = wikitext_windows(tokenizer, args.calibration_windows, args.calibration_length,
-                                       offset=-(-seen // args.calibration_length))
-        report = gptq_quantize_model(model, plan, calibration, damp=args.damp, act_order=args.act_order)
+    if gptq:
+        report = gptq_quantize_model(model, plan, calibration, gptq)
     else:
         report = quantize_model(model, plan, args.quantizer)
     print(f"plan ({args.method}, {args.quantizer}): {plan.summary()}")
@@ -82,11 +87,16 @@ def add_commands(sub) -> None:
                     "same calibration windows and, for measured, quantizer, widths and group sizes), else "
                     "written there")
     qz.add_argument("--quantizer", default="hqq", choices=["hqq", "rtn", "rtn_sym", "rtn_int", "gptq"],
-                    help="gptq: calibrated on WikiText-2 windows after the held-out ones, integer zero points "
-                    "(exportable); --method measured then allocates with costs measured with hqq")
+                    help="gptq: calibrated on WikiText-2 windows after the held-out ones; --method measured then "
+                    "allocates with costs measured by GPTQ-quantizing each unit alone")
     qz.add_argument("--calibration-windows", type=int, default=16, help="gptq: calibration windows")
     qz.add_argument("--calibration-length", type=int, default=512, help="gptq: tokens per calibration window")
     qz.add_argument("--act-order", action="store_true", help="gptq: quantize columns by decreasing Hessian diagonal")
+    qz.add_argument("--grid", default="rtn_int", choices=["rtn_int", "rtn_sym", "rtn"],
+                    help="gptq: integer zero points (rtn_int, exportable), symmetric (rtn_sym, exportable) or "
+                    "float min-max zero points (rtn: not exportable)")
+    qz.add_argument("--clip", action="store_true",
+                    help="gptq: shrink each group's range to the factor with the least squared error (outliers clipped)")
     qz.add_argument("--damp", type=float, default=0.01, help="gptq: dampening, a fraction of the mean Hessian diagonal")
     qz.add_argument("--group-sizes", type=int, nargs="+", default=[64], choices=[32, 64, 128],
                     help="group sizes to choose among (measured; the other methods take one)")

@@ -18,12 +18,17 @@ GPTQ minimises ``‖X Wᵀ − X Ŵᵀ‖²`` row by row with the Hessian ``H = 
   computes them from the uncompensated weight before the sweep; splice's choice sees the updates
   made so far and keeps the same valid layout;
 * *group parameters* without ``act_order``: computed when the sweep reaches the group's first
-  column, from its current values (the block's pending updates included).
+  column, from its current values (the block's pending updates included);
+* *clipping* (``clip``, the reference code's ``mse`` option): each group's range is shrunk by the
+  factor that minimises its ``Σ |w − ŵ|^2.4`` (:func:`splice.quant.quantizers.clipped_params`).
 
-Group parameters are those of :mod:`splice.quant.quantizers` with integer zero points: ``rtn_int``
-(asymmetric, range widened to include 0, ``z = round(−min / s)``) or ``rtn_sym`` (``symmetric``),
-stored as float16, so a GPTQ weight exports exactly to compressed-tensors. With ``H = I`` no error is
-spread and GPTQ gives exactly ``quantize(W, bits, group_size, "rtn_int")`` (or ``"rtn_sym"``).
+Group parameters are those of one of :mod:`splice.quant.quantizers`' round-to-nearest grids
+(``grid``), stored as float16: ``rtn_int`` (asymmetric, range widened to include 0, integer zero
+point ``z = round(−min / s)``) or ``rtn_sym`` (symmetric), whose GPTQ weights export exactly to
+compressed-tensors; or ``rtn`` (asymmetric min-max, a float zero point), which the export refuses but
+which can land exactly on a grid a model was already stored on (the default model's Q4_1 weights
+at 4 bits in groups of 32). With ``H = I`` no error is spread and GPTQ gives exactly
+``quantize(W, bits, group_size, grid)``.
 
 The sweep is thousands of small torch ops; where one column's update touches fewer than
 ``SMALL_UPDATE`` weights it runs on one torch thread (the setting is restored afterwards), which on
@@ -33,14 +38,16 @@ The sweep is thousands of small torch ops; where one column's update touches few
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
 
 import torch
 
 from ..ops.quant_format import Quantized, check_bits_group
-from .quantizers import as_stored, rtn_params
+from .quantizers import as_stored, clipped_params, rtn_params
 
 DAMP = 0.01
 BLOCK_SIZE = 128
+GRIDS = ("rtn_int", "rtn_sym", "rtn")
 SMALL_UPDATE = 2**20  # below this many weights per column update, one thread sweeps faster (no sync)
 
 
@@ -81,7 +88,17 @@ def inverse_cholesky(hessian: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
     return upper
 
 
-def _check(w: torch.Tensor, hessian: torch.Tensor, damp: float, block_size: int) -> None:
+def _check_settings(damp: float, block_size: int, grid: str) -> None:
+    if grid not in GRIDS:
+        raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}")
+    if not (math.isfinite(damp) and damp >= 0):
+        raise ValueError(f"damp must be a finite number >= 0, got {damp!r}")
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size!r}")
+
+
+def _check(w: torch.Tensor, hessian: torch.Tensor, damp: float, block_size: int, grid: str) -> None:
+    _check_settings(damp, block_size, grid)
     if w.dim() != 2 or not w.is_floating_point() or w.numel() == 0:
         raise ValueError(f"w must be a non-empty float [N, K] tensor, got {tuple(w.shape)} {w.dtype}")
     if tuple(hessian.shape) != (w.shape[1], w.shape[1]):
@@ -91,18 +108,31 @@ def _check(w: torch.Tensor, hessian: torch.Tensor, damp: float, block_size: int)
         raise ValueError("w has non-finite values")
     if not bool(torch.isfinite(hessian).all()):
         raise ValueError("the Hessian has non-finite values (non-finite calibration inputs)")
-    if not (math.isfinite(damp) and damp >= 0):
-        raise ValueError(f"damp must be a finite number >= 0, got {damp!r}")
-    if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size!r}")
+
+
+@dataclass(frozen=True)
+class GPTQSettings:
+    """The settings of :func:`gptq_quantize` besides the format: one object for a whole calibration."""
+
+    damp: float = DAMP
+    act_order: bool = False
+    grid: str = "rtn_int"
+    block_size: int = BLOCK_SIZE
+    clip: bool = False
+
+    def __post_init__(self) -> None:
+        _check_settings(self.damp, self.block_size, self.grid)
+
+    def quantize(self, w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int) -> Quantized:
+        return gptq_quantize(w, hessian, bits, group_size, **asdict(self))
 
 
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, *, damp: float = DAMP,
-                  act_order: bool = False, symmetric: bool = False, block_size: int = BLOCK_SIZE) -> Quantized:
+                  act_order: bool = False, grid: str = "rtn_int", block_size: int = BLOCK_SIZE,
+                  clip: bool = False) -> Quantized:
     """Quantize ``w`` [N, K] group-wise along K, minimising ``‖X Wᵀ − X Ŵᵀ‖²`` for ``hessian`` = 2 XᵀX / n."""
     check_bits_group(bits, group_size)
-    _check(w, hessian, damp, block_size)
-    method = "rtn_sym" if symmetric else "rtn_int"
+    _check(w, hessian, damp, block_size, grid)
     n, k = w.shape
     W = w.detach().to(torch.float32).clone()
     H = hessian.detach().to(torch.float32, copy=True)
@@ -118,14 +148,14 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size:
         torch.set_num_threads(1)
     try:
         U = inverse_cholesky(H, damp)
-        codes, scales, zeros = _sweep(W, U, order, position, bits, group_size, block_size, method)
+        codes, scales, zeros = _sweep(W, U, order, position, bits, group_size, block_size, grid, clip)
     finally:
         torch.set_num_threads(threads)
     return Quantized(codes[:, position].to(torch.uint8).contiguous(), scales.to(torch.float16),
                      zeros.to(torch.float16), bits, group_size)
 
 
-def _sweep(W, U, order, position, bits, group_size, block_size, method):
+def _sweep(W, U, order, position, bits, group_size, block_size, grid, clip):
     """The blocked column sweep (module docstring) over ``W`` [N, K] in sweep order; ``W`` is updated in place.
     Returns codes in sweep order and the per-group float16-rounded scales and zero points (fp32)."""
     n, k = W.shape
@@ -146,8 +176,9 @@ def _sweep(W, U, order, position, bits, group_size, block_size, method):
                 # the group's columns now: their values at the block's start less the block's updates so far
                 p = torch.tensor(position[g * group_size:(g + 1) * group_size])
                 current = (W[:, p] - E1[:, :i] @ U[i1:i1 + i, p])[:, None, :]
-                s, z = rtn_params(current, torch.ones_like(current[:1], dtype=torch.bool), bits, method)
-                s, z = as_stored(s, z)
+                every = torch.ones_like(current[:1], dtype=torch.bool)
+                s, z = (clipped_params(current, every, bits, grid) if clip else
+                        as_stored(*rtn_params(current, every, bits, grid)))
                 scales[:, g], zeros[:, g], ready[g] = s[:, 0], z[:, 0], True
             col = W1[:, i]
             s, z = scales[:, g], zeros[:, g]

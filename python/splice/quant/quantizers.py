@@ -76,6 +76,33 @@ def rtn_params(wg: torch.Tensor, mask: torch.Tensor, bits: int, method: str):
     return s, z
 
 
+CLIP_STEPS = 80
+CLIP_CHUNK = 2**22  # candidate elements evaluated at once
+
+
+def clipped_params(wg: torch.Tensor, mask: torch.Tensor, bits: int, method: str):
+    """``rtn_params`` of the range shrunk by the factor in ``1, 0.99, …, 0.21`` (``CLIP_STEPS``) that
+    minimises each group's ``Σ (w − ŵ)²`` (float16-rounded parameters; the largest factor wins a tie):
+    GPTQ's reference code's ``mse`` option, with the squared error where it takes ``|w − ŵ|^2.4`` (7×
+    cheaper here). Clipping a few outliers buys a finer grid for the rest. Never worse than
+    ``rtn_params`` by that measure (factor 1 is a candidate)."""
+    factors = 1.0 - torch.arange(CLIP_STEPS, dtype=torch.float32, device=wg.device) / 100
+    partial = not bool(mask.all())
+    best_s = best_z = best = None
+    for chunk in factors.split(max(1, CLIP_CHUNK // wg.numel())):
+        s, z = as_stored(*rtn_params(wg * chunk.view(-1, *[1] * wg.dim()), mask, bits, method))
+        err = ((_codes(wg, s, z, bits) - z[..., None]) * s[..., None] - wg).square_()
+        err = (err * mask if partial else err).sum(-1)
+        err, i = err.min(0)
+        s, z = s.gather(0, i[None])[0], z.gather(0, i[None])[0]
+        if best is None:
+            best_s, best_z, best = s, z, err
+            continue
+        better = err < best
+        best_s, best_z, best = torch.where(better, s, best_s), torch.where(better, z, best_z), torch.minimum(err, best)
+    return best_s, best_z
+
+
 def _shrink_lp(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
     """Generalized soft threshold: the proximal step of ``|x|^p / beta`` (p < 1)."""
     ax = x.abs()

@@ -49,6 +49,17 @@ def wikitext_windows(tokenizer, count: int, length: int, offset: int = 0) -> tor
     return ids[offset * length:needed].view(count, length).clone()
 
 
+def run_hooked(model, windows: torch.Tensor, handles: list, batch_size: int = 8) -> None:
+    """Run ``model`` over ``windows`` [count, length] chunk by chunk (no cache), then remove the hook
+    ``handles`` already registered on it, whatever happens."""
+    try:
+        for chunk in windows.split(batch_size):
+            model(input_ids=chunk, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @torch.inference_mode()
 def log_probs(model, windows: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
     """Next-token log-probabilities [count, length - 1, vocab] (float32) of every window."""

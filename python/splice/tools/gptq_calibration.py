@@ -32,7 +32,7 @@ from tqdm import tqdm
 from ..adapters.architecture import Adapter
 from ..ops.quant_packing import PackedWeight
 from ..quant.apply import QuantReport, set_module
-from ..quant.gptq import BLOCK_SIZE, DAMP, Hessian, gptq_quantize
+from ..quant.gptq import GPTQSettings, Hessian
 from ..quant.linear import QuantLinear
 from ..quant.plan import DENSE, QuantPlan, quantizable, unit_of
 from ..runtime.splice_runtime import ATTRIBUTE
@@ -144,10 +144,11 @@ def _hessian_of(layer, module: nn.Linear, inputs, kwargs) -> Hessian:
 
 
 @torch.no_grad()
-def gptq_quantize_model(model: nn.Module, plan: QuantPlan, windows: torch.Tensor, *, damp: float = DAMP,
-                        act_order: bool = False, symmetric: bool = False, block_size: int = BLOCK_SIZE,
-                        batch_size: int = 8, progress: bool = True) -> GPTQReport:
-    """Quantize every module of ``plan`` below 16 bits with GPTQ calibrated on ``windows`` [count, length], in place."""
+def gptq_quantize_model(model: nn.Module, plan: QuantPlan, windows: torch.Tensor,
+                        settings: GPTQSettings = GPTQSettings(), *, batch_size: int = 8,
+                        progress: bool = True) -> GPTQReport:
+    """Quantize every module of ``plan`` below 16 bits with GPTQ (``settings``) calibrated on ``windows``
+    [count, length], in place."""
     adapter = Adapter(model)
     _check(model, plan, windows, adapter)
     start = time.perf_counter()
@@ -160,8 +161,7 @@ def gptq_quantize_model(model: nn.Module, plan: QuantPlan, windows: torch.Tensor
             m, e = mods[name], plan.entries[name]
             try:
                 h = hessian.matrix()
-                q = gptq_quantize(m.weight, h, e.bits, e.group_size, damp=damp, act_order=act_order,
-                                  symmetric=symmetric, block_size=block_size)
+                q = settings.quantize(m.weight, h, e.bits, e.group_size)
             except (ValueError, RuntimeError) as exc:
                 raise type(exc)(f"GPTQ of {name} ({e.bits}-bit, group {e.group_size}) failed (the model is "
                                 f"unchanged): {exc}") from exc

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from ..adapters.architecture import Adapter
 from ..skipping.spec import Skip
 from ..utils.atomic import write_atomic
-from .calibration_text import evaluate, log_probs
+from .calibration_text import evaluate, log_probs, run_hooked
 from .plotting import pyplot, save_figure
 
 METHODS = ("bi", "l2", "kl", "greedy", "random")
@@ -111,12 +111,7 @@ def influence(model, windows: torch.Tensor, batch_size: int = 8) -> tuple[list[f
         return record
 
     handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(adapter.layers)]
-    try:
-        for chunk in windows.split(batch_size):
-            model(input_ids=chunk, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    run_hooked(model, windows, handles, batch_size)
     return (bi / windows.numel()).tolist(), (l2 / windows.numel()).tolist()
 
 

@@ -13,10 +13,15 @@ Effective Method for Quantizing LLMs Beyond Integer Bit-Levels" (2024):
   unit ``u`` alone is quantized in format ``f = (bits, group_size)`` (everything else full
   precision), on calibration text. Layers before ``u``'s are unchanged, so each run starts from
   that layer's recorded input (:class:`LayerInputs`) instead of running the whole model.
+  The quantizer is one of :data:`splice.quant.quantizers.METHODS` or ``gptq``: the unit's members
+  are then quantized by GPTQ with the Hessian of the unit's input in the unquantized model
+  (:func:`unit_hessians`, on separate ``hessian_windows``: GPTQ needs at least as many tokens as
+  inputs), which is the input it sees when it alone is quantized.
 
 A :class:`Measurements` file holds all three with the model's signature and the settings they were
 measured with (calibration windows: count, length and a hash of their token ids; quantizer; widths;
-group sizes). :meth:`Measurements.check_reuse` refuses it for another model or other settings, and
+group sizes; for GPTQ its settings and Hessian windows). :meth:`Measurements.check_reuse` refuses it
+for another model or other settings, and
 a file without those settings (an older one) is refused on load. The measured costs feed
 :func:`splice.quant.allocate.plan_for` (method ``measured``).
 """
@@ -25,8 +30,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -34,13 +41,16 @@ from torch import nn
 from tqdm import tqdm
 
 from ..adapters.architecture import Adapter
-from ..ops.quant_format import dequantize_codes
+from ..ops.quant_format import Quantized, dequantize_codes
+from ..quant.gptq import GPTQSettings, Hessian
 from ..quant.plan import DENSE, check_width, model_signature, module_shape, quantizable, units
 from ..quant.quantizers import METHODS, quantize
 from ..utils.atomic import write_atomic
-from .calibration_text import evaluate, log_probs
+from .calibration_text import evaluate, log_probs, run_hooked
 
 ZD_K = 1.0
+GPTQ = "gptq"
+COST_QUANTIZERS = (*METHODS, GPTQ)
 
 
 def format_key(bits: int, group_size: int) -> str:
@@ -77,6 +87,7 @@ class Measurements:
     full_ppl: float | None = None
     widths: list[int] = field(default_factory=list)
     calibration: dict = field(default_factory=dict)
+    gptq: dict = field(default_factory=dict)
 
     def costs(self) -> dict[str, dict[tuple[int, int], float]]:
         """``cost[unit][(bits, group_size)]``, the measured KL (raises if this file holds none)."""
@@ -92,11 +103,11 @@ class Measurements:
             raise ValueError("these measurements list other quantization units than the model has")
 
     def check_reuse(self, model: nn.Module, windows: torch.Tensor, method: str | None = None,
-                    widths=None, group_sizes=None) -> None:
+                    widths=None, group_sizes=None, gptq: dict | None = None) -> None:
         """Refuse these measurements for ``model`` unless they were made on the same calibration
         ``windows`` and, for each setting given (None: the use does not depend on it), with the same
-        quantizer ``method``, ``widths`` and ``group_sizes``. Raises ValueError naming the first
-        difference."""
+        quantizer ``method``, ``widths``, ``group_sizes`` and ``gptq`` record (:func:`gptq_record`).
+        Raises ValueError naming the first difference."""
         self.check_model(model)
         wanted = calibration_of(windows)
         for key in ("windows", "length", "tokens_sha256"):
@@ -106,7 +117,8 @@ class Measurements:
         settings = {"quantizer": (self.method, method),
                     "widths": (sorted(self.widths), None if widths is None else sorted(int(b) for b in widths)),
                     "group sizes": (sorted(self.group_sizes),
-                                    None if group_sizes is None else sorted({int(g) for g in group_sizes}))}
+                                    None if group_sizes is None else sorted({int(g) for g in group_sizes})),
+                    "GPTQ settings and Hessian windows": (self.gptq, gptq)}
         for name, (have, want) in settings.items():
             if want is not None and have != want:
                 raise ValueError(f"these measurements were made with {name} {have}; this run asks for {want}: "
@@ -135,7 +147,6 @@ def layer_lim(model: nn.Module, windows: torch.Tensor, batch_size: int = 8) -> l
     """``LIM_l = 1 − mean cos(x_l, y_l)`` over every token of ``windows``, per decoder layer."""
     adapter = Adapter(model)
     sums = [0.0] * adapter.num_layers
-    count = 0
 
     def hook(idx):
         def fn(module, args, kwargs, out):
@@ -145,14 +156,8 @@ def layer_lim(model: nn.Module, windows: torch.Tensor, batch_size: int = 8) -> l
         return fn
 
     handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(adapter.layers)]
-    try:
-        for chunk in windows.split(batch_size):
-            model(input_ids=chunk, use_cache=False)
-            count += chunk.numel()
-    finally:
-        for h in handles:
-            h.remove()
-    return [1.0 - s / count for s in sums]
+    run_hooked(model, windows, handles, batch_size)
+    return [1.0 - s / windows.numel() for s in sums]
 
 
 def zd_score(weights: list[torch.Tensor], k: float = ZD_K) -> float:
@@ -185,13 +190,8 @@ class LayerInputs:
 
         layers = self.adapter.layers
         handles = [layer.register_forward_pre_hook(record(i), with_kwargs=True) for i, layer in enumerate(layers)]
-        try:
-            with torch.inference_mode():
-                for chunk in windows.split(batch_size):
-                    model(input_ids=chunk, use_cache=False)
-        finally:
-            for h in handles:
-                h.remove()
+        with torch.inference_mode():
+            run_hooked(model, windows, handles, batch_size)
 
     @contextmanager
     def starting_at(self, layer: int):
@@ -219,15 +219,17 @@ class LayerInputs:
 
 
 @contextmanager
-def fake_quantized(modules: list[nn.Linear], bits: int, group_size: int, method: str):
-    """Within the block, each module's weight is its quantized value ``(q − z) · s``.
+def fake_quantized(modules: list[nn.Linear], bits: int, group_size: int, method: str,
+                   quantizer: Callable[[torch.Tensor], Quantized] | None = None):
+    """Within the block, each module's weight is its quantized value ``(q − z) · s``: by ``method``, or
+    by ``quantizer(weight)`` when one is given.
 
     The weight *Parameter* is swapped (never written), so a tied ``lm_head`` leaves the embedding as it was.
     """
     originals = [m.weight for m in modules]
     try:
         for m, w in zip(modules, originals):
-            q = quantize(w.detach(), bits, group_size, method)
+            q = quantizer(w.detach()) if quantizer else quantize(w.detach(), bits, group_size, method)
             deq = dequantize_codes(q.codes, q.scales, q.zeros, group_size).to(w.dtype)
             m.weight = nn.Parameter(deq, requires_grad=False)
         yield
@@ -236,16 +238,42 @@ def fake_quantized(modules: list[nn.Linear], bits: int, group_size: int, method:
             m.weight = w
 
 
+def gptq_record(settings: GPTQSettings, hessian_windows: torch.Tensor) -> dict:
+    """What a GPTQ cost measurement depends on besides the KL windows: the settings and Hessian windows."""
+    return {**asdict(settings), "hessian": calibration_of(hessian_windows)}
+
+
+@torch.inference_mode()
+def unit_hessians(model: nn.Module, windows: torch.Tensor, batch_size: int = 8) -> dict[str, Hessian]:
+    """The Hessian ``2 XᵀX / n`` of every unit's input (its members share it) on ``windows``, in one
+    forward pass of the model as it is."""
+    mods = quantizable(model)
+    hessians: dict[str, Hessian] = {}
+    handles = []
+    for unit, names in units(model).items():
+        hessians[unit] = Hessian(mods[names[0]].in_features)
+        handles.append(mods[names[0]].register_forward_pre_hook(lambda m, args, h=hessians[unit]: h.add(args[0])))
+    run_hooked(model, windows, handles, batch_size)
+    return hessians
+
+
 def measure(model: nn.Module, windows: torch.Tensor, widths=(2, 3, 4, 8), group_sizes=(64,),
-            method: str = "hqq", batch_size: int = 8, progress: bool = True) -> Measurements:
+            method: str = "hqq", batch_size: int = 8, progress: bool = True, *,
+            gptq: GPTQSettings | None = None, hessian_windows: torch.Tensor | None = None) -> Measurements:
     """LIM, ZD and (for each width in ``widths`` at each of ``group_sizes``; no widths: skip) the
-    measured KL of every unit.
+    measured KL of every unit, quantized by ``method`` (one of :data:`COST_QUANTIZERS`; ``gptq``
+    uses ``gptq`` settings, default :class:`GPTQSettings`, and Hessians on ``hessian_windows``).
 
     Costs ``len(units) · len(widths) · len(group_sizes)`` partial forward passes over ``windows``
     (from the unit's layer on): keep it to a few hundred tokens.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method not in COST_QUANTIZERS:
+        raise ValueError(f"method must be one of {COST_QUANTIZERS}, got {method!r}")
+    if method == GPTQ and widths and hessian_windows is None:
+        raise ValueError("method gptq needs hessian_windows")
+    if method != GPTQ and (gptq is not None or hessian_windows is not None):
+        raise ValueError(f"GPTQ settings or Hessian windows given for method {method!r}")
+    gptq = gptq or GPTQSettings()
     calibration = calibration_of(windows)
     group_sizes = sorted({int(g) for g in group_sizes})
     if not group_sizes:
@@ -261,6 +289,15 @@ def measure(model: nn.Module, windows: torch.Tensor, widths=(2, 3, 4, 8), group_
     if done:
         raise ValueError(f"measure the unquantized model: {done[:3]} are already quantized")
     members = units(model)
+    hessians, record = {}, {}
+    if method == GPTQ and widths:
+        record = gptq_record(gptq, hessian_windows)
+        hessians = unit_hessians(model, hessian_windows, batch_size)
+        for unit, names in members.items():
+            need = module_shape(mods[names[0]])[1]
+            if hessians[unit].tokens < need:
+                raise ValueError(f"{unit}: too few Hessian tokens ({hessians[unit].tokens}) for its {need} inputs; "
+                                 "use more or longer hessian_windows")
     lim_l = layer_lim(model, windows, batch_size)
     lim, zd, params = {}, {}, {}
     for unit, names in members.items():
@@ -275,11 +312,17 @@ def measure(model: nn.Module, windows: torch.Tensor, widths=(2, 3, 4, 8), group_
     inputs = LayerInputs(model, windows, batch_size) if jobs else None
     for unit, bits, group in tqdm(jobs, desc="quantization sensitivity", unit="run", disable=not progress):
         layer = _layer_of(unit, adapter.num_layers)
-        with fake_quantized([mods[n] for n in members[unit]], bits, group, method), \
-                inputs.starting_at(layer if layer is not None else adapter.num_layers - 1):
-            # KL ≥ 0; float sums of near-identical distributions can land a hair below
-            cost = max(0.0, evaluate(model, windows, reference, batch_size)[1])
+        gptq_of = None
+        if method == GPTQ:
+            gptq_of = partial(gptq.quantize, hessian=hessians[unit].matrix(), bits=bits, group_size=group)
+        try:
+            with fake_quantized([mods[n] for n in members[unit]], bits, group, method, gptq_of), \
+                    inputs.starting_at(layer if layer is not None else adapter.num_layers - 1):
+                # KL ≥ 0; float sums of near-identical distributions can land a hair below
+                cost = max(0.0, evaluate(model, windows, reference, batch_size)[1])
+        except ValueError as exc:
+            raise ValueError(f"{unit} ({bits}-bit, group {group}, {method}): {exc}") from exc
         kl.setdefault(unit, {})[format_key(bits, group)] = cost
     return Measurements(model_signature(model), members, params, lim, zd, lim_l, kl, method, group_sizes,
-                        int(windows.numel()), full_ppl, sorted(int(b) for b in widths), calibration)
+                        int(windows.numel()), full_ppl, sorted(int(b) for b in widths), calibration, record)
 
