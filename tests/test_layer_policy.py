@@ -181,13 +181,16 @@ def test_an_all_full_policy_changes_nothing_and_remove_is_bit_identical():
 
 
 @pytest.mark.parametrize("choices", [("window", "none", "full"), ("none", "window", "window")])
-def test_cached_generation_under_a_policy_matches_recomputing(choices):
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_cached_generation_under_a_policy_matches_recomputing(choices, family):
     """Window layers' streaming stores and none layers' length-only cache entries together give the
-    tokens of recomputing every step without a cache (left padding, windows that wrap)."""
+    tokens of recomputing every step without a cache (left padding, windows that wrap). Gemma 3:
+    layer 0 has the model's own window of 6 (shorter than the prompts), layers 1 and 2 are global."""
     from test_hybrid import greedy_no_cache  # positions as generate gives them under left padding
     from tiny_models import greedy, left_padded_batch
 
-    model = tiny_model("llama")
+    model = tiny_model(family) if family == "llama" else tiny_model(
+        family, sliding_window=6, layer_types=["sliding_attention", "full_attention", "full_attention"])
     ids, mask = left_padded_batch((14, 9, 12))
     with splice.patch(model, policy=LayerPolicy.from_choices(list(choices), 1, 4)):
         cached = greedy(model, ids, mask, 8)

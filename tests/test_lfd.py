@@ -57,7 +57,7 @@ def all_hooks(model):
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma2", "gemma3"])
 @pytest.mark.parametrize("layer", range(LAYERS - 1))
 def test_fused_logits_are_final_plus_weighted_lens_of_the_layer(family, layer):
     model = tiny_model(family)
@@ -65,8 +65,12 @@ def test_fused_logits_are_final_plus_weighted_lens_of_the_layer(family, layer):
     plain, outputs, _ = hidden_and_ffn_inputs(model, ids, mask)
     with layer_fused(model, splice.LayerFusedDecoding(layer=layer, weight=0.7)) as fusion, torch.inference_mode():
         got = model(input_ids=ids, attention_mask=mask).logits
+    cap = getattr(model.config, "final_logit_softcapping", None)
     with torch.inference_mode():
-        expected = plain + 0.7 * lens(model, outputs[layer])
+        if cap:  # Gemma 2 soft-caps the fused logits: cap(raw + 0.7 · lens), raw = the uncapped logits
+            expected = cap * torch.tanh((cap * torch.atanh(plain / cap) + 0.7 * lens(model, outputs[layer])) / cap)
+        else:
+            expected = plain + 0.7 * lens(model, outputs[layer])
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(got, plain, atol=1e-3)
     assert bool((fusion.chosen == layer).all())

@@ -17,18 +17,29 @@ from tiny_models import LAYERS, VOCAB, left_padded_batch, tiny_model
 PREFIX, STEPS = 24, 6
 
 
+WINDOWED = {"gemma3": (0,)}  # the families reuse_model gives windowed layers, and which
+
+
 def reuse_model(family):
-    """A tiny model of ``family``; Gemma 2 with every layer global (reuse refuses windowed layers),
-    its logits soft-capped hard enough to matter at this size, in Hugging Face's eager attention (the
-    implementation that applies the cap)."""
+    """A tiny model of ``family``. Gemma 2: every layer global, its logits soft-capped hard enough to
+    matter at this size, in Hugging Face's eager attention (the implementation that applies the cap).
+    Gemma 3: layer 0 local with a window of 4 (shorter than every test's prefix), layers 1 and 2
+    global."""
     if family == "gemma2":
         return tiny_model(family, layer_types=["full_attention"] * LAYERS, attn_logit_softcapping=0.5,
                           query_pre_attn_scalar=1, attn_implementation="eager")
+    if family == "gemma3":
+        return tiny_model(family, sliding_window=4,
+                          layer_types=["sliding_attention", "full_attention", "full_attention"])
     return tiny_model(family)
 
 
-def policy(full=(0,), topk=4, layers=LAYERS):
-    return ReusePolicy(layers, full, topk, "tiny")
+def policy(full=(0,), topk=4, layers=LAYERS, family=None):
+    """A policy for ``reuse_model(family)``: its windowed layers, and the first global layer full when
+    ``full`` names layer 0 and that layer is windowed."""
+    windowed = WINDOWED.get(family, ())
+    full = tuple(1 if l == 0 and 0 in windowed else l for l in full)
+    return ReusePolicy(layers, full, topk, "tiny", windowed_layers=windowed)
 
 
 def ids(seed=0, rows=2, length=PREFIX + STEPS):
@@ -65,6 +76,10 @@ def chunk_logits(model, x, prefix=PREFIX):
     (lambda: ReusePolicy(3, (0,), 0), "topk must be a positive int"),
     (lambda: ReusePolicy(3, (0, True), 4), "layer indices"),
     (lambda: ReusePolicy(0, (0,), 4), "num_layers"),
+    (lambda: ReusePolicy(3, (0,), 4, windowed_layers=(0,)), r"layers \[0\] are windowed and cannot be full"),
+    (lambda: ReusePolicy(3, (2,), 4, windowed_layers=(0,)), "layer 1 must be full"),
+    (lambda: ReusePolicy(2, (), 4, windowed_layers=(0, 1)), "every layer is windowed"),
+    (lambda: ReusePolicy(3, (0,), 4, windowed_layers=(5,)), r"windowed_layers \[5\] out of range"),
 ])
 def test_bad_policies_are_refused(make, match):
     with pytest.raises(ValueError, match=match):
@@ -81,6 +96,12 @@ def test_anchors_selecting_layers_and_json_round_trip(tmp_path):
     assert (back.full_layers, back.topk, back.model, back.report) == ((0, 3), 8, "m", {"lost_mass": 0.5})
     control = p.random_like(1)
     assert len(control.full_layers) == 2 and 0 in control.full_layers
+    w = ReusePolicy(6, (1, 4), 8, windowed_layers=(0, 3))
+    assert w.global_layers == (1, 2, 4, 5) and w.reuse_layers == (2, 5) and w.selecting_layers == (1, 4)
+    assert [w.anchor(l) for l in (2, 5)] == [1, 4]
+    assert ReusePolicy.load(w.save(tmp_path / "w.json")).windowed_layers == (0, 3)
+    control = w.random_like(2)
+    assert control.windowed_layers == (0, 3) and 1 in control.full_layers and not set(control.full_layers) & {0, 3}
     (tmp_path / "bad.json").write_text(json.dumps({"num_layers": 6, "full_layers": [2], "topk": 8}))
     with pytest.raises(ValueError, match="not a splice reuse policy.*layer 0"):
         ReusePolicy.load(tmp_path / "bad.json")
@@ -102,27 +123,28 @@ def test_top_slots_sum_the_group_and_drop_zero_probability_slots():
 
 
 # --- the decode path ---------------------------------------------------------------------
-@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "gemma3"])
 def test_reading_every_slot_is_exact_attention(family):
     """topk at least the cache length: reusing layers attend to everything, so logits equal the
-    unpatched model's, one token at a time (the kernel) and in one pass (the masked path)."""
+    unpatched model's, one token at a time (the kernel) and in one pass (the masked path). Gemma 3's
+    local layer keeps its own window of 4 meanwhile."""
     model = reuse_model(family)
     x = ids()
     want_steps, want_chunk = stepwise_logits(model, x), chunk_logits(model, x)
-    with splice.patch(model, reuse=policy(topk=PREFIX + STEPS)):
+    with splice.patch(model, reuse=policy(topk=PREFIX + STEPS, family=family)):
         torch.testing.assert_close(stepwise_logits(model, x), want_steps, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(chunk_logits(model, x), want_chunk, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(stepwise_logits(model, x), want_steps, rtol=0, atol=0)  # removed: bit-identical
 
 
-@pytest.mark.parametrize("family, full", [("llama", (0,)), ("llama", (0, 1)), ("gemma2", (0,))])
+@pytest.mark.parametrize("family, full", [("llama", (0,)), ("llama", (0, 1)), ("gemma2", (0,)), ("gemma3", (0,))])
 def test_kernel_decode_matches_the_masked_path_and_changes_the_output(family, full):
     """With few slots, the one-token kernel path and the several-token masked path agree, and both
     differ from full attention (reuse really restricts what is read)."""
     model = reuse_model(family)
     x = ids(3)
     plain = stepwise_logits(model, x)
-    with splice.patch(model, reuse=policy(full, topk=3)):
+    with splice.patch(model, reuse=policy(full, topk=3, family=family)):
         steps, chunk = stepwise_logits(model, x), chunk_logits(model, x)
     torch.testing.assert_close(steps, chunk, rtol=1e-4, atol=1e-4)
     assert (steps[:, 1:] - plain[:, 1:]).abs().max() > 1e-2
@@ -176,15 +198,30 @@ def test_bad_reuse_fails_before_touching_the_model(kwargs, error, match):
     assert not hasattr(model, "splice_runtime")
 
 
-def test_reuse_refuses_skips_and_windowed_layers():
+def test_reuse_refuses_skips_and_a_policy_with_other_windowed_layers():
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="cannot be combined with skips"):
         splice.patch(model, splice.Skip([1], "attn"), reuse=policy())
     with splice.patch(model, reuse=policy()) as p, pytest.raises(ValueError, match="layer reuse"):
         p.set_skip(splice.Skip([1], "mlp"))
-    windowed = tiny_model("gemma3", sliding_window=4)
-    with pytest.raises(ValueError, match="own sliding window"):
-        splice.patch(windowed, reuse=policy())
+    windowed = reuse_model("gemma3")
+    with pytest.raises(ValueError, match=r"own sliding-window layers are \[0\]"):
+        splice.patch(windowed, reuse=ReusePolicy(LAYERS, (0,), 4))
+    with pytest.raises(ValueError, match=r"takes layers \[0\] as windowed; the model's own .* are \[\]"):
+        splice.patch(model, reuse=policy(family="gemma3"))
+
+
+def test_search_on_a_model_with_windowed_layers_profiles_and_chooses_global_layers_only():
+    model = reuse_model("gemma3")
+    windows = ids(5, rows=2, length=32)
+    measures = profile_reuse(model, windows, topk=4, queries=8, progress=False)
+    assert measures["layers"] == [1, 2] and len(measures["mass"]) == 2
+    found = search_reuse(model, windows, topk=4, full=1, max_loss=1.0, queries=8, progress=False)
+    assert found.full_layers == (1,) and found.windowed_layers == (0,) and found.reuse_layers == (2,)
+    with splice.patch(model, reuse=found):
+        stepwise_logits(model, ids(3))
+    with pytest.raises(ValueError, match="at most the model's 2 global layers"):
+        search_reuse(model, windows, topk=4, full=3, queries=8, progress=False)
 
 
 # --- profile and solver ------------------------------------------------------------------

@@ -27,7 +27,7 @@ from .hybrid.reuse_policy import ReusePolicy
 from .ops import backend_for
 from .recipe import Recipe, check_steering_fits, load_recipe
 from .runtime.decoder_layer import make_forward, make_o_proj_forward
-from .runtime.hybrid_attention import make_attention_forward, model_window
+from .runtime.hybrid_attention import make_attention_forward
 from .runtime.reuse_attention import SlotSelection, make_reuse_forward
 from .runtime.splice_runtime import ATTRIBUTE, SpliceRuntime
 from .skipping.spec import Skip, skipped_parts
@@ -252,10 +252,6 @@ def _check_reuse(reuse, adapter: Adapter, others: dict) -> None:
     if given:
         raise ValueError(f"layer reuse (reuse=) cannot be combined with {', '.join(given)} yet: they change "
                          "which layers attend, and a reusing layer needs its full layer to run")
-    windowed = [l for l in range(adapter.num_layers) if model_window(adapter, adapter.layers[l].self_attn)]
-    if windowed:
-        raise ValueError(f"layer reuse needs full-attention layers; layers {windowed} have the model's own "
-                         "sliding window")
 
 
 def patch(model: nn.Module, *items: Intervention | Skip, recipe=None, router=None, heads=None, policy=None,

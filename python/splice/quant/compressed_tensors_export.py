@@ -49,8 +49,9 @@ def _scheme_of(name: str, m: QuantLinear) -> Scheme:
                          "compressed-tensors stores whole groups only (choose a group size that divides it)")
     z = m.zeros.to(torch.float32)
     if not bool((z == torch.round(z)).all()):
-        raise ValueError(f"{name} has fractional zero points (quantizer rtn or hqq); compressed-tensors stores "
-                         "integer zero points: quantize with --quantizer rtn_int (asymmetric) or rtn_sym")
+        raise ValueError(f"{name} has fractional zero points (quantizer rtn or hqq, or gptq with --grid rtn); "
+                         "compressed-tensors stores integer zero points: quantize with --quantizer rtn_int "
+                         "(asymmetric) or rtn_sym, or gptq with --grid rtn_int or rtn_sym")
     if not bool(((z >= 0) & (z < 2**m.bits)).all()):
         raise ValueError(f"{name} has zero points outside [0, {2**m.bits - 1}], not representable in {m.bits} bits")
     return m.bits, m.group_size, bool((z == 2 ** (m.bits - 1)).all())

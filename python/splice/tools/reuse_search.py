@@ -1,7 +1,8 @@
 """HyLRA's offline profiling and layer-policy search (:class:`~splice.hybrid.reuse_policy.ReusePolicy`).
 
-1. *Profile* (:func:`profile_reuse`): on calibration windows of ``n`` tokens, each layer's
-   attention probabilities for the last ``queries`` positions (decode-like: every earlier token
+1. *Profile* (:func:`profile_reuse`): on calibration windows of ``n`` tokens, each global layer's
+   (layers with the model's own sliding window keep it and are left out; the measures index the
+   global layers in order, listed in ``layers``) attention probabilities for the last ``queries`` positions (decode-like: every earlier token
    visible), summed per KV head over its ``G`` query heads: ``P_l`` [Hkv, Q, n]. Per window, and
    averaged over windows, KV heads and queries:
 
@@ -10,8 +11,8 @@
    * *intra-layer sensitivity* ``1 - mass[l][l]``: what ``l`` loses even with its own top-k;
    * *inter-layer overlap* ``|top_k(P_{l-1}) ∩ top_k(P_l)| / k`` of consecutive layers.
 
-2. *Solve* (:func:`solve`): layer 0 and every layer whose sensitivity exceeds ``max_loss`` stay
-   full; the other full layers are those that minimise the attention mass the reusing layers lose,
+2. *Solve* (:func:`solve`): the first global layer and every layer whose sensitivity exceeds
+   ``max_loss`` stay full; the other full layers are those that minimise the attention mass the reusing layers lose,
    ``Σ_{l reusing} (1 - mass[anchor(l)][l])``, with exactly ``full`` full layers: an exact dynamic
    programme over (layer, full layers so far).
 """
@@ -25,7 +26,7 @@ from tqdm import tqdm
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from ..adapters.architecture import Adapter
-from ..hybrid.reuse_policy import ReusePolicy
+from ..hybrid.reuse_policy import ReusePolicy, windowed_layers
 from ..runtime.hybrid_attention import logit_softcap, project_heads
 from ..runtime.reuse_attention import grouped_attention
 
@@ -80,9 +81,11 @@ def profile_reuse(model, windows: torch.Tensor, topk: int, queries: int = 256, p
     if windows.dim() != 2 or not 0 < queries <= windows.shape[1]:
         raise ValueError(f"calibration windows must be [count, n] with n >= queries = {queries}, "
                          f"got {list(windows.shape)}")
-    profile = ReuseProfile(adapter.num_layers, topk, adapter.num_heads // adapter.num_kv_heads)
+    windowed = windowed_layers(adapter)
+    layers = [l for l in range(adapter.num_layers) if l not in windowed]
+    profile = ReuseProfile(len(layers), topk, adapter.num_heads // adapter.num_kv_heads)
     hooks = []
-    for idx, layer in enumerate(adapter.layers):
+    for idx, layer in enumerate(adapter.layers[l] for l in layers):
         def hook(attn, args, kwargs, idx=idx):
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             profile.add_layer(idx, last_query_attention(attn, adapter, hidden, kwargs["position_embeddings"], queries))
@@ -94,7 +97,7 @@ def profile_reuse(model, windows: torch.Tensor, topk: int, queries: int = 256, p
     finally:
         for h in hooks:
             h.remove()
-    return profile.measures()
+    return {"layers": layers, **profile.measures()}
 
 
 def _segment_loss(mass: list[list[float]], anchor: int, end: int) -> float:
@@ -148,8 +151,12 @@ def search_reuse(model, windows: torch.Tensor, topk: int, full: int, max_loss: f
     if not 1 <= full <= adapter.num_layers:
         raise ValueError(f"full must be in 1..{adapter.num_layers}, got {full}")
     measures = profile_reuse(model, windows, topk, queries, progress)
-    sensitive = [l for l, s in enumerate(measures["sensitivity"]) if s > max_loss]
-    layers, loss = solve(measures["mass"], full, sensitive)
+    layers = measures["layers"]
+    if full > len(layers):
+        raise ValueError(f"full must be at most the model's {len(layers)} global layers, got {full}")
+    sensitive = [i for i, s in enumerate(measures["sensitivity"]) if s > max_loss]
+    chosen, loss = solve(measures["mass"], full, sensitive)
     report = {"calibration": {"windows": windows.shape[0], "length": windows.shape[1], "queries": queries},
-              "max_loss": max_loss, "sensitive": sensitive, "lost_mass": loss, **measures}
-    return ReusePolicy(adapter.num_layers, layers, topk, adapter.name, report)
+              "max_loss": max_loss, "sensitive": [layers[i] for i in sensitive], "lost_mass": loss, **measures}
+    return ReusePolicy(adapter.num_layers, tuple(layers[i] for i in chosen), topk, adapter.name, report,
+                       windowed_layers(adapter))
