@@ -21,9 +21,8 @@ Effective Method for Quantizing LLMs Beyond Integer Bit-Levels" (2024):
 A :class:`Measurements` file holds all three with the model's signature and the settings they were
 measured with (calibration windows: count, length and a hash of their token ids; quantizer; widths;
 group sizes; for GPTQ its settings and Hessian windows). :meth:`Measurements.check_reuse` refuses it
-for another model or other settings, and
-a file without those settings (an older one) is refused on load. The measured costs feed
-:func:`splice.quant.allocate.plan_for` (method ``measured``).
+for another model or other settings, and a file without those settings (an older one) is refused on
+load. The measured costs feed :func:`splice.quant.allocate.plan_for` (method ``measured``).
 """
 
 from __future__ import annotations
