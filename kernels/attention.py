@@ -46,6 +46,17 @@ def _normalise(acc, l_i):
 
 
 @triton.jit
+def _fold_group_block(q, k, v, readable, softcap, acc, m_i, l_i):
+    """One decode step of a KV head's query group ``q`` [GROUP_PAD, D] over a block of keys and values
+    ``k``, ``v`` [BLOCK_N, D] (fp32) of which ``readable`` [BLOCK_N] may be read: soft-capped scores
+    (a sum over D: too few query rows for ``tl.dot``), then one online-softmax step into ``acc``."""
+    s = _softcapped(tl.sum(q[:, None, :] * k[None, :, :], axis=2), softcap)
+    s = tl.where(readable[None, :], s, float("-inf"))
+    p, alpha, m_new, l_i = _softmax_step(s, m_i, l_i)
+    return acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1), m_new, l_i
+
+
+@triton.jit
 def _band_attention_kernel(
     q_ptr, k_ptr, v_ptr, pos_ptr, valid_ptr, sinks_ptr, window_ptr, out_ptr,
     scale, softcap, T, HQ, HKV, GROUP,
@@ -120,13 +131,8 @@ def _decode_attention_kernel(
             kv_mask = slot[:, None] & mask_d[None, :]
             kv_offs = (bg * L + offs_n)[:, None] * D + offs_d[None, :]
             k = tl.load(k_ptr + kv_offs, mask=kv_mask, other=0.0).to(tl.float32)
-            s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [GROUP_PAD, BLOCK_N]; too few rows for tl.dot
-            s = _softcapped(s, softcap)
-            s = tl.where(slot[None, :], s, float("-inf"))
-            p, alpha, m_new, l_i = _softmax_step(s, m_i, l_i)
             v = tl.load(v_ptr + kv_offs, mask=kv_mask, other=0.0).to(tl.float32)
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
-            m_i = m_new
+            acc, m_i, l_i = _fold_group_block(q, k, v, slot, softcap, acc, m_i, l_i)
     out = _normalise(acc, l_i)
     tl.store(out_ptr + q_offs, out.to(out_ptr.dtype.element_ty), mask=mask_h[:, None] & mask_d[None, :])
 

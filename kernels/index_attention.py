@@ -20,7 +20,7 @@ import triton.language as tl
 from splice.ops.attention_reference import check_softcap
 from splice.ops.index_attention_reference import check_index_attention, check_slot_indices
 
-from .attention import _normalise, _softcapped, _softmax_step
+from .attention import _fold_group_block, _normalise
 
 
 @triton.jit
@@ -52,13 +52,8 @@ def _index_attention_kernel(
         if tl.sum(taken.to(tl.int32)) > 0:
             kv_mask = taken[:, None] & mask_d[None, :]
             k = tl.load(k_base + slot[:, None] * stride_kl + offs_d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
-            s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [GROUP_PAD, BLOCK_N]; too few rows for tl.dot
-            s = _softcapped(s, softcap)
-            s = tl.where(taken[None, :], s, float("-inf"))
-            p, alpha, m_new, l_i = _softmax_step(s, m_i, l_i)
             v = tl.load(v_base + slot[:, None] * stride_vl + offs_d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
-            m_i = m_new
+            acc, m_i, l_i = _fold_group_block(q, k, v, taken, softcap, acc, m_i, l_i)
     out = _normalise(acc, l_i)
     tl.store(out_ptr + q_offs, out.to(out_ptr.dtype.element_ty), mask=mask_h[:, None] & mask_d[None, :])
 

@@ -7,6 +7,7 @@ from tiny_models import FoldedTokenizer
 
 from splice.bench import llamacpp, quant, quant_report
 from splice.tools.calibration_text import wikitext_windows
+from splice.tools import quant_sensitivity
 from splice.tools.quant_sensitivity import measure
 
 
@@ -48,7 +49,7 @@ def test_report_has_every_row_within_budget_and_the_ratios(real_model):
 
 def test_decode_only_times_the_dense_and_uniform_rows_and_measures_nothing(real_model, monkeypatch):
     model = tied_llama()
-    monkeypatch.setattr(quant, "measure", lambda *a, **k: pytest.fail("decode_only measured sensitivity"))
+    monkeypatch.setattr(quant_sensitivity, "measure", lambda *a, **k: pytest.fail("decode_only measured sensitivity"))
     report = quant.run(model, FoldedTokenizer(real_model[1]), calib_windows=1, calib_length=64, eval_windows=2,
                        eval_length=64, steps=2, repeats=1, progress=False, decode_only=True)
     assert [r["name"] for r in report["rows"]] == ["fp32", "bf16", "uniform8", "uniform4", "uniform3", "uniform4-a8"]
@@ -198,7 +199,7 @@ def test_gptq_rows_are_scored_not_timed_and_their_costs_are_reused_only_if_made_
     assert r["gptq_mixed425_vs_grid"] == rows["gptq-measured4.25"]["ppl"] / rows["uniform4-g32"]["ppl"]
     assert r["gptq_mixed35_ppl_ratio"] == rows["gptq-measured3.5"]["ppl"] / rows["bf16"]["ppl"]
     assert "gptq_mixed425_vs_hqq" not in r  # no HQQ measured rows in a decode-only run
-    monkeypatch.setattr(quant, "measure", lambda *a, **k: pytest.fail("the GPTQ costs were measured again"))
+    monkeypatch.setattr(quant_sensitivity, "measure", lambda *a, **k: pytest.fail("the GPTQ costs were measured again"))
     again = quant.run(model, tokenizer, **args)
     assert again["ratios"]["gptq_mixed35_ppl_ratio"] == pytest.approx(r["gptq_mixed35_ppl_ratio"], rel=1e-4)
     monkeypatch.setattr(quant, "GPTQ", quant.GPTQSettings(act_order=False, grid="rtn"))

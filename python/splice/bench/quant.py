@@ -62,7 +62,6 @@ import copy
 import statistics
 from contextlib import nullcontext
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -78,7 +77,7 @@ from ..quant.plan import QuantPlan, quantizable
 from ..tools.calibration_text import evaluate, log_probs, wikitext_windows
 from ..tools.gptq_calibration import gptq_quantize_model
 from ..tools.quant_sensitivity import GPTQ as GPTQ_COSTS
-from ..tools.quant_sensitivity import Measurements, gptq_record, measure
+from ..tools.quant_sensitivity import reuse_or_measure
 from .bandwidth import bandwidth_fraction, bytes_per_step, kv_bytes_per_token, read_bandwidth
 from .llamacpp import LlamaCpp, gguf_bytes, unavailable
 from .output import provenance
@@ -173,20 +172,6 @@ def _quantized(model, plan, quantizer, gptq_windows=None):
     return q.to(torch.bfloat16)
 
 
-def _measurements(model, calib, quantizer, path, progress, **gptq) -> Measurements:
-    """The costs at ``MEASURED_WIDTHS`` × ``MEASURED_GROUPS``: reused from ``path`` when it exists (refused
-    unless made the same way), else measured (and written to ``path`` when given)."""
-    if path is not None and Path(path).is_file():
-        found = Measurements.load(path)
-        record = gptq_record(gptq["gptq"], gptq["hessian_windows"]) if gptq else {}
-        found.check_reuse(model, calib, quantizer, MEASURED_WIDTHS, MEASURED_GROUPS, record)
-        return found
-    found = measure(model, calib, MEASURED_WIDTHS, MEASURED_GROUPS, quantizer, progress=progress, **gptq)
-    if path is not None:
-        found.save(path)
-    return found
-
-
 def run(model, tokenizer, calib_windows: int = 2, calib_length: int = 128, eval_windows: int = 4,
         eval_length: int = 512, steps: int = 32, repeats: int = 3, seeds: int = 3, quantizer: str = "hqq",
         measurements_path=None, progress: bool = True, decode_only: bool = False,
@@ -204,13 +189,14 @@ def run(model, tokenizer, calib_windows: int = 2, calib_length: int = 128, eval_
     offset = -(-calib_windows * calib_length // eval_length)  # held-out windows start after the calibration text
     evals = wikitext_windows(tokenizer, eval_windows, eval_length, offset=offset)
     decode_ids = [evals[torch.arange(b) % eval_windows, :64] for b in BATCHES]
-    measurements = None if decode_only else _measurements(model, calib, quantizer, measurements_path, progress)
+    measurements = None if decode_only else reuse_or_measure(
+        measurements_path, model, calib, MEASURED_WIDTHS, MEASURED_GROUPS, quantizer, progress=progress)[0]
     gptq_windows = gptq_costs = None
     if gptq:  # GPTQ's calibration text: after the held-out windows
         seen = (offset + eval_windows) * eval_length
         gptq_windows = wikitext_windows(tokenizer, GPTQ_WINDOWS, GPTQ_LENGTH, offset=-(-seen // GPTQ_LENGTH))
-        gptq_costs = _measurements(model, calib, GPTQ_COSTS, gptq_measurements_path, progress, gptq=GPTQ,
-                                   hessian_windows=gptq_windows)
+        gptq_costs, _ = reuse_or_measure(gptq_measurements_path, model, calib, MEASURED_WIDTHS, MEASURED_GROUPS,
+                                         GPTQ_COSTS, gptq=GPTQ, hessian_windows=gptq_windows, progress=progress)
     reference = log_probs(model, evals)
     jobs = [("fp32", None, None), ("bf16", None, None)]
     jobs += [(f"uniform{b}", "uniform", b + 32 / GROUP) for b in UNIFORM]

@@ -14,7 +14,7 @@ def cmd_quantize(args) -> int:
     from ..quant.gptq import GPTQSettings
     from ..tools.calibration_text import evaluate, log_probs, wikitext_windows
     from ..tools.gptq_calibration import gptq_quantize_model
-    from ..tools.quant_sensitivity import Measurements, gptq_record, measure
+    from ..tools.quant_sensitivity import reuse_or_measure
 
     if Path(args.out).exists() and not args.overwrite:
         raise SystemExit(f"{args.out} exists; pass --overwrite to replace it")
@@ -33,20 +33,13 @@ def cmd_quantize(args) -> int:
         widths = args.widths if args.method == "measured" else ()
         # GPTQ's costs: each unit GPTQ-quantized alone, with its Hessian on the calibration windows
         cost_gptq = {"gptq": gptq, "hessian_windows": calibration} if gptq else {}
-        if args.measurements and Path(args.measurements).is_file():
-            kl_used = args.method == "measured"  # lim and zd read no KL: quantizer and formats do not matter
-            try:
-                measurements = Measurements.load(args.measurements)
-                measurements.check_reuse(model, windows, *((args.quantizer, widths, args.group_sizes,
-                                                            gptq_record(gptq, calibration) if gptq else {})
-                                                           if kl_used else ()))
-            except ValueError as exc:
-                raise SystemExit(f"{args.measurements}: {exc}") from exc
-            print(f"reusing measurements from {args.measurements}")
-        else:
-            measurements = measure(model, windows, widths, args.group_sizes, args.quantizer, **cost_gptq)
-            if args.measurements:
-                print(f"wrote {measurements.save(args.measurements)}")
+        try:
+            measurements, reused = reuse_or_measure(args.measurements, model, windows, widths, args.group_sizes,
+                                                    args.quantizer, **cost_gptq)
+        except ValueError as exc:
+            raise SystemExit(f"{args.measurements or 'measuring'}: {exc}") from exc
+        if args.measurements:
+            print(f"{'reusing measurements from' if reused else 'wrote'} {args.measurements}")
     plan = plan_for(model, args.method, args.bits, measurements, args.group_sizes[0], args.widths, args.seed,
                     args.group_sizes)
     evals = reference = full_ppl = None

@@ -325,3 +325,26 @@ def measure(model: nn.Module, windows: torch.Tensor, widths=(2, 3, 4, 8), group_
     return Measurements(model_signature(model), members, params, lim, zd, lim_l, kl, method, group_sizes,
                         int(windows.numel()), full_ppl, sorted(int(b) for b in widths), calibration, record)
 
+
+
+def reuse_or_measure(path, model: nn.Module, windows: torch.Tensor, widths, group_sizes, method: str = "hqq", *,
+                     gptq: GPTQSettings | None = None, hessian_windows: torch.Tensor | None = None,
+                     progress: bool = True) -> tuple[Measurements, bool]:
+    """``(measurements, reused)``: the file at ``path`` when it exists, refused (ValueError) unless made
+    for ``model`` on ``windows`` with the same settings (without ``widths`` the use reads no KL, so only
+    the model and windows are compared); else :func:`measure` here, written to ``path`` when given."""
+    if method == GPTQ and widths and hessian_windows is None:
+        raise ValueError("method gptq needs hessian_windows")
+    if path is not None and Path(path).is_file():
+        found = Measurements.load(path)
+        if widths:
+            record = gptq_record(gptq or GPTQSettings(), hessian_windows) if method == GPTQ else {}
+            found.check_reuse(model, windows, method, widths, group_sizes, record)
+        else:
+            found.check_reuse(model, windows)
+        return found, True
+    found = measure(model, windows, widths, group_sizes, method, progress=progress, gptq=gptq,
+                    hessian_windows=hessian_windows)
+    if path is not None:
+        found.save(path)
+    return found, False
