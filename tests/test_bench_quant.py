@@ -205,3 +205,23 @@ def test_gptq_rows_are_scored_not_timed_and_their_costs_are_reused_only_if_made_
     monkeypatch.setattr(quant, "GPTQ", quant.GPTQSettings(act_order=False, grid="rtn"))
     with pytest.raises(ValueError, match="GPTQ settings and Hessian windows"):
         quant.run(model, tokenizer, **args)
+
+
+def test_sliderquant_rows_need_gptq_and_report_quality_and_calibration_time(real_model, tmp_path, monkeypatch):
+    model, tokenizer = tied_llama(), FoldedTokenizer(real_model[1])
+    monkeypatch.setattr(quant, "GPTQ_WINDOWS", 4)
+    monkeypatch.setattr(quant, "SLIDER", quant.SliderQuantSettings(fill=1))
+    args = dict(calib_windows=1, calib_length=64, eval_windows=2, eval_length=64, steps=2, repeats=1,
+                progress=False, decode_only=True, gptq_measurements_path=tmp_path / "gptq.json", sliderquant=True)
+    with pytest.raises(ValueError, match="need gptq"):
+        quant.run(model, tokenizer, **args)
+    report = quant.run(model, tokenizer, gptq=True, **args)
+    rows = {r["name"]: r for r in report["rows"]}
+    for name in ("sliderquant-uniform3", "sliderquant-measured3.5"):
+        assert "decode_runs_b1" not in rows[name] and rows[name]["calibration_s"] > 0, name
+    assert rows["sliderquant-measured3.5"]["bits_per_weight"] <= 3.5
+    assert rows["sliderquant-uniform3"]["kl"] < rows["uniform3"]["kl"]  # calibrated beats HQQ at 3 bits
+    assert report["sliderquant"]["fill"] == 1
+    r = report["ratios"]
+    assert r["sliderquant_uniform3_vs_gptq"] == rows["sliderquant-uniform3"]["ppl"] / rows["gptq-uniform3"]["ppl"]
+    assert r["sliderquant_mixed35_ppl_ratio"] == rows["sliderquant-measured3.5"]["ppl"] / rows["bf16"]["ppl"]

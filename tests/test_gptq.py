@@ -12,7 +12,7 @@ from splice.quant.apply import quantize_model
 from splice.quant.gptq import GPTQSettings, Hessian, gptq_quantize
 from splice.quant.linear import QuantLinear
 from splice.quant.plan import QuantPlan, quantizable, units
-from splice.quant.quantizers import _codes, _grouped, as_stored, clipped_params, quantize, rtn_params
+from splice.quant.quantizers import group_codes, grouped, as_stored, clipped_params, quantize, rtn_params
 from splice.tools.calibration_text import evaluate, log_probs, wikitext_windows
 from splice.tools.gptq_calibration import gptq_quantize_model
 from splice.tools.quant_sensitivity import Measurements, gptq_record, measure
@@ -52,10 +52,10 @@ def test_identity_hessian_gives_exactly_rtn_on_its_grid(bits, group_size, grid):
 def test_clipping_never_raises_a_groups_squared_error_and_lowers_the_total(grid):
     """Gaussian groups: shrinking the min-max range trades their few tail weights for a finer grid."""
     w, _, _ = layer()
-    wg, mask = _grouped(w, 64)
+    wg, mask = grouped(w, 64)
 
     def error(s, z):
-        return (((_codes(wg, s, z, 3) - z[..., None]) * s[..., None] - wg) ** 2 * mask).sum(-1)
+        return (((group_codes(wg, s, z, 3) - z[..., None]) * s[..., None] - wg) ** 2 * mask).sum(-1)
 
     plain, clipped = error(*as_stored(*rtn_params(wg, mask, 3, grid))), error(*clipped_params(wg, mask, 3, grid))
     assert bool((clipped <= plain).all()) and float(clipped.sum()) < 0.9 * float(plain.sum())
@@ -64,10 +64,10 @@ def test_clipping_never_raises_a_groups_squared_error_and_lowers_the_total(grid)
 def test_clipped_gptq_at_identity_hessian_rounds_to_the_clipped_grid():
     w, _, _ = layer()
     q = gptq_quantize(w, torch.eye(K), 3, 64, grid="rtn", clip=True)
-    wg, mask = _grouped(w, 64)
+    wg, mask = grouped(w, 64)
     s, z = clipped_params(wg, mask, 3, "rtn")
     assert torch.equal(q.scales.float(), s) and torch.equal(q.zeros.float(), z)
-    assert torch.equal(q.codes, _codes(wg, s, z, 3).view(w.shape[0], -1)[:, :K].to(torch.uint8))
+    assert torch.equal(q.codes, group_codes(wg, s, z, 3).view(w.shape[0], -1)[:, :K].to(torch.uint8))
 
 
 def test_activation_order_keeps_columns_in_their_own_groups():

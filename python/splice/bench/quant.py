@@ -19,6 +19,10 @@ Rows, every one scored on the same held-out WikiText-2 windows:
   in groups of 32, 5.0 bits per weight: the grid the default model's Q4_1 weights already sit on).
   These rows report quality and bytes, not decode speed: they run the same kernels as the formats
   above.
+* ``sliderquant`` (with ``gptq``): ``sliderquant-uniform3`` and ``sliderquant-measured3.5`` (the GPTQ
+  costs' plan), SliderQuant-calibrated (:class:`splice.quant.sliderquant.SliderQuantSettings` ``SLIDER``;
+  ``lm_head`` by ``GPTQ``) on the same calibration windows; quality only, with each calibration's wall
+  seconds (``calibration_s``).
 
 Quantized rows are planned and quantized from the fp32 weights, then cast to bfloat16 like the
 baseline (activations and dense weights in bf16; codes, fp16 scales and zero points as packed).
@@ -53,7 +57,9 @@ largest with bits per weight ≤ ``B``, the smallest with ≥ ``B``; named in th
 ``measured{35,425}_beats_uniform_{below,above}``; and ``measured{35,425}_beats_random`` (1.0 when
 measured allocation has the lower perplexity). With ``gptq``: ``gptq_uniform3_ppl_ratio``,
 ``gptq_mixed35_ppl_ratio``, ``gptq_mixed425_ppl_ratio`` (÷ bf16), ``gptq_mixed425_vs_hqq`` (÷ the HQQ
-``measured4.25`` row, when present) and ``gptq_mixed425_vs_grid`` (÷ ``uniform4-g32``).
+``measured4.25`` row, when present) and ``gptq_mixed425_vs_grid`` (÷ ``uniform4-g32``). With
+``sliderquant``: ``sliderquant_uniform3_ppl_ratio``, ``sliderquant_mixed35_ppl_ratio`` (÷ bf16) and
+``sliderquant_uniform3_vs_gptq``, ``sliderquant_mixed35_vs_gptq`` (÷ the GPTQ row of the same plan kind).
 """
 
 from __future__ import annotations
@@ -72,12 +78,14 @@ from ..quant.activations import set_quant_activations
 from ..quant.allocate import plan_for
 from ..quant.apply import quantize_model
 from ..quant.gptq import GPTQSettings
+from ..quant.sliderquant import SliderQuantSettings
 from ..quant.linear import QuantLinear
 from ..quant.plan import QuantPlan, quantizable
 from ..tools.calibration_text import evaluate, log_probs, wikitext_windows
 from ..tools.gptq_calibration import gptq_quantize_model
 from ..tools.quant_sensitivity import GPTQ as GPTQ_COSTS
 from ..tools.quant_sensitivity import reuse_or_measure
+from ..tools.sliderquant_calibration import sliderquant_model
 from .bandwidth import bandwidth_fraction, bytes_per_step, kv_bytes_per_token, read_bandwidth
 from .llamacpp import LlamaCpp, gguf_bytes, unavailable
 from .output import provenance
@@ -94,10 +102,12 @@ BATCHES = (1, 8, 16)
 MEMORY = "memory-read"  # the bandwidth setting timed among the rows
 PROFILED = ("bf16", "uniform4")  # profile_decode: their decode steps at batch 1 and 8, split by the profiler
 A8, LLAMACPP = "uniform4-a8", "llamacpp-q4_1"
+CALIBRATED = ("gptq-", "sliderquant-")  # prefixes of the calibrated rows' methods
 COMPILED = {"uniform4": "uniform4-compiled", A8: "uniform4-a8-compiled"}  # compiled row of each model
 GPTQ = GPTQSettings(act_order=True, grid="rtn", clip=True)
 GPTQ_WINDOWS, GPTQ_LENGTH = 16, 512
 GRID = "uniform4-g32"  # HQQ 4-bit in groups of 32: the default model's own Q4_1 grid
+SLIDER = SliderQuantSettings()
 
 
 def model_bytes(model: torch.nn.Module) -> int:
@@ -162,21 +172,25 @@ def _time_rows(rows: list[dict], models: dict, decode_ids, steps: int, repeats: 
     return runs[MEMORY]["read"]
 
 
-def _quantized(model, plan, quantizer, gptq_windows=None):
-    """A bf16 copy of ``model`` quantized by ``plan`` with ``quantizer``, or with GPTQ on ``gptq_windows``."""
+def _quantized(model, plan, quantizer, windows=None):
+    """A bf16 copy of ``model`` quantized by ``plan`` with ``quantizer``; ``gptq`` and ``sliderquant`` calibrate
+    on ``windows``. Also the calibration's wall seconds (None for the others)."""
     q = copy.deepcopy(model)
-    if gptq_windows is not None:
-        gptq_quantize_model(q, plan, gptq_windows, GPTQ, progress=False)
+    seconds = None
+    if quantizer == "gptq":
+        seconds = gptq_quantize_model(q, plan, windows, GPTQ, progress=False).seconds
+    elif quantizer == "sliderquant":
+        seconds = sliderquant_model(q, plan, windows, SLIDER, gptq=GPTQ, progress=False).seconds
     else:
         quantize_model(q, plan, quantizer)
-    return q.to(torch.bfloat16)
+    return q.to(torch.bfloat16), seconds
 
 
 def run(model, tokenizer, calib_windows: int = 2, calib_length: int = 128, eval_windows: int = 4,
         eval_length: int = 512, steps: int = 32, repeats: int = 3, seeds: int = 3, quantizer: str = "hqq",
         measurements_path=None, progress: bool = True, decode_only: bool = False,
         profile_decode: bool = False, compiled: bool = False, llamacpp_gguf=None, gptq: bool = False,
-        gptq_measurements_path=None) -> dict:
+        gptq_measurements_path=None, sliderquant: bool = False) -> dict:
     """The report (module docstring); ``model`` is the fp32 model (left unchanged).
 
     ``measurements_path``: a measurement file to reuse when it exists (refused unless measured on
@@ -184,6 +198,8 @@ def run(model, tokenizer, calib_windows: int = 2, calib_length: int = 128, eval_
     128), else where the measurements made here are written. ``gptq_measurements_path``: the same for
     the GPTQ costs (refused unless also made with the same GPTQ settings and Hessian windows).
     """
+    if sliderquant and not gptq:
+        raise ValueError("the sliderquant rows need gptq (their allocation costs, start and lm_head)")
     adapter = Adapter(model)
     calib = wikitext_windows(tokenizer, calib_windows, calib_length)
     offset = -(-calib_windows * calib_length // eval_length)  # held-out windows start after the calibration text
@@ -205,6 +221,9 @@ def run(model, tokenizer, calib_windows: int = 2, calib_length: int = 128, eval_
     if gptq:
         jobs += [(GRID, "uniform-g32", 5.0), *[(f"gptq-uniform{b}", "gptq-uniform", b + 32 / GROUP) for b in (3, 4)],
                  *[(f"gptq-measured{t}", "gptq-measured", t) for t in BUDGETS]]
+    if sliderquant:
+        jobs += [("sliderquant-uniform3", "sliderquant-uniform", 3 + 32 / GROUP),
+                 ("sliderquant-measured3.5", "sliderquant-measured", 3.5)]
     rows, timed = [], {}
     for name, method, target in tqdm(jobs, desc="quantized models", disable=not progress):
         if method is None:
@@ -215,17 +234,19 @@ def run(model, tokenizer, calib_windows: int = 2, calib_length: int = 128, eval_
         found = []
         for seed in seeds_here:
             groups = MEASURED_GROUPS if method.endswith("measured") else (GROUP,)
-            if method in ("uniform", "gptq-uniform"):
+            calibrated, _, base = method.rpartition("-") if method.startswith(CALIBRATED) else ("", "", method)
+            if base == "uniform":
                 plan = QuantPlan.uniform(model, int(name[-1]), GROUP)
             elif method == "uniform-g32":
                 plan = QuantPlan.uniform(model, 4, 32)
             else:
-                costs = gptq_costs if method == "gptq-measured" else measurements
-                plan = plan_for(model, method.removesuffix("-g64").removeprefix("gptq-"), target, costs, GROUP,
-                                seed=seed, group_sizes=groups)
-            quantized = _quantized(model, plan, quantizer, gptq_windows if method.startswith("gptq") else None)
-            found.append(_row(name, quantized, evals, reference, plan))
-            quality_only = method.startswith("gptq") or method == "uniform-g32"
+                costs = gptq_costs if calibrated else measurements
+                plan = plan_for(model, base.removesuffix("-g64"), target, costs, GROUP, seed=seed,
+                                group_sizes=groups)
+            quantized, seconds = _quantized(model, plan, calibrated or quantizer, gptq_windows)
+            found.append({**_row(name, quantized, evals, reference, plan),
+                          **({"calibration_s": seconds} if calibrated else {})})
+            quality_only = bool(calibrated) or method == "uniform-g32"
             if seed == 0 and not quality_only:  # speed and bytes are the first seed's
                 timed[name] = quantized
         row = found[0]
@@ -250,6 +271,7 @@ def run(model, tokenizer, calib_windows: int = 2, calib_length: int = 128, eval_
         "benchmark": "quant", "model": adapter.name, "architecture": adapter.describe(), **provenance(),
         "quantizer": quantizer, "eval_tokens": evals.numel(), "calibration_tokens": calib.numel(),
         **({"gptq": {**asdict(GPTQ), "calibration_tokens": gptq_windows.numel()}} if gptq else {}),
+        **({"sliderquant": asdict(SLIDER)} if sliderquant else {}),
         "repeats": repeats, "decode_steps": steps, "random_seeds": seeds, "decode_only": decode_only,
         "skipped_rows": skipped,
         "read_bandwidth": statistics.median(bandwidth_runs), "read_bandwidth_runs": bandwidth_runs,
@@ -327,6 +349,12 @@ def ratios(rows: list[dict]) -> dict[str, float]:
                 "gptq_mixed425_vs_grid": by["gptq-measured4.25"]["ppl"] / by[GRID]["ppl"]}
         if "measured4.25" in by:
             out["gptq_mixed425_vs_hqq"] = by["gptq-measured4.25"]["ppl"] / by["measured4.25"]["ppl"]
+    if "sliderquant-measured3.5" in by:
+        slider3, slider35 = by["sliderquant-uniform3"]["ppl"], by["sliderquant-measured3.5"]["ppl"]
+        out |= {"sliderquant_uniform3_ppl_ratio": slider3 / bf16["ppl"],
+                "sliderquant_mixed35_ppl_ratio": slider35 / bf16["ppl"],
+                "sliderquant_uniform3_vs_gptq": slider3 / by["gptq-uniform3"]["ppl"],
+                "sliderquant_mixed35_vs_gptq": slider35 / by["gptq-measured3.5"]["ppl"]}
     if "measured3.5" not in by:
         return out
     out |= {"mixed35_ppl_ratio": by["measured3.5"]["ppl"] / bf16["ppl"],

@@ -63,7 +63,7 @@ def cmd_bench_quant(args) -> int:
                        measurements_path=args.measurements, decode_only=args.decode_only,
                        profile_decode=args.profile_decode, compiled=args.compiled,
                        llamacpp_gguf=args.llamacpp_gguf or _default_gguf(args), gptq=args.gptq,
-                       gptq_measurements_path=args.gptq_measurements)
+                       gptq_measurements_path=args.gptq_measurements, sliderquant=args.sliderquant)
     _report(quant_report, report, args.json)
     return 0
 
@@ -196,6 +196,9 @@ def add_commands(sub) -> None:
                     "and the HQQ 4-bit group-32 row (the model's own grid); quality only")
     bq.add_argument("--gptq-measurements", help="GPTQ cost JSON: reused when it exists (refused unless made the "
                     "same way), else written there")
+    bq.add_argument("--sliderquant", action="store_true",
+                    help="with --gptq: add SliderQuant rows (uniform 3 bits, measured allocation at 3.5 with GPTQ "
+                    "costs); quality and calibration time")
     bq.set_defaults(func=cmd_bench_quant)
 
     ba = bsub.add_parser("attention", parents=[model_options(), report, timing_options(16, 3)],

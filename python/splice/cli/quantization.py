@@ -13,17 +13,27 @@ def cmd_quantize(args) -> int:
     from ..quant.checkpoint import save_quantized
     from ..quant.gptq import GPTQSettings
     from ..tools.calibration_text import evaluate, log_probs, wikitext_windows
+    from ..quant.sliderquant import SliderQuantSettings, check_start
     from ..tools.gptq_calibration import gptq_quantize_model
     from ..tools.quant_sensitivity import reuse_or_measure
+    from ..tools.sliderquant_calibration import sliderquant_model
 
     if Path(args.out).exists() and not args.overwrite:
         raise SystemExit(f"{args.out} exists; pass --overwrite to replace it")
     if args.method != "measured" and len(args.group_sizes) != 1:
         raise SystemExit(f"--method {args.method} uses one group size; only measured chooses among several")
+    calibrated = args.quantizer in ("gptq", "sliderquant")
+    try:  # settings are checked before the model loads
+        gptq = GPTQSettings(args.damp, args.act_order, args.grid, clip=args.clip) if calibrated else None
+        given = {k: getattr(args, k) for k in ("epochs", "rank", "init") if getattr(args, k) is not None}
+        slider = SliderQuantSettings(**given) if args.quantizer == "sliderquant" else None
+        if slider:
+            check_start(slider, gptq.grid)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from exc
     model, tokenizer = load(args)
-    gptq = GPTQSettings(args.damp, args.act_order, args.grid, clip=args.clip) if args.quantizer == "gptq" else None
     calibration = None
-    if gptq:  # calibration text after the sensitivity and held-out windows, which it must not see
+    if calibrated:  # calibration text after the sensitivity and held-out windows, which it must not see
         seen = (args.windows + args.eval_windows) * args.length
         calibration = wikitext_windows(tokenizer, args.calibration_windows, args.calibration_length,
                                        offset=-(-seen // args.calibration_length))
@@ -31,11 +41,11 @@ def cmd_quantize(args) -> int:
     if args.method in ("measured", "lim", "zd"):
         windows = wikitext_windows(tokenizer, args.windows, args.length)
         widths = args.widths if args.method == "measured" else ()
-        # GPTQ's costs: each unit GPTQ-quantized alone, with its Hessian on the calibration windows
+        # calibrated quantizers' costs: each unit GPTQ-quantized alone, its Hessian on the calibration windows
         cost_gptq = {"gptq": gptq, "hessian_windows": calibration} if gptq else {}
         try:
             measurements, reused = reuse_or_measure(args.measurements, model, windows, widths, args.group_sizes,
-                                                    args.quantizer, **cost_gptq)
+                                                    "gptq" if gptq else args.quantizer, **cost_gptq)
         except ValueError as exc:
             raise SystemExit(f"{args.measurements or 'measuring'}: {exc}") from exc
         if args.measurements:
@@ -46,7 +56,9 @@ def cmd_quantize(args) -> int:
     if args.eval_windows:
         evals = wikitext_windows(tokenizer, args.eval_windows, args.length, offset=args.windows)
         reference, full_ppl = log_probs(model, evals), evaluate(model, evals)[0]
-    if gptq:
+    if slider:
+        report = sliderquant_model(model, plan, calibration, slider, gptq=gptq)
+    elif gptq:
         report = gptq_quantize_model(model, plan, calibration, gptq)
     else:
         report = quantize_model(model, plan, args.quantizer)
@@ -79,14 +91,21 @@ def add_commands(sub) -> None:
     qz.add_argument("--measurements", help="measurement JSON: reused when it exists (refused unless made with the "
                     "same calibration windows and, for measured, quantizer, widths and group sizes), else "
                     "written there")
-    qz.add_argument("--quantizer", default="hqq", choices=["hqq", "rtn", "rtn_sym", "rtn_int", "gptq"],
-                    help="gptq: calibrated on WikiText-2 windows after the held-out ones; --method measured then "
-                    "allocates with costs measured by GPTQ-quantizing each unit alone")
-    qz.add_argument("--calibration-windows", type=int, default=16, help="gptq: calibration windows")
-    qz.add_argument("--calibration-length", type=int, default=512, help="gptq: tokens per calibration window")
+    qz.add_argument("--quantizer", default="hqq", choices=["hqq", "rtn", "rtn_sym", "rtn_int", "gptq", "sliderquant"],
+                    help="gptq, sliderquant: calibrated on WikiText-2 windows after the held-out ones; --method "
+                    "measured then allocates with costs measured by GPTQ-quantizing each unit alone")
+    qz.add_argument("--calibration-windows", type=int, default=16, help="gptq, sliderquant: calibration windows")
+    qz.add_argument("--calibration-length", type=int, default=512,
+                    help="gptq, sliderquant: tokens per calibration window")
+    qz.add_argument("--epochs", type=int, help="sliderquant: passes over the calibration windows per window of "
+                    "layers and rate (default: SliderQuantSettings')")
+    qz.add_argument("--rank", type=int, help="sliderquant: LoRA rank (default: SliderQuantSettings')")
+    qz.add_argument("--init", choices=["minmax", "clip", "gptq"],
+                    help="sliderquant: where the clipping starts (default: clip, the squared-error range search; "
+                    "gptq: from a GPTQ pass, integer --grid only)")
     qz.add_argument("--act-order", action="store_true", help="gptq: quantize columns by decreasing Hessian diagonal")
     qz.add_argument("--grid", default="rtn_int", choices=["rtn_int", "rtn_sym", "rtn"],
-                    help="gptq: integer zero points (rtn_int, exportable), symmetric (rtn_sym, exportable) or "
+                    help="gptq (and sliderquant's lm_head and costs): integer zero points (rtn_int, exportable), symmetric (rtn_sym, exportable) or "
                     "float min-max zero points (rtn: not exportable)")
     qz.add_argument("--clip", action="store_true",
                     help="gptq: shrink each group's range to the factor with the least squared error (outliers clipped)")

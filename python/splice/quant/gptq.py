@@ -126,11 +126,23 @@ class GPTQSettings:
     def quantize(self, w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int) -> Quantized:
         return gptq_quantize(w, hessian, bits, group_size, **asdict(self))
 
+    def compensated(self, w: torch.Tensor, hessian: torch.Tensor, bits: int,
+                    group_size: int) -> tuple[Quantized, torch.Tensor]:
+        """:func:`gptq_compensated` with these settings."""
+        return gptq_compensated(w, hessian, bits, group_size, **asdict(self))
 
-def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, *, damp: float = DAMP,
-                  act_order: bool = False, grid: str = "rtn_int", block_size: int = BLOCK_SIZE,
-                  clip: bool = False) -> Quantized:
-    """Quantize ``w`` [N, K] group-wise along K, minimising ``‖X Wᵀ − X Ŵᵀ‖²`` for ``hessian`` = 2 XᵀX / n."""
+
+def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, **settings) -> Quantized:
+    """Quantize ``w`` [N, K] group-wise along K, minimising ``‖X Wᵀ − X Ŵᵀ‖²`` for ``hessian`` = 2 XᵀX / n
+    (keywords: :class:`GPTQSettings`' fields)."""
+    return gptq_compensated(w, hessian, bits, group_size, **settings)[0]
+
+
+def gptq_compensated(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, *, damp: float = DAMP,
+                     act_order: bool = False, grid: str = "rtn_int", block_size: int = BLOCK_SIZE,
+                     clip: bool = False) -> tuple[Quantized, torch.Tensor]:
+    """:func:`gptq_quantize`'s result and ``W̃`` [N, K] fp32, each column's value when the sweep rounded it
+    (the weight with the earlier columns' errors compensated): the codes are ``round(W̃ / s + z)``."""
     check_bits_group(bits, group_size)
     _check(w, hessian, damp, block_size, grid)
     n, k = w.shape
@@ -148,20 +160,22 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size:
         torch.set_num_threads(1)
     try:
         U = inverse_cholesky(H, damp)
-        codes, scales, zeros = _sweep(W, U, order, position, bits, group_size, block_size, grid, clip)
+        codes, scales, zeros, updated = _sweep(W, U, order, position, bits, group_size, block_size, grid, clip)
     finally:
         torch.set_num_threads(threads)
-    return Quantized(codes[:, position].to(torch.uint8).contiguous(), scales.to(torch.float16),
-                     zeros.to(torch.float16), bits, group_size)
+    return (Quantized(codes[:, position].to(torch.uint8).contiguous(), scales.to(torch.float16),
+                      zeros.to(torch.float16), bits, group_size), updated[:, position].contiguous())
 
 
 def _sweep(W, U, order, position, bits, group_size, block_size, grid, clip):
     """The blocked column sweep (module docstring) over ``W`` [N, K] in sweep order; ``W`` is updated in place.
-    Returns codes in sweep order and the per-group float16-rounded scales and zero points (fp32)."""
+    Returns codes in sweep order, the per-group float16-rounded scales and zero points (fp32) and each
+    column's value when it was rounded (sweep order)."""
     n, k = W.shape
     qmax = 2**bits - 1
     groups = math.ceil(k / group_size)
     codes = torch.zeros_like(W)
+    updated = torch.zeros_like(W)
     scales = torch.zeros(n, groups)
     zeros = torch.zeros(n, groups)
     ready = [False] * groups
@@ -184,9 +198,10 @@ def _sweep(W, U, order, position, bits, group_size, block_size, grid, clip):
             s, z = scales[:, g], zeros[:, g]
             code = torch.round(col / s + z).clamp_(0, qmax)
             codes[:, i1 + i] = code
+            updated[:, i1 + i] = col
             q = (code - z) * s
             err = (col - q) / U1[i, i]
             W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
             E1[:, i] = err
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
-    return codes, scales, zeros
+    return codes, scales, zeros, updated

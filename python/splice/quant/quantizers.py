@@ -33,7 +33,7 @@ from ..ops.quant_format import Quantized, check_bits_group
 METHODS = ("rtn", "rtn_sym", "rtn_int", "hqq")
 
 
-def _grouped(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def grouped(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``w`` [N, K] as fp32 [N, G, group_size] (zero-padded) and the mask of real entries [1, G, gs]."""
     n, k = w.shape
     groups = math.ceil(k / group_size)
@@ -43,7 +43,8 @@ def _grouped(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tens
     return wg, mask
 
 
-def _codes(wg: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int) -> torch.Tensor:
+def group_codes(wg: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int) -> torch.Tensor:
+    """``clamp(round(w / s + z), 0, 2**bits − 1)`` of grouped weights [N, G, gs] with parameters [N, G]."""
     return torch.round(wg / s[..., None] + z[..., None]).clamp_(0, 2**bits - 1)
 
 
@@ -80,27 +81,32 @@ CLIP_STEPS = 80
 CLIP_CHUNK = 2**22  # candidate elements evaluated at once
 
 
-def clipped_params(wg: torch.Tensor, mask: torch.Tensor, bits: int, method: str):
-    """``rtn_params`` of the range shrunk by the factor in ``1, 0.99, …, 0.21`` (``CLIP_STEPS``) that
-    minimises each group's ``Σ (w − ŵ)²`` (float16-rounded parameters; the largest factor wins a tie):
-    GPTQ's reference code's ``mse`` option, with the squared error where it takes ``|w − ŵ|^2.4`` (7×
-    cheaper here). Clipping a few outliers buys a finer grid for the rest. Never worse than
-    ``rtn_params`` by that measure (factor 1 is a candidate)."""
+def clip_search(wg: torch.Tensor, mask: torch.Tensor, bits: int, method: str):
+    """The factor in ``1, 0.99, …, 0.21`` (``CLIP_STEPS``) by which shrinking each group's range minimises its
+    ``Σ (w − ŵ)²`` (float16-rounded parameters; the largest factor wins a tie), and the ``rtn_params`` of the
+    shrunk range: GPTQ's reference code's ``mse`` option, with the squared error where it takes
+    ``|w − ŵ|^2.4`` (7× cheaper here). Clipping a few outliers buys a finer grid for the rest. Never worse
+    than ``rtn_params`` by that measure (factor 1 is a candidate). Returns ``(factor, s, z)``, each [N, G]."""
     factors = 1.0 - torch.arange(CLIP_STEPS, dtype=torch.float32, device=wg.device) / 100
     partial = not bool(mask.all())
-    best_s = best_z = best = None
+    best = None
     for chunk in factors.split(max(1, CLIP_CHUNK // wg.numel())):
         s, z = as_stored(*rtn_params(wg * chunk.view(-1, *[1] * wg.dim()), mask, bits, method))
-        err = ((_codes(wg, s, z, bits) - z[..., None]) * s[..., None] - wg).square_()
+        err = ((group_codes(wg, s, z, bits) - z[..., None]) * s[..., None] - wg).square_()
         err = (err * mask if partial else err).sum(-1)
         err, i = err.min(0)
-        s, z = s.gather(0, i[None])[0], z.gather(0, i[None])[0]
+        found = (chunk[i], s.gather(0, i[None])[0], z.gather(0, i[None])[0], err)
         if best is None:
-            best_s, best_z, best = s, z, err
+            best = found
             continue
-        better = err < best
-        best_s, best_z, best = torch.where(better, s, best_s), torch.where(better, z, best_z), torch.minimum(err, best)
-    return best_s, best_z
+        better = err < best[3]
+        best = (*[torch.where(better, new, old) for new, old in zip(found[:3], best[:3])], torch.minimum(err, best[3]))
+    return best[:3]
+
+
+def clipped_params(wg: torch.Tensor, mask: torch.Tensor, bits: int, method: str):
+    """``(s, z)`` of :func:`clip_search`."""
+    return clip_search(wg, mask, bits, method)[1:]
 
 
 def _shrink_lp(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
@@ -114,11 +120,11 @@ def _hqq_zeros(wg, mask, s, z, bits, iters: int, p: float = 0.7, beta: float = 1
     count = mask.sum(-1).to(torch.float32)
 
     def group_error(zz):
-        return ((wg - (_codes(wg, s, zz, bits) - zz[..., None]) * s[..., None]).abs() * mask).sum(-1) / count
+        return ((wg - (group_codes(wg, s, zz, bits) - zz[..., None]) * s[..., None]).abs() * mask).sum(-1) / count
 
     best_z, best_err = z, group_error(z)
     for _ in range(iters):
-        q = _codes(wg, s, z, bits)
+        q = group_codes(wg, s, z, bits)
         err = _shrink_lp(wg - (q - z[..., None]) * s[..., None], beta, p)
         z = ((q - (wg - err) / s[..., None]) * mask).sum(-1) / count
         e = group_error(z)
@@ -138,10 +144,10 @@ def quantize(w: torch.Tensor, bits: int, group_size: int, method: str = "rtn", *
     if not bool(torch.isfinite(w).all()):
         raise ValueError("w has non-finite values")
     n, k = w.shape
-    wg, mask = _grouped(w, group_size)
+    wg, mask = grouped(w, group_size)
     s, z = rtn_params(wg, mask, bits, method)
     s, z = as_stored(s, z)
     if method == "hqq":
         s, z = as_stored(s, _hqq_zeros(wg, mask, s, z, bits, iters))
-    codes = _codes(wg, s, z, bits).view(n, -1)[:, :k].to(torch.uint8)
+    codes = group_codes(wg, s, z, bits).view(n, -1)[:, :k].to(torch.uint8)
     return Quantized(codes.contiguous(), s.to(torch.float16), z.to(torch.float16), bits, group_size)
