@@ -23,7 +23,9 @@ from splice.quant.checkpoint import TENSORS, save_quantized
 from splice.quant.compressed_tensors_export import export_compressed_tensors
 from splice.quant.linear import QuantLinear
 from splice.quant.plan import QuantPlan, units
+from splice.quant.sliderquant import SliderQuantSettings
 from splice.tools.gptq_calibration import gptq_quantize_model
+from splice.tools.sliderquant_calibration import sliderquant_model
 
 
 def llama(seed: int = 0):
@@ -46,15 +48,17 @@ def scheme_of(qconfig: QuantizationConfig, name: str):
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("group_size", [32, 64, 128])
-@pytest.mark.parametrize("method", ["rtn_sym", "rtn_int", "gptq"])
+@pytest.mark.parametrize("method", ["rtn_sym", "rtn_int", "gptq", "sliderquant"])
 def test_round_trip_through_compressed_tensors_is_exact(tmp_path, bits, group_size, method):
     """compressed-tensors' own decompress gives splice's dequantized weight bit for bit (float16, the
     scales' dtype), and its unpacked codes and zero points are splice's minus 2**(bits − 1)."""
     model = llama()
     plan = QuantPlan.uniform(model, bits, group_size)
+    ids = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(0))
     if method == "gptq":  # calibrated on random tokens: 4 × 64 = 256 tokens, the largest input size
-        ids = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(0))
         gptq_quantize_model(model, plan, ids, progress=False)
+    elif method == "sliderquant":  # one decoder layer: one window
+        sliderquant_model(model, plan, ids, SliderQuantSettings(fill=0, window=1), progress=False)
     else:
         quantize_model(model, plan, method)
     config, qconfig, state = read(export_compressed_tensors(model, tmp_path / "ct"))

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 from test_gptq import calib, state
-from test_quant_model import logits, tied_llama, windows
+from test_quant_model import logits, tied_llama
 
 from splice.ops.quant_format import dequantize_codes
 from splice.quant.gptq import GPTQSettings, gptq_compensated
@@ -176,6 +176,30 @@ def test_gptq_rounds_its_compensated_weights():
     s, z = (t.to(torch.float32).repeat_interleave(32, 1) for t in (q.scales, q.zeros))
     assert torch.equal(q.codes.to(torch.float32), torch.round(compensated / s + z).clamp(0, 7))
     assert not torch.allclose(compensated, w)
+
+
+def test_windows_train_quantized_inputs_toward_full_precision_outputs(monkeypatch):
+    """One layer per window, fp32: the full-precision stream is the model's own hidden states and the
+    target its next layer's; the quantized stream has passed through the quantized layers before."""
+    model = tied_llama()
+    with torch.no_grad():
+        states = [torch.cat([model(input_ids=c, output_hidden_states=True).hidden_states[i] for c in calib().split(1)])
+                  for i in range(3)]
+    seen = []
+
+    def record(layers, wrappers, streams, targets, rate, settings, generator, label):
+        seen.append((rate, torch.cat(streams.full), torch.cat(streams.quantized), torch.cat(targets)))
+        return 0.0
+
+    monkeypatch.setattr(sliderquant_calibration, "_train_window", record)
+    settings = SliderQuantSettings(fill=0, window=1, autocast=False, rates=(1.0,))
+    sliderquant_model(model, QuantPlan.uniform(model, 2, 32), calib(), settings, progress=False)
+    assert [r for r, *_ in seen] == [1.0] * 3
+    for i, (_, full, quantized, target) in enumerate(seen):
+        assert torch.allclose(full, states[i], atol=1e-5)
+        if i < 2:  # the model's last hidden state is after the final norm
+            assert torch.allclose(target, states[i + 1], atol=1e-5)
+        assert torch.equal(quantized, full) if i == 0 else float((quantized - full).abs().max()) > 1e-2
 
 
 def test_a_planned_head_is_gptq_quantized_and_the_embedding_stays_dense():
