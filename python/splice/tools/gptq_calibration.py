@@ -21,6 +21,7 @@ succeeded, so a failure leaves the model as it was. Modules planned at 16 bits s
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -48,10 +49,8 @@ def _hessian_of(layer, module: nn.Linear, inputs, kwargs) -> Hessian:
     handle = module.register_forward_pre_hook(grab)
     try:
         for hidden, kw in zip(inputs, kwargs):
-            try:
+            with contextlib.suppress(Stop):
                 layer(hidden, **kw)
-            except Stop:
-                pass
     finally:
         handle.remove()
     return hessian

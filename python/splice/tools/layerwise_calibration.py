@@ -9,6 +9,7 @@ after every module succeeded, so a failure leaves the model as it was.
 
 from __future__ import annotations
 
+import contextlib
 import resource
 from dataclasses import dataclass
 
@@ -94,10 +95,8 @@ def record_first_inputs(model, layer0, windows, batch_size):
     handle = layer0.register_forward_pre_hook(catch, with_kwargs=True)
     try:
         for chunk in windows.split(batch_size):
-            try:
+            with contextlib.suppress(Stop):
                 model(input_ids=chunk, use_cache=False)
-            except Stop:
-                pass
     finally:
         handle.remove()
     return [r[0] for r in recorded], [r[1] for r in recorded]

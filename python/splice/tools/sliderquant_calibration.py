@@ -62,6 +62,8 @@ class _Streams:
     def through(self, layers, hidden: list[torch.Tensor], wrappers, rate, autocast: bool) -> list[torch.Tensor]:
         for w in wrappers:
             w.rate = rate
+        if not layers:
+            return hidden
         with torch.no_grad(), _autocast(autocast):
             return [run_layers(layers, h, kw).detach() for h, kw in zip(hidden, self.kwargs)]
 
@@ -143,30 +145,30 @@ def sliderquant_model(model: nn.Module, plan: QuantPlan, windows: torch.Tensor,
             for r, ids in enumerate(schedule):
                 layers = [adapter.layers[i] for i in ids]
                 ws = [wrappers[n] for i in ids for n in by_layer[i]]
-                targets = streams.through(layers, streams.full, ws, None, settings.autocast)
+                # the layers the next window drops: their full-precision output is the next full stream
+                slide = schedule[r + 1][0] - ids[0] if r + 1 < len(schedule) else 0
+                dropped = sum(len(by_layer[i]) for i in ids[:slide])
+                advanced = streams.through(layers[:slide], streams.full, ws[:dropped], None, settings.autocast)
+                targets = streams.through(layers[slide:], advanced, ws[dropped:], None, settings.autocast)
                 buffered = max(buffered, buffered_mib(streams.full, streams.quantized, targets))
                 label = f"{ids[0]}-{ids[-1]} at rate {rate}"
                 loss = _train_window(layers, ws, streams, targets, rate, settings, generator, label) if ws else 0.0
                 bar.set_postfix_str(f"layers {label}: mse {loss:.3g}")
                 bar.update()
-                slide = schedule[r + 1][0] - ids[0] if r + 1 < len(schedule) else 0
                 if slide:
-                    passed = ws[:sum(len(by_layer[i]) for i in ids[:slide])]
-                    streams.full = streams.through(layers[:slide], streams.full, passed, None, settings.autocast)
-                    streams.quantized = streams.through(layers[:slide], streams.quantized, passed, rate,
+                    streams.full = advanced
+                    streams.quantized = streams.through(layers[:slide], streams.quantized, ws[:dropped], rate,
                                                         settings.autocast)
         bar.close()
-        for name, w in wrappers.items():
-            replacements[name] = QuantLinear(PackedWeight.from_quantized(w.quantized()), w.bias).to(w.weight.device)
-        if HEAD in plan.entries and plan.entries[HEAD].bits != DENSE:
-            last = [adapter.layers[i] for i in range(schedule[-1][0], adapter.num_layers)]
-            with torch.no_grad():
-                for name, q in replacements.items():  # the final hidden states of the quantized model
-                    set_module(model, name, q)
-                final = [run_layers(last, h, kw).detach() for h, kw in zip(streams.quantized, kwargs)]
+        if HEAD in plan.entries and plan.entries[HEAD].bits != DENSE:  # on the quantized model's final states
+            last = range(schedule[-1][0], adapter.num_layers)
+            final = streams.through([adapter.layers[i] for i in last], streams.quantized,
+                                    [wrappers[n] for i in last for n in by_layer[i]], 1.0, settings.autocast)
             e = plan.entries[HEAD]
             replacements[HEAD] = gptq_replacement(HEAD, mods[HEAD], e.bits, e.group_size,
                                                   head_hessian(model, final), gptq)
+        for name, w in wrappers.items():
+            replacements[name] = QuantLinear(PackedWeight.from_quantized(w.quantized()), w.bias).to(w.weight.device)
     finally:
         for name in wrappers:
             set_module(model, name, mods[name])
