@@ -52,11 +52,22 @@ def test_decode_only_times_the_dense_and_uniform_rows_and_measures_nothing(real_
     monkeypatch.setattr(quant_sensitivity, "measure", lambda *a, **k: pytest.fail("decode_only measured sensitivity"))
     report = quant.run(model, FoldedTokenizer(real_model[1]), calib_windows=1, calib_length=64, eval_windows=2,
                        eval_length=64, steps=2, repeats=1, progress=False, decode_only=True)
-    assert [r["name"] for r in report["rows"]] == ["fp32", "bf16", "uniform8", "uniform4", "uniform3", "uniform4-a8"]
+    assert [r["name"] for r in report["rows"]] == ["fp32", "bf16", "uniform8", "uniform4", "uniform3", "uniform4-a8",
+                                                   "bf16-splice-attention", "uniform4-a8-splice-attention"]
     assert report["decode_only"] and "mixed35_ppl_ratio" not in report["ratios"]
-    r = {row["name"]: row for row in report["rows"]}["uniform4"]
-    b16 = {row["name"]: row for row in report["rows"]}["bf16"]["decode_tps_b16"]
+    rows = {row["name"]: row for row in report["rows"]}
+    r, b16 = rows["uniform4"], rows["bf16"]["decode_tps_b16"]
     assert report["ratios"]["q4_decode_speedup_b16"] == r["decode_tps_b16"] / b16
+    fast = rows["uniform4-a8-splice-attention"]
+    assert fast["same_model_as"] == "uniform4-a8" and fast["attention"] == "splice" and "ppl" not in fast
+    assert report["ratios"]["splice_attention_speedup_b8"] == rows["bf16-splice-attention"]["decode_tps_b8"] / (
+        rows["bf16"]["decode_tps_b8"])
+    for b in quant.BATCHES:  # the fastest of the four 4-bit rows, by name and ratio
+        best = max(("uniform4", "uniform4-a8", "uniform4-a8-splice-attention"),
+                   key=lambda n: rows[n][f"decode_tps_b{b}"])
+        assert report["best_q4_rows"][f"b{b}"] == best
+        assert report["ratios"][f"q4_best_decode_speedup_b{b}"] == rows[best][f"decode_tps_b{b}"] / rows["bf16"][
+            f"decode_tps_b{b}"]
     assert "decode tok/s b16 |" in quant_report.table(report)
     # bytes per token: every Linear weight once per step, plus each sequence's KV cache over the mean context
     kv = 3 * 2 * 2 * 16 * 4  # tied_llama: 3 layers, K and V, 2 KV heads of 16 dims, fp32
@@ -106,7 +117,10 @@ def test_compiled_and_llamacpp_rows_are_timed_among_the_others(real_model, monke
     assert prompts[3] == "closed"
     assert llama["bytes_per_token_b1"] == pytest.approx(1000 + 123 * (64 + (2 - 1) / 2))
     ratios = report["ratios"]
-    assert ratios["q4_vs_llamacpp_b1"] == max(q4["decode_tps_b1"], compiled["decode_tps_b1"]) / 50.0
+    fast_compiled = rows["uniform4-a8-splice-attention-compiled"]
+    assert fast_compiled["same_model_as"] == "uniform4-a8-splice-attention"
+    assert ratios["q4_vs_llamacpp_b1"] == max(r["decode_tps_b1"] for r in (
+        q4, compiled, a8, a8_compiled, rows["uniform4-a8-splice-attention"], fast_compiled)) / 50.0
     assert ratios["q4_compiled_vs_eager_b8"] == compiled["decode_tps_b8"] / q4["decode_tps_b8"]
     assert ratios["q4a8_vs_llamacpp_b1"] == max(a8["decode_tps_b1"], a8_compiled["decode_tps_b1"]) / 50.0
     assert ratios["q4a8_decode_speedup_b16"] == max(a8["decode_tps_b16"], a8_compiled["decode_tps_b16"]) / (

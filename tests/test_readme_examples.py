@@ -39,7 +39,7 @@ RUN = ("Python API", "Per-request steering", "Conditional steering (CAST)",
        "GemFilter: early layers choose the prompt",
        "Layer Fused Decoding (LFD): a middle layer's reading added to the logits",
        "LayerBoost: per-layer attention policies", "HyLRA: layers that reuse the tokens a full layer chose",
-       "Compiled decoding", "Mixed-precision quantization", "GPTQ: calibrated quantization")
+       "Decode attention", "Compiled decoding", "Mixed-precision quantization", "GPTQ: calibrated quantization")
 NOT_RUN_HERE = {"Serving behind vLLM": "needs a running vLLM server; tests/test_serving_vllm.py runs one"}
 
 
@@ -231,6 +231,13 @@ def test_gptq_layer(session):
     """On correlated inputs GPTQ's output error is well below round-to-nearest's in the same format."""
     rtn, gptq = map(float, run(session, "GPTQ: calibrated quantization").split())
     assert 0 < gptq < 0.8 * rtn
+
+
+@pytest.mark.real_model
+def test_decode_attention(session):
+    """The model had SDPA, gives the same tokens with splice's decode attention, and gets SDPA back."""
+    assert run(session, "Decode attention").split() == ["sdpa", "True"]
+    assert session[0]["model"].config._attn_implementation == "sdpa"
 
 
 @pytest.mark.real_model

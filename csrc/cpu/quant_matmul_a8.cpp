@@ -83,12 +83,25 @@ inline void decode_step(const uint8_t* row, int64_t step, int tiles, int64_t kp,
   }
 }
 
-// Each token's codes in the weight's order (zero-padded to whole steps), per block d, and per weight
-// group Σ_b∈g d_b Σ x8_b (for the zero points).
+// Per-block values v[b] (at least steps · kBlocks + 16 readable) as lane vectors: vector (step, m)
+// holds, in lane l, the value of the block that lane l of map m's registers covers in that step.
+template <int B>
+inline void to_lanes(const float* v, int64_t steps, float* out) {
+  using S = Step<B>;
+  for (int m = 0; m < S::kMaps; ++m) {
+    const __m512i map = S::map(m);
+    for (int64_t step = 0; step < steps; ++step)
+      _mm512_storeu_ps(out + (step * S::kMaps + m) * 16,
+                       _mm512_permutexvar_ps(map, _mm512_loadu_ps(v + step * S::kBlocks)));
+  }
+}
+
+// Each token's codes in the weight's order (zero-padded to whole steps), its block scales d as lane
+// vectors (to_lanes), and per weight group Σ_b∈g d_b Σ x8_b (for the zero points).
 struct Acts8 {
   std::vector<int8_t> x8;
-  std::vector<float> d, gsum;
-  int64_t codes, blocks, groups;  // per token: codes (whole steps), blocks and groups (+ 16 floats)
+  std::vector<float> dl, gsum;
+  int64_t codes, lanes, groups;  // per token: codes (whole steps), lane floats, groups (+ 16 floats)
 };
 
 template <int B, typename T>
@@ -96,14 +109,14 @@ Acts8 quantize_acts(const T* x, int64_t tokens, int64_t k, int64_t steps, int64_
   using S = Step<B>;
   Acts8 a;
   const int64_t real = (k + kActBlock - 1) / kActBlock, per_group = group_size / kActBlock;
-  a.codes = steps * S::kCodes, a.blocks = steps * S::kBlocks + 16, a.groups = (k + group_size - 1) / group_size + 16;
+  a.codes = steps * S::kCodes, a.lanes = steps * S::kMaps * 16, a.groups = (k + group_size - 1) / group_size + 16;
   a.x8.assign(tokens * a.codes, 0);
-  a.d.assign(tokens * a.blocks, 0.f);
+  a.dl.resize(tokens * a.lanes);
   a.gsum.assign(tokens * a.groups, 0.f);
-  std::vector<float> dsum(real);
+  std::vector<float> d(steps * S::kBlocks + 16, 0.f), dsum(real);
   for (int64_t t = 0; t < tokens; ++t) {
-    quantize_act_row(x + t * k, k, real, S::position, a.x8.data() + t * a.codes, a.d.data() + t * a.blocks,
-                     dsum.data());
+    quantize_act_row(x + t * k, k, real, S::position, a.x8.data() + t * a.codes, d.data(), dsum.data());
+    to_lanes<B>(d.data(), steps, a.dl.data() + t * a.lanes);
     for (int64_t b = 0; b < real; ++b) a.gsum[t * a.groups + b / per_group] += dsum[b];
   }
   return a;
@@ -120,72 +133,77 @@ inline __mmask16 first_lanes(int64_t n) {
   return static_cast<__mmask16>(_bzhi_u32(0xffffu, static_cast<unsigned>(std::clamp<int64_t>(n, 0, 16))));
 }
 
-// The fp32 scale s_g of every activation block of row n (0 past the row's groups) into s, in whole
-// vectors of 16 (`blocks` rounded up).
-inline void block_scales(const Rows& w, int64_t n, int64_t blocks, float* s) {
-  const int shift = __builtin_ctzll(w.group_size / kActBlock);  // blocks per group: 1, 2 or 4
-  const __m512i expand = _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                           shift);
-  for (int64_t b = 0; b < blocks; b += 16) {
-    const int64_t g0 = b >> shift;
-    const __m512 sv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(first_lanes(w.groups - g0), w.s + n * w.groups + g0));
-    _mm512_storeu_ps(s + b, _mm512_permutexvar_ps(expand, sv));
-  }
-}
+// Per-row floats of a register block's scratch: the row's block scales s_g as lane vectors
+// (to_lanes, a.lanes floats), then s_g · z_g of every group (w.groups rounded up to 16).
+inline int64_t row_scratch(const Rows& w, const Acts8& a) { return a.lanes + (w.groups + 15) / 16 * 16; }
 
-// Σ_g s_g z_g gsum_g of row n and one token, as a vector whose lanes sum to it.
-inline __m512 zero_point_terms(const Rows& w, int64_t n, const float* gsum) {
-  __m512 c = _mm512_setzero_ps();
+// Row n's scratch (row_scratch) into s: lane l of vector (step, m) is s_g of the group holding the
+// block that lane covers (to_lanes), read from the row's fp16 scales in one pass.
+template <int B>
+inline void row_scales(const Rows& w, int64_t n, int64_t steps, int64_t lanes, float* s) {
+  using S = Step<B>;
+  const int shift = __builtin_ctzll(w.group_size / kActBlock);  // blocks per group: 1, 2 or 4
+  const at::Half* row = w.s + n * w.groups;
+  for (int m = 0; m < S::kMaps; ++m) {
+    const __m512i blocks = S::map(m);
+    for (int64_t step = 0; step < steps; ++step) {
+      const int64_t first = step * S::kBlocks, g0 = first >> shift;
+      const __m512i group =
+          _mm512_srli_epi32(_mm512_add_epi32(blocks, _mm512_set1_epi32(first - (g0 << shift))), shift);
+      const __m512 sv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(first_lanes(w.groups - g0), row + g0));
+      _mm512_storeu_ps(s + (step * S::kMaps + m) * 16, _mm512_permutexvar_ps(group, sv));
+    }
+  }
+  float* sz = s + lanes;
   for (int64_t g = 0; g < w.groups; g += 16) {
     const __mmask16 m = first_lanes(w.groups - g);
-    const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, w.s + n * w.groups + g));
-    const __m512 z = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, w.z + n * w.groups + g));
-    c = _mm512_fmadd_ps(_mm512_mul_ps(s, z), _mm512_maskz_loadu_ps(m, gsum + g), c);
+    const __m512 sg = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, w.s + n * w.groups + g));
+    const __m512 zg = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, w.z + n * w.groups + g));
+    _mm512_storeu_ps(sz + g, _mm512_mul_ps(sg, zg));
   }
-  return c;
 }
 
 // y[t · n_out + r] for R rows from n0 and T tokens from t0, all sums in registers; s holds the rows'
-// block scales (a.blocks + 16 floats a row).
+// scratch (row_scales, row_scratch(w, a) floats a row). The scales are read from L1 as they are
+// used, so the registers hold only the sums, the rows' codes and one token's activations.
 template <int B, int R, int T>
 void dot_block(const Rows& w, const Acts8& a, const float* s, int64_t steps, int64_t n0, int64_t t0, float* y,
                int64_t n_out) {
   using S = Step<B>;
-  const int64_t tiles_total = w.kp / S::kTile, stride = a.blocks + 16;
-  __m512i maps[S::kMaps];
-  for (int m = 0; m < S::kMaps; ++m) maps[m] = S::map(m);
+  const int64_t tiles_total = w.kp / S::kTile, stride = row_scratch(w, a);
   __m512 acc[R][T];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
   for (int64_t step = 0; step < steps; ++step) {
     const int tiles = static_cast<int>(std::min<int64_t>(4, tiles_total - 4 * step));
     __m512i codes[R][S::kRegs];
-    __m512 sl[R][S::kMaps];
-    for (int r = 0; r < R; ++r) {
-      decode_step<B>(w.q + (n0 + r) * w.row_bytes, step, tiles, w.kp, codes[r]);
-      const __m512 sv = _mm512_loadu_ps(s + r * stride + step * S::kBlocks);
-      for (int m = 0; m < S::kMaps; ++m) sl[r][m] = _mm512_permutexvar_ps(maps[m], sv);
-    }
+    for (int r = 0; r < R; ++r) decode_step<B>(w.q + (n0 + r) * w.row_bytes, step, tiles, w.kp, codes[r]);
     for (int t = 0; t < T; ++t) {
       const int8_t* xt = a.x8.data() + (t0 + t) * a.codes + step * S::kCodes;
-      const __m512 dv = _mm512_loadu_ps(a.d.data() + (t0 + t) * a.blocks + step * S::kBlocks);
+      const float* dl = a.dl.data() + (t0 + t) * a.lanes + step * S::kMaps * 16;
       __m512i xv[S::kRegs];
       for (int c = 0; c < S::kRegs; ++c) xv[c] = _mm512_loadu_si512(xt + 64 * c);
       for (int m = 0; m < S::kMaps; ++m) {
-        const __m512 dl = _mm512_permutexvar_ps(maps[m], dv);
         for (int r = 0; r < R; ++r) {
           __m512i dot = _mm512_setzero_si512();
           for (int c = m * S::kRegs / S::kMaps; c < (m + 1) * S::kRegs / S::kMaps; ++c)
             dot = _mm512_dpbusd_epi32(dot, codes[r][c], xv[c]);
-          acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sl[r][m], dl), acc[r][t]);
+          const __m512 scale = _mm512_mul_ps(_mm512_loadu_ps(s + r * stride + (step * S::kMaps + m) * 16),
+                                             _mm512_loadu_ps(dl + m * 16));
+          acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r][t]);
         }
       }
     }
   }
-  for (int t = 0; t < T; ++t)
-    for (int r = 0; r < R; ++r)
-      y[(t0 + t) * n_out + n0 + r] = _mm512_reduce_add_ps(
-          _mm512_sub_ps(acc[r][t], zero_point_terms(w, n0 + r, a.gsum.data() + (t0 + t) * a.groups)));
+  for (int t = 0; t < T; ++t) {  // − Σ_g s_g z_g gsum_g
+    const float* gsum = a.gsum.data() + (t0 + t) * a.groups;
+    for (int r = 0; r < R; ++r) {
+      const float* sz = s + r * stride + a.lanes;
+      for (int64_t g = 0; g < w.groups; g += 16)
+        acc[r][t] = _mm512_fnmadd_ps(_mm512_loadu_ps(sz + g), _mm512_loadu_ps(gsum + g), acc[r][t]);
+      y[(t0 + t) * n_out + n0 + r] = _mm512_reduce_add_ps(acc[r][t]);
+    }
+  }
 }
 
 // dot_block for `rows` ≤ R rows and `tokens` ≤ T tokens (the last, partial blocks).
@@ -199,17 +217,23 @@ void dot_block_upto(int64_t rows, int64_t tokens, const Rows& w, const Acts8& a,
   dot_block<B, R, T>(w, a, s, steps, n0, t0, y, n_out);
 }
 
-// Register block: kRows rows × kTokens tokens of fp32 accumulators, plus the rows' code registers.
-constexpr int kRows = 4, kTokens = 4;
+// Register block of `B`-bit rows: kRows rows × kTokens tokens of fp32 sums plus the rows' code
+// registers (kRegs each) fit the 32 vector registers without spilling.
+template <int B>
+struct Block {
+  static constexpr int kRows = Step<B>::kRegs == 4 ? 2 : 4, kTokens = 4;
+};
 
 template <int B>
 void vnni(const Rows& w, const Acts8& a, int64_t tokens, int64_t steps, float* y, int64_t n_out) {
+  constexpr int kRows = Block<B>::kRows, kTokens = Block<B>::kTokens;
   const int64_t grain = std::max<int64_t>(16, n_out / (4 * at::get_num_threads()));
   at::parallel_for(0, n_out, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> s(kRows * (a.blocks + 16));
+    const int64_t stride = row_scratch(w, a);
+    std::vector<float> s(kRows * stride);
     for (int64_t n0 = begin; n0 < end; n0 += kRows) {
       const int64_t rows = std::min<int64_t>(kRows, end - n0);
-      for (int64_t r = 0; r < rows; ++r) block_scales(w, n0 + r, a.blocks, s.data() + r * (a.blocks + 16));
+      for (int64_t r = 0; r < rows; ++r) row_scales<B>(w, n0 + r, steps, a.lanes, s.data() + r * stride);
       for (int64_t t0 = 0; t0 < tokens; t0 += kTokens) {
         const int64_t tk = std::min<int64_t>(kTokens, tokens - t0);
         dot_block_upto<B, kRows, kTokens>(rows, tk, w, a, s.data(), steps, n0, t0, y, n_out);

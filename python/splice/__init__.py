@@ -12,6 +12,7 @@ from .patch import Patch, patch
 from .quant.activations import set_quant_activations
 from .quant.checkpoint import load_quantized
 from .recipe import Recipe, RecipeError, load_recipe
+from .runtime.decode_attention import use_splice_attention
 from .skipping.spec import Skip
 from .steering.gates import Condition, TokenGate
 from .steering.maps import Affine, HeadScale, LowRank
@@ -23,4 +24,4 @@ __version__ = "0.1.0"
 __all__ = ["Affine", "CompileError", "CompiledDecoder", "Condition", "GemFilter", "HeadScale", "LayerFusedDecoding",
            "LowRank", "Patch", "Positions", "Recipe", "RecipeError", "Skip", "Steer", "TokenGate", "VectorSet",
            "compile_decode", "gemfilter_generate", "layer_fused", "lfd_generate", "load_quantized", "load_recipe",
-           "ops", "patch", "set_quant_activations", "supported_families"]
+           "ops", "patch", "set_quant_activations", "supported_families", "use_splice_attention"]

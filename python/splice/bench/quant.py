@@ -7,6 +7,9 @@ Rows, every one scored on the same held-out WikiText-2 windows:
 * ``uniform`` 8, 4 and 3 bits (group 64), every unit at that width;
 * ``uniform4-a8``: the uniform 4-bit model with int8 activations (``splice::quant_matmul_a8``,
   :func:`splice.quant.activations.set_quant_activations`), its own perplexity and KL;
+* ``bf16-splice-attention`` and ``uniform4-a8-splice-attention``: those models decoding with splice's
+  attention (:func:`splice.use_splice_attention`; timing only: the prefill, and so the perplexity, is
+  SDPA's). The first is the control that shows what the attention alone buys;
 * ``mixed`` at 3.5 and 4.25 bits per weight by each allocation method: ``measured`` (choosing
   2, 3 or 4 bits and group size 32, 64 or 128), ``measured-g64`` (bits only, group 64: the same costs
   without the group-size choice), ``lim``, ``zd`` and ``random`` (the control; perplexity is the
@@ -32,9 +35,11 @@ weights only), decode tokens/s at batch 1, 8 and 16, and per batch the bytes a d
 per token and the fraction of the machine's read bandwidth that is (:mod:`.bandwidth`; the
 bandwidth is timed among the rows in every round). ``decode_only``: the fp32, bf16 and
 uniform rows alone (no sensitivity measurement, no mixed rows, no ratios that need them).
-``profile_decode``: ``decode_split``, where a decode step of bf16 and uniform 4-bit at batch 1 and
-8 spends its time (:mod:`.step_profile`), profiled after the timing so it does not disturb it.
-``compiled``: the rows ``uniform4-compiled`` and ``uniform4-a8-compiled``, those models decoded by
+``profile_decode``: ``decode_split``, where a decode step of bf16, uniform 4-bit and
+``uniform4-a8-splice-attention`` at batch 1 and 8 spends its time (:mod:`.step_profile`), profiled
+after the timing so it does not disturb it.
+``compiled``: the rows ``uniform4-compiled``, ``uniform4-a8-compiled`` and
+``uniform4-a8-splice-attention-compiled``, those models decoded by
 :func:`splice.compile_decode` (batch 1, 8 and 16; they compile in the warm-up round). ``llamacpp_gguf``:
 the row ``llamacpp-q4_1``, llama.cpp on that GGUF of the same model at batch 1 (:mod:`.llamacpp`;
 skipped, with the reason in ``skipped_rows``, when llama-cpp-python is not installed).
@@ -43,8 +48,11 @@ Decode is timed after every row is built, all models interleaved round by round 
 warm-up round (:func:`splice.bench.timing.interleaved`); each row keeps its runs.
 
 Ratios (medians, same run, ÷ bf16 unless named): ``q4_decode_speedup`` (and ``_b8``, ``_b16``),
-``q4_compiled_vs_eager_b1`` / ``_b8`` / ``_b16`` (compiled ÷ eager uniform 4-bit), ``q4_vs_llamacpp_b1`` (the
-faster of eager and compiled uniform 4-bit ÷ llama.cpp Q4_1), ``q4a8_vs_llamacpp_b1`` (the same with
+``q4_compiled_vs_eager_b1`` / ``_b8`` / ``_b16`` (compiled ÷ eager uniform 4-bit),
+``q4_best_decode_speedup_b1`` / ``_b8`` / ``_b16`` (splice's fastest uniform 4-bit row at that batch,
+:func:`best_q4_row`, named in the report's ``best_q4_rows``), ``splice_attention_speedup_b1`` / ``_b8`` /
+``_b16`` (``bf16-splice-attention`` ÷ bf16), ``q4_vs_llamacpp_b1`` (the fastest uniform 4-bit row at
+batch 1 ÷ llama.cpp Q4_1), ``q4a8_vs_llamacpp_b1`` (the same with
 int8 activations, llama.cpp's own activation format), ``q4a8_decode_speedup`` / ``_b8`` / ``_b16``
 (the fastest int8-activation 4-bit row ÷ bf16), ``q4a8_vs_q4_b1`` / ``_b8`` / ``_b16`` (eager int8 ÷
 eager float activations), ``q4a8_ppl_ratio`` (its perplexity ÷ uniform 4-bit's),
@@ -81,6 +89,7 @@ from ..quant.gptq import GPTQSettings
 from ..quant.sliderquant import SliderQuantSettings
 from ..quant.linear import QuantLinear
 from ..quant.plan import QuantPlan, quantizable
+from ..runtime.decode_attention import use_splice_attention
 from ..tools.calibration_text import evaluate, log_probs, wikitext_windows
 from ..tools.gptq_calibration import gptq_quantize_model
 from ..tools.quant_sensitivity import GPTQ as GPTQ_COSTS
@@ -100,10 +109,13 @@ MEASURED_WIDTHS = (2, 3, 4)  # 8 bits (8.5+ bits/weight) cannot pay for itself u
 SCORED = ("lim", "zd", "random")
 BATCHES = (1, 8, 16)
 MEMORY = "memory-read"  # the bandwidth setting timed among the rows
-PROFILED = ("bf16", "uniform4")  # profile_decode: their decode steps at batch 1 and 8, split by the profiler
+PROFILED = ("bf16", "uniform4", "uniform4-a8-splice-attention")  # profile_decode: their steps at batch 1 and 8
 A8, LLAMACPP = "uniform4-a8", "llamacpp-q4_1"
+SPLICE_ATTENTION = {"bf16": "bf16-splice-attention", A8: "uniform4-a8-splice-attention"}  # decode attention rows
+FAST = SPLICE_ATTENTION[A8]
 CALIBRATED = ("gptq-", "sliderquant-")  # prefixes of the calibrated rows' methods
-COMPILED = {"uniform4": "uniform4-compiled", A8: "uniform4-a8-compiled"}  # compiled row of each model
+COMPILED = {"uniform4": "uniform4-compiled", A8: "uniform4-a8-compiled",
+            FAST: f"{FAST}-compiled"}  # compiled row of each model
 GPTQ = GPTQSettings(act_order=True, grid="rtn", clip=True)
 GPTQ_WINDOWS, GPTQ_LENGTH = 16, 512
 GRID = "uniform4-g32"  # HQQ 4-bit in groups of 32: the default model's own Q4_1 grid
@@ -259,6 +271,10 @@ def run(model, tokenizer, calib_windows: int = 2, calib_length: int = 128, eval_
     q4 = next(r for r in rows if r["name"] == "uniform4")
     rows.append({**_row(A8, timed[A8], evals, reference), "bits_per_weight": q4["bits_per_weight"],
                  "same_plan_as": "uniform4", "activations": "int8"})
+    for source, name in SPLICE_ATTENTION.items():  # prefill stays on SDPA: the perplexity is the source's
+        timed[name] = copy.deepcopy(timed[source])
+        use_splice_attention(timed[name])
+        rows.append({"name": name, "same_model_as": source, "attention": "splice"})
     others, skipped, engine = _other_rows(rows, timed, decode_ids, steps, compiled, llamacpp_gguf)
     try:
         bandwidth_runs = _time_rows(rows, timed, decode_ids, steps, repeats, progress, others)
@@ -276,6 +292,7 @@ def run(model, tokenizer, calib_windows: int = 2, calib_length: int = 128, eval_
         "skipped_rows": skipped,
         "read_bandwidth": statistics.median(bandwidth_runs), "read_bandwidth_runs": bandwidth_runs,
         **({"decode_split": splits} if splits else {}), "rows": rows,
+        "best_q4_rows": {f"b{b}": best_q4_row(rows, b) for b in BATCHES},
         "uniform_neighbours": {str(t): {side: r and r["name"] for side, r in zip(("below", "above"),
                                                                                  uniform_neighbours(rows, t))}
                                for t in BUDGETS},
@@ -316,6 +333,14 @@ def uniform_neighbours(rows: list[dict], budget: float) -> tuple[dict | None, di
             min(above, key=lambda r: r["bits_per_weight"]) if above else None)
 
 
+def best_q4_row(rows: list[dict], batch: int) -> str:
+    """The name of splice's fastest uniform 4-bit row at ``batch`` (eager or compiled, float or int8
+    activations, either attention)."""
+    names = ("uniform4", A8, FAST, *(COMPILED[n] for n in ("uniform4", A8, FAST)))
+    timed = [r for r in rows if r["name"] in names and f"decode_tps_b{batch}" in r]
+    return max(timed, key=lambda r: r[f"decode_tps_b{batch}"])["name"]
+
+
 def ratios(rows: list[dict]) -> dict[str, float]:
     """The report's ratios (module docstring) from its rows (those of mixed rows only when present)."""
     by = {r["name"]: r for r in rows}
@@ -336,8 +361,13 @@ def ratios(rows: list[dict]) -> dict[str, float]:
     if COMPILED["uniform4"] in by:
         out |= {f"q4_compiled_vs_eager_b{b}": by[COMPILED["uniform4"]][f"decode_tps_b{b}"] / q4[f"decode_tps_b{b}"]
                 for b in BATCHES}
+    if FAST in by:
+        out |= {f"splice_attention_speedup_b{b}": by[SPLICE_ATTENTION["bf16"]][f"decode_tps_b{b}"]
+                / bf16[f"decode_tps_b{b}"] for b in timed_batches}
+        out |= {f"q4_best_decode_speedup_b{b}": by[best_q4_row(rows, b)][f"decode_tps_b{b}"] / bf16[f"decode_tps_b{b}"]
+                for b in timed_batches}
     if LLAMACPP in by:
-        out["q4_vs_llamacpp_b1"] = fastest("uniform4", 1) / by[LLAMACPP]["decode_tps_b1"]
+        out["q4_vs_llamacpp_b1"] = by[best_q4_row(rows, 1)]["decode_tps_b1"] / by[LLAMACPP]["decode_tps_b1"]
         out["q4a8_vs_llamacpp_b1"] = fastest(A8, 1) / by[LLAMACPP]["decode_tps_b1"]
     out |= {"q4_decode_vs_fp32_b1": q4["decode_tps_b1"] / fp32["decode_tps_b1"],
             "q4_decode_vs_fp32_b8": q4["decode_tps_b8"] / fp32["decode_tps_b8"],

@@ -28,6 +28,11 @@ from ..runtime.splice_runtime import ATTRIBUTE
 from .compile_check import CompileError, raise_if_blocked
 
 
+# Dynamo keeps one cache of graphs per code object: every model of one class shares the cache of its
+# forward, one graph per (model, batch size), and its default limit (8) would refuse a ninth.
+RECOMPILE_LIMIT = 64
+
+
 class CompiledDecoder:
     """Greedy or sampled generation with a compiled decode step; see :func:`compile_decode`."""
 
@@ -92,7 +97,8 @@ class CompiledDecoder:
     def _decode_step(self, step, runtime, ids, full_mask, position, cache):
         """One decode step through ``step``; on a compile failure, raise or (fallback) run it eagerly."""
         try:
-            return self._forward(step, runtime, ids, full_mask, position, cache, False), step
+            with torch._dynamo.config.patch(recompile_limit=max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)):
+                return self._forward(step, runtime, ids, full_mask, position, cache, False), step
         except Exception as error:  # noqa: BLE001: any failure inside torch.compile is reported the same way
             if step is self.model.forward or not _from_compiler(error):
                 raise
