@@ -165,7 +165,7 @@ inline void row_scales(const Rows& w, int64_t n, int64_t steps, int64_t lanes, f
 
 // y[t · n_out + r] for R rows from n0 and T tokens from t0, all sums in registers; s holds the rows'
 // scratch (row_scales, row_scratch(w, a) floats a row). The scales are read from L1 as they are
-// used, so the registers hold only the sums, the rows' codes and one token's activations.
+// used rather than held in registers beside the sums, the rows' codes and one token's activations.
 template <int B, int R, int T>
 void dot_block(const Rows& w, const Acts8& a, const float* s, int64_t steps, int64_t n0, int64_t t0, float* y,
                int64_t n_out) {
@@ -217,8 +217,79 @@ void dot_block_upto(int64_t rows, int64_t tokens, const Rows& w, const Acts8& a,
   dot_block<B, R, T>(w, a, s, steps, n0, t0, y, n_out);
 }
 
+// One token (GEMV) where a row has at most kGemvGroups groups: y[n0 + r] for R rows, each row's
+// scales held in two registers and spread over a step's lanes by one permute per step, with the
+// group of every lane of every step in `groups` (gemv_groups, shared by all rows).
+constexpr int64_t kGemvGroups = 32;
+
+template <int B>
+std::vector<int32_t> gemv_groups(const Rows& w, int64_t steps) {
+  using S = Step<B>;
+  const int shift = __builtin_ctzll(w.group_size / kActBlock);
+  std::vector<int32_t> groups(steps * S::kMaps * 16);
+  for (int m = 0; m < S::kMaps; ++m) {
+    const __m512i blocks = S::map(m);
+    for (int64_t step = 0; step < steps; ++step) {
+      const __m512i g = _mm512_srli_epi32(_mm512_add_epi32(blocks, _mm512_set1_epi32(step * S::kBlocks)), shift);
+      // steps past the row's groups (padding) read group 0: their codes and activations are 0
+      const __m512i in = _mm512_maskz_mov_epi32(_mm512_cmplt_epi32_mask(g, _mm512_set1_epi32(w.groups)), g);
+      _mm512_storeu_si512(groups.data() + (step * S::kMaps + m) * 16, in);
+    }
+  }
+  return groups;
+}
+
+template <int B, int R>
+void gemv_block(const Rows& w, const Acts8& a, const int32_t* groups, int64_t steps, int64_t n0, float* y) {
+  using S = Step<B>;
+  const int64_t tiles_total = w.kp / S::kTile;
+  __m512 acc[R], lo[R], hi[R];
+  for (int r = 0; r < R; ++r) {
+    const at::Half* sr = w.s + (n0 + r) * w.groups;
+    lo[r] = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(first_lanes(w.groups), sr));
+    hi[r] = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(first_lanes(w.groups - 16), sr + 16));
+    acc[r] = _mm512_setzero_ps();
+  }
+  for (int64_t step = 0; step < steps; ++step) {
+    const int tiles = static_cast<int>(std::min<int64_t>(4, tiles_total - 4 * step));
+    const int8_t* xt = a.x8.data() + step * S::kCodes;
+    __m512i xv[S::kRegs];
+    for (int c = 0; c < S::kRegs; ++c) xv[c] = _mm512_loadu_si512(xt + 64 * c);
+    for (int r = 0; r < R; ++r) {
+      __m512i codes[S::kRegs];
+      decode_step<B>(w.q + (n0 + r) * w.row_bytes, step, tiles, w.kp, codes);
+      for (int m = 0; m < S::kMaps; ++m) {
+        const int64_t lane = (step * S::kMaps + m) * 16;
+        __m512i dot = _mm512_setzero_si512();
+        for (int c = m * S::kRegs / S::kMaps; c < (m + 1) * S::kRegs / S::kMaps; ++c)
+          dot = _mm512_dpbusd_epi32(dot, codes[c], xv[c]);
+        const __m512 sl = _mm512_permutex2var_ps(lo[r], _mm512_loadu_si512(groups + lane), hi[r]);
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sl, _mm512_loadu_ps(a.dl.data() + lane)), acc[r]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {  // − Σ_g s_g z_g gsum_g
+    const at::Half* zr = w.z + (n0 + r) * w.groups;
+    const __m512 zlo = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(first_lanes(w.groups), zr));
+    const __m512 zhi = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(first_lanes(w.groups - 16), zr + 16));
+    const __m512 glo = _mm512_maskz_loadu_ps(first_lanes(w.groups), a.gsum.data());
+    const __m512 ghi = _mm512_maskz_loadu_ps(first_lanes(w.groups - 16), a.gsum.data() + 16);
+    acc[r] = _mm512_fnmadd_ps(_mm512_mul_ps(lo[r], zlo), glo, acc[r]);
+    acc[r] = _mm512_fnmadd_ps(_mm512_mul_ps(hi[r], zhi), ghi, acc[r]);
+    y[n0 + r] = _mm512_reduce_add_ps(acc[r]);
+  }
+}
+
+template <int B, int R>
+void gemv_block_upto(int64_t rows, const Rows& w, const Acts8& a, const int32_t* groups, int64_t steps, int64_t n0,
+                     float* y) {
+  if constexpr (R > 1)
+    if (rows < R) return gemv_block_upto<B, R - 1>(rows, w, a, groups, steps, n0, y);
+  gemv_block<B, R>(w, a, groups, steps, n0, y);
+}
+
 // Register block of `B`-bit rows: kRows rows × kTokens tokens of fp32 sums plus the rows' code
-// registers (kRegs each) fit the 32 vector registers without spilling.
+// registers (kRegs each); 2 rows where a step takes 4 code registers a row (2 and 3 bits).
 template <int B>
 struct Block {
   static constexpr int kRows = Step<B>::kRegs == 4 ? 2 : 4, kTokens = 4;
@@ -228,6 +299,14 @@ template <int B>
 void vnni(const Rows& w, const Acts8& a, int64_t tokens, int64_t steps, float* y, int64_t n_out) {
   constexpr int kRows = Block<B>::kRows, kTokens = Block<B>::kTokens;
   const int64_t grain = std::max<int64_t>(16, n_out / (4 * at::get_num_threads()));
+  if (tokens == 1 && w.groups <= kGemvGroups) {
+    const std::vector<int32_t> groups = gemv_groups<B>(w, steps);
+    at::parallel_for(0, n_out, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t n0 = begin; n0 < end; n0 += kRows)
+        gemv_block_upto<B, kRows>(std::min<int64_t>(kRows, end - n0), w, a, groups.data(), steps, n0, y);
+    });
+    return;
+  }
   at::parallel_for(0, n_out, grain, [&](int64_t begin, int64_t end) {
     const int64_t stride = row_scratch(w, a);
     std::vector<float> s(kRows * stride);
