@@ -201,7 +201,7 @@ def test_gptq_rows_are_scored_not_timed_and_their_costs_are_reused_only_if_made_
     report = quant.run(model, tokenizer, **args)
     rows = {r["name"]: r for r in report["rows"]}
     gptq_rows = ["uniform4-g32", "gptq-uniform3", "gptq-uniform4", "gptq-measured3.5", "gptq-measured4.25"]
-    assert list(rows)[5:] == gptq_rows + ["uniform4-a8"]
+    assert list(rows)[5:] == gptq_rows + ["uniform4-a8", "bf16-splice-attention", "uniform4-a8-splice-attention"]
     for name in gptq_rows:
         assert "decode_runs_b1" not in rows[name], name
     assert "decode_runs_b1" in rows["uniform4"]
