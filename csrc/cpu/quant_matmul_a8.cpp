@@ -83,6 +83,12 @@ inline void decode_step(const uint8_t* row, int64_t step, int tiles, int64_t kp,
   }
 }
 
+// The weight group of every lane of map m's registers in `step` (groups of 2^shift blocks).
+template <int B>
+inline __m512i lane_groups(int m, int64_t step, int shift) {
+  return _mm512_srli_epi32(_mm512_add_epi32(Step<B>::map(m), _mm512_set1_epi32(step * Step<B>::kBlocks)), shift);
+}
+
 // Per-block values v[b] (at least steps · kBlocks + 16 readable) as lane vectors: vector (step, m)
 // holds, in lane l, the value of the block that lane l of map m's registers covers in that step.
 template <int B>
@@ -144,16 +150,13 @@ inline void row_scales(const Rows& w, int64_t n, int64_t steps, int64_t lanes, f
   using S = Step<B>;
   const int shift = __builtin_ctzll(w.group_size / kActBlock);  // blocks per group: 1, 2 or 4
   const at::Half* row = w.s + n * w.groups;
-  for (int m = 0; m < S::kMaps; ++m) {
-    const __m512i blocks = S::map(m);
+  for (int m = 0; m < S::kMaps; ++m)
     for (int64_t step = 0; step < steps; ++step) {
-      const int64_t first = step * S::kBlocks, g0 = first >> shift;
-      const __m512i group =
-          _mm512_srli_epi32(_mm512_add_epi32(blocks, _mm512_set1_epi32(first - (g0 << shift))), shift);
+      const int64_t g0 = (step * S::kBlocks) >> shift;  // the step's first group: lanes index from it
+      const __m512i group = _mm512_sub_epi32(lane_groups<B>(m, step, shift), _mm512_set1_epi32(g0));
       const __m512 sv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(first_lanes(w.groups - g0), row + g0));
       _mm512_storeu_ps(s + (step * S::kMaps + m) * 16, _mm512_permutexvar_ps(group, sv));
     }
-  }
   float* sz = s + lanes;
   for (int64_t g = 0; g < w.groups; g += 16) {
     const __mmask16 m = first_lanes(w.groups - g);
@@ -227,15 +230,13 @@ std::vector<int32_t> gemv_groups(const Rows& w, int64_t steps) {
   using S = Step<B>;
   const int shift = __builtin_ctzll(w.group_size / kActBlock);
   std::vector<int32_t> groups(steps * S::kMaps * 16);
-  for (int m = 0; m < S::kMaps; ++m) {
-    const __m512i blocks = S::map(m);
+  for (int m = 0; m < S::kMaps; ++m)
     for (int64_t step = 0; step < steps; ++step) {
-      const __m512i g = _mm512_srli_epi32(_mm512_add_epi32(blocks, _mm512_set1_epi32(step * S::kBlocks)), shift);
+      const __m512i g = lane_groups<B>(m, step, shift);
       // steps past the row's groups (padding) read group 0: their codes and activations are 0
       const __m512i in = _mm512_maskz_mov_epi32(_mm512_cmplt_epi32_mask(g, _mm512_set1_epi32(w.groups)), g);
       _mm512_storeu_si512(groups.data() + (step * S::kMaps + m) * 16, in);
     }
-  }
   return groups;
 }
 
@@ -264,7 +265,8 @@ void gemv_block(const Rows& w, const Acts8& a, const int32_t* groups, int64_t st
         for (int c = m * S::kRegs / S::kMaps; c < (m + 1) * S::kRegs / S::kMaps; ++c)
           dot = _mm512_dpbusd_epi32(dot, codes[c], xv[c]);
         const __m512 sl = _mm512_permutex2var_ps(lo[r], _mm512_loadu_si512(groups + lane), hi[r]);
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sl, _mm512_loadu_ps(a.dl.data() + lane)), acc[r]);
+        const __m512 scale = _mm512_mul_ps(sl, _mm512_loadu_ps(a.dl.data() + lane));
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r]);
       }
     }
   }

@@ -74,7 +74,8 @@ class CompiledDecoder:
         if runtime is not None:
             runtime.driven = True
         try:
-            with torch.no_grad():
+            limit = max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
+            with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=limit):
                 logits = self._forward(self.model.forward, runtime, input_ids, full_mask, position, cache, True)
                 position = position[:, -1:]
                 start = time.perf_counter()
@@ -97,8 +98,7 @@ class CompiledDecoder:
     def _decode_step(self, step, runtime, ids, full_mask, position, cache):
         """One decode step through ``step``; on a compile failure, raise or (fallback) run it eagerly."""
         try:
-            with torch._dynamo.config.patch(recompile_limit=max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)):
-                return self._forward(step, runtime, ids, full_mask, position, cache, False), step
+            return self._forward(step, runtime, ids, full_mask, position, cache, False), step
         except Exception as error:  # noqa: BLE001: any failure inside torch.compile is reported the same way
             if step is self.model.forward or not _from_compiler(error):
                 raise
