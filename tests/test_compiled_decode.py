@@ -98,6 +98,25 @@ def test_slot_changes_recompile_nothing():
     assert len({tuple(o.flatten().tolist()) for o in outputs}) == len(outputs)  # every change changed tokens
 
 
+def test_a_changed_model_runs_its_own_graph_on_every_step():
+    """Only a generation's first decode step checks all of Dynamo's guards; its later steps run an
+    unguarded twin of the graph that step ran. Switching a traced Python constant (every attention's
+    scaling) back and forth must still give each setting's eager tokens."""
+    model = tiny_model("llama")
+    ids, mask = left_padded_batch()
+    attentions = [layer.self_attn for layer in model.model.layers]
+    default = attentions[0].scaling
+    decoder = splice.compile_decode(model, max_cache_len=24, backend="eager")
+    outputs = []
+    for scaling in (default, 8.0, default, 8.0):
+        for attention in attentions:
+            attention.scaling = scaling
+        got = decoder.generate(ids, mask, max_new_tokens=NEW, eos_token_id=[], pad_token_id=0)
+        torch.testing.assert_close(got, greedy(model, ids, mask, NEW), rtol=0, atol=0)
+        outputs.append(got)
+    assert not torch.equal(outputs[0], outputs[1])
+
+
 def test_eos_pads_the_finished_rows_like_generate():
     model = tiny_model("llama")
     ids, mask = left_padded_batch()
@@ -194,3 +213,17 @@ def test_bad_generation_arguments(call, message):
 def test_bad_cache_length():
     with pytest.raises(ValueError, match="max_cache_len"):
         splice.compile_decode(tiny_model("llama"), max_cache_len=1)
+
+
+def test_compile_options_keep_the_callers_choices():
+    """splice adds Inductor options (the C++ wrapper, the unguarded twin's guard filter) under the
+    caller's: a mode becomes its Inductor options, the caller's own options win, and another
+    backend's mode is passed on as it is."""
+    from torch._inductor import list_mode_options
+
+    from splice.decoding.compiled_decode import _with_options
+
+    got = _with_options({"mode": "max-autotune", "dynamic": False}, cpp_wrapper=True)
+    assert got == {"dynamic": False, "options": {"cpp_wrapper": True, **list_mode_options("max-autotune", False)}}
+    assert _with_options({"options": {"cpp_wrapper": False}}, cpp_wrapper=True) == {"options": {"cpp_wrapper": False}}
+    assert _with_options({"backend": "eager", "mode": "x"}, cpp_wrapper=True) == {"backend": "eager", "mode": "x"}

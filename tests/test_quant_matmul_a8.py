@@ -74,8 +74,9 @@ def test_activation_quantization_rejects_non_matrix():
 @pytest.mark.parametrize("n,k", [(7, 96), (24, 576), (5, 100), (9, 1536)])
 def test_cpp_matches_reference(bits, group_size, dtype, t, n, k):
     """Partial row and token register blocks, K not a multiple of the code tiles (100), partial last
-    groups, and the float fallback past 32 tokens (t = 33)."""
-    args = make_case(t, n, k, bits, group_size, dtype, bias=t == 2, seed=t + n)
+    groups, and the float fallback past 32 tokens (t = 33); a bias on the one-token (GEMV) path and
+    on a multi-token one."""
+    args = make_case(t, n, k, bits, group_size, dtype, bias=t in (1, 2), seed=t + n)
     assert_matches(run("cpu", "cpp", args), args)
 
 

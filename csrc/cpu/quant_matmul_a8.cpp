@@ -135,6 +135,24 @@ struct Rows {
   int64_t k, kp, groups, group_size, row_bytes;
 };
 
+// Where the sums go: y [tokens, n_out] in x's dtype (bf16 rounded to nearest even, as .to() rounds),
+// each plus the bias of its row in fp32 first.
+struct Out {
+  float* f;
+  at::BFloat16* h;
+  const float* bias;
+  int64_t n_out;
+
+  void store(int64_t t, int64_t n, float v) const {
+    if (bias != nullptr) v += bias[n];
+    if (h != nullptr) {
+      h[t * n_out + n] = at::BFloat16(v);
+    } else {
+      f[t * n_out + n] = v;
+    }
+  }
+};
+
 inline __mmask16 first_lanes(int64_t n) {
   return static_cast<__mmask16>(_bzhi_u32(0xffffu, static_cast<unsigned>(std::clamp<int64_t>(n, 0, 16))));
 }
@@ -166,12 +184,11 @@ inline void row_scales(const Rows& w, int64_t n, int64_t steps, int64_t lanes, f
   }
 }
 
-// y[t · n_out + r] for R rows from n0 and T tokens from t0, all sums in registers; s holds the rows'
+// y for R rows from n0 and T tokens from t0, all sums in registers; s holds the rows'
 // scratch (row_scales, row_scratch(w, a) floats a row). The scales are read from L1 as they are
 // used rather than held in registers beside the sums, the rows' codes and one token's activations.
 template <int B, int R, int T>
-void dot_block(const Rows& w, const Acts8& a, const float* s, int64_t steps, int64_t n0, int64_t t0, float* y,
-               int64_t n_out) {
+void dot_block(const Rows& w, const Acts8& a, const float* s, int64_t steps, int64_t n0, int64_t t0, const Out& y) {
   using S = Step<B>;
   const int64_t tiles_total = w.kp / S::kTile, stride = row_scratch(w, a);
   __m512 acc[R][T];
@@ -204,7 +221,7 @@ void dot_block(const Rows& w, const Acts8& a, const float* s, int64_t steps, int
       const float* sz = s + r * stride + a.lanes;
       for (int64_t g = 0; g < w.groups; g += 16)
         acc[r][t] = _mm512_fnmadd_ps(_mm512_loadu_ps(sz + g), _mm512_loadu_ps(gsum + g), acc[r][t]);
-      y[(t0 + t) * n_out + n0 + r] = _mm512_reduce_add_ps(acc[r][t]);
+      y.store(t0 + t, n0 + r, _mm512_reduce_add_ps(acc[r][t]));
     }
   }
 }
@@ -212,15 +229,15 @@ void dot_block(const Rows& w, const Acts8& a, const float* s, int64_t steps, int
 // dot_block for `rows` ≤ R rows and `tokens` ≤ T tokens (the last, partial blocks).
 template <int B, int R, int T>
 void dot_block_upto(int64_t rows, int64_t tokens, const Rows& w, const Acts8& a, const float* s, int64_t steps,
-                    int64_t n0, int64_t t0, float* y, int64_t n_out) {
+                    int64_t n0, int64_t t0, const Out& y) {
   if constexpr (R > 1)
-    if (rows < R) return dot_block_upto<B, R - 1, T>(rows, tokens, w, a, s, steps, n0, t0, y, n_out);
+    if (rows < R) return dot_block_upto<B, R - 1, T>(rows, tokens, w, a, s, steps, n0, t0, y);
   if constexpr (T > 1)
-    if (tokens < T) return dot_block_upto<B, R, T - 1>(rows, tokens, w, a, s, steps, n0, t0, y, n_out);
-  dot_block<B, R, T>(w, a, s, steps, n0, t0, y, n_out);
+    if (tokens < T) return dot_block_upto<B, R, T - 1>(rows, tokens, w, a, s, steps, n0, t0, y);
+  dot_block<B, R, T>(w, a, s, steps, n0, t0, y);
 }
 
-// One token (GEMV) where a row has at most kGemvGroups groups: y[n0 + r] for R rows, each row's
+// One token (GEMV) where a row has at most kGemvGroups groups: y for R rows from n0, each row's
 // scales held in two registers and spread over a step's lanes by one permute per step, with the
 // group of every lane of every step in `groups` (gemv_groups, shared by all rows).
 constexpr int64_t kGemvGroups = 32;
@@ -241,7 +258,7 @@ std::vector<int32_t> gemv_groups(const Rows& w, int64_t steps) {
 }
 
 template <int B, int R>
-void gemv_block(const Rows& w, const Acts8& a, const int32_t* groups, int64_t steps, int64_t n0, float* y) {
+void gemv_block(const Rows& w, const Acts8& a, const int32_t* groups, int64_t steps, int64_t n0, const Out& y) {
   using S = Step<B>;
   const int64_t tiles_total = w.kp / S::kTile;
   __m512 acc[R], lo[R], hi[R];
@@ -278,13 +295,13 @@ void gemv_block(const Rows& w, const Acts8& a, const int32_t* groups, int64_t st
     const __m512 ghi = _mm512_maskz_loadu_ps(first_lanes(w.groups - 16), a.gsum.data() + 16);
     acc[r] = _mm512_fnmadd_ps(_mm512_mul_ps(lo[r], zlo), glo, acc[r]);
     acc[r] = _mm512_fnmadd_ps(_mm512_mul_ps(hi[r], zhi), ghi, acc[r]);
-    y[n0 + r] = _mm512_reduce_add_ps(acc[r]);
+    y.store(0, n0 + r, _mm512_reduce_add_ps(acc[r]));
   }
 }
 
 template <int B, int R>
 void gemv_block_upto(int64_t rows, const Rows& w, const Acts8& a, const int32_t* groups, int64_t steps, int64_t n0,
-                     float* y) {
+                     const Out& y) {
   if constexpr (R > 1)
     if (rows < R) return gemv_block_upto<B, R - 1>(rows, w, a, groups, steps, n0, y);
   gemv_block<B, R>(w, a, groups, steps, n0, y);
@@ -298,9 +315,9 @@ struct Block {
 };
 
 template <int B>
-void vnni(const Rows& w, const Acts8& a, int64_t tokens, int64_t steps, float* y, int64_t n_out) {
+void vnni(const Rows& w, const Acts8& a, int64_t tokens, int64_t steps, const Out& y) {
   constexpr int kRows = Block<B>::kRows, kTokens = Block<B>::kTokens;
-  const int64_t grain = std::max<int64_t>(16, n_out / (4 * at::get_num_threads()));
+  const int64_t n_out = y.n_out, grain = std::max<int64_t>(16, n_out / (4 * at::get_num_threads()));
   if (tokens == 1 && w.groups <= kGemvGroups) {
     const std::vector<int32_t> groups = gemv_groups<B>(w, steps);
     at::parallel_for(0, n_out, grain, [&](int64_t begin, int64_t end) {
@@ -317,20 +334,23 @@ void vnni(const Rows& w, const Acts8& a, int64_t tokens, int64_t steps, float* y
       for (int64_t r = 0; r < rows; ++r) row_scales<B>(w, n0 + r, steps, a.lanes, s.data() + r * stride);
       for (int64_t t0 = 0; t0 < tokens; t0 += kTokens) {
         const int64_t tk = std::min<int64_t>(kTokens, tokens - t0);
-        dot_block_upto<B, kRows, kTokens>(rows, tk, w, a, s.data(), steps, n0, t0, y, n_out);
+        dot_block_upto<B, kRows, kTokens>(rows, tk, w, a, s.data(), steps, n0, t0, y);
       }
     }
   });
 }
 
 template <int B>
-at::Tensor run_vnni(const Rows& w, const at::Tensor& x, int64_t n_out) {
+at::Tensor run_vnni(const Rows& w, const at::Tensor& x, const c10::optional<at::Tensor>& bias, int64_t n_out) {
   const int64_t tokens = x.size(0), steps = (w.kp + Step<B>::kCodes - 1) / Step<B>::kCodes;
-  at::Tensor y = at::empty({tokens, n_out}, x.options().dtype(at::kFloat));
-  const Acts8 a = x.scalar_type() == at::kFloat ? quantize_acts<B>(x.data_ptr<float>(), tokens, w.k, steps, w.group_size)
-                                                : quantize_acts<B>(x.data_ptr<at::BFloat16>(), tokens, w.k, steps,
-                                                                   w.group_size);
-  vnni<B>(w, a, tokens, steps, y.data_ptr<float>(), n_out);
+  const bool f32 = x.scalar_type() == at::kFloat;
+  at::Tensor y = at::empty({tokens, n_out}, x.options());
+  const at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const Out out{f32 ? y.data_ptr<float>() : nullptr, f32 ? nullptr : y.data_ptr<at::BFloat16>(),
+                b.defined() ? b.data_ptr<float>() : nullptr, n_out};
+  const Acts8 a = f32 ? quantize_acts<B>(x.data_ptr<float>(), tokens, w.k, steps, w.group_size)
+                      : quantize_acts<B>(x.data_ptr<at::BFloat16>(), tokens, w.k, steps, w.group_size);
+  vnni<B>(w, a, tokens, steps, out);
   return y;
 }
 #endif
@@ -361,15 +381,12 @@ at::Tensor quant_matmul_a8_cpu(const at::Tensor& x, const at::Tensor& qweight, c
     const at::Tensor qc = qweight.contiguous(), sc = scales.contiguous(), zc = zeros.contiguous();
     const Rows w{qc.data_ptr<uint8_t>(), sc.data_ptr<at::Half>(), zc.data_ptr<at::Half>(), in_features,
                  quant_padded_k(in_features), sc.size(1), group_size, qc.size(1)};
-    at::Tensor y;
     switch (bits) {
-      case 2: y = run_vnni<2>(w, xc, out_features); break;
-      case 3: y = run_vnni<3>(w, xc, out_features); break;
-      case 4: y = run_vnni<4>(w, xc, out_features); break;
-      default: y = run_vnni<8>(w, xc, out_features); break;
+      case 2: return run_vnni<2>(w, xc, bias, out_features);
+      case 3: return run_vnni<3>(w, xc, bias, out_features);
+      case 4: return run_vnni<4>(w, xc, bias, out_features);
+      default: return run_vnni<8>(w, xc, bias, out_features);
     }
-    if (bias.has_value()) y.add_(bias->to(at::kFloat));
-    return y.to(x.scalar_type());
   }
 #endif
   const at::Tensor xq = xc.scalar_type() == at::kFloat
