@@ -216,14 +216,14 @@ def test_bad_cache_length():
 
 
 def test_compile_options_keep_the_callers_choices():
-    """splice adds Inductor options (the C++ wrapper, the unguarded twin's guard filter) under the
-    caller's: a mode becomes its Inductor options, the caller's own options win, and another
-    backend's mode is passed on as it is."""
+    """The unguarded twin compiles with the caller's options plus a guard filter: a mode becomes its
+    Inductor options (torch.compile takes one or the other), the caller's own options win, and
+    another backend's mode is passed on as it is."""
     from torch._inductor import list_mode_options
 
     from splice.decoding.compiled_decode import _with_options
 
-    got = _with_options({"mode": "max-autotune", "dynamic": False}, cpp_wrapper=True)
-    assert got == {"dynamic": False, "options": {"cpp_wrapper": True, **list_mode_options("max-autotune", False)}}
-    assert _with_options({"options": {"cpp_wrapper": False}}, cpp_wrapper=True) == {"options": {"cpp_wrapper": False}}
-    assert _with_options({"backend": "eager", "mode": "x"}, cpp_wrapper=True) == {"backend": "eager", "mode": "x"}
+    got = _with_options({"mode": "max-autotune", "dynamic": False}, guard_filter_fn=len)
+    assert got == {"dynamic": False, "options": {"guard_filter_fn": len, **list_mode_options("max-autotune", False)}}
+    assert _with_options({"options": {"guard_filter_fn": max}}, guard_filter_fn=len) == {"options": {"guard_filter_fn": max}}
+    assert _with_options({"backend": "eager", "mode": "x"}, guard_filter_fn=len) == {"backend": "eager", "mode": "x"}

@@ -40,9 +40,6 @@ class CompiledDecoder:
     def __init__(self, model: nn.Module, max_cache_len: int, fallback: bool, **compile_options):
         self.model, self.max_cache_len, self.fallback = model, max_cache_len, fallback
         self.compile_options = {"fullgraph": True, "dynamic": False, **compile_options}
-        if _on_cpu(model) and self.compile_options.get("backend", "inductor") == "inductor":
-            # Inductor's C++ wrapper: the Python one's calls of the graph's kernels cost ~1 ms a step
-            self.compile_options = _with_options(self.compile_options, cpp_wrapper=True)
         self._checked = _own_step(model)
         self.step = torch.compile(self._checked, **self.compile_options)
         self._unguarded: dict = {}  # graph of self.step -> the step compiled without the model's guards
@@ -196,10 +193,6 @@ def _with_options(options: dict, **defaults) -> dict:
 
         inner = {**list_mode_options(mode, options.get("dynamic")), **inner}
     return {**options, "options": {**defaults, **inner}}
-
-
-def _on_cpu(model: nn.Module) -> bool:
-    return all(p.device.type == "cpu" for p in model.parameters())
 
 
 def _choose(logits: torch.Tensor, temperature: float, top_k: int | None, generator) -> torch.Tensor:
