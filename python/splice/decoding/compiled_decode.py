@@ -94,7 +94,7 @@ class CompiledDecoder:
                     if step is self.step:
                         step = self._unguarded_step()
                 self.last_decode_seconds = time.perf_counter() - start
-                self.last_compiled = step is self.step or any(step is u for u in self._unguarded.values())
+                self.last_compiled = not (blockers or self.failed)
         finally:
             if runtime is not None:
                 runtime.driven = False

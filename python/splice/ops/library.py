@@ -52,10 +52,10 @@ class OpSpec:
 
     name: str
     reference: Callable
-    triton: str | None = None  # "module:function" in splice.kernels, imported on first use
     # the op's one overload, resolved when it is defined: calling it skips the packet's overload
     # resolution (~5 µs a call), and a compiled graph's guards see a value that never changes
-    op: object = field(default=None, repr=False)
+    op: object = field(repr=False)
+    triton: str | None = None  # "module:function" in splice.kernels, imported on first use
     _triton_fn: Callable | None = field(default=None, repr=False)
 
     def triton_fn(self) -> Callable:
@@ -76,7 +76,7 @@ def define(schema: str, reference: Callable, fake: Callable, triton: str | None 
     _LIB.define(schema)
     _LIB.impl(name, reference, "CompositeExplicitAutograd")
     torch.library.register_fake(f"splice::{name}", fake, lib=_LIB)
-    spec = OpSpec(name, reference, triton, getattr(torch.ops.splice, name).default)
+    spec = OpSpec(name, reference, getattr(torch.ops.splice, name).default, triton)
     _OPS[name] = spec
     return spec
 
